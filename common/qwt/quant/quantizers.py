@@ -1,0 +1,220 @@
+"""Fake quantisers: the asymmetric uniform one and the log-√2 one of RepQ-ViT.
+
+Both calibrate lazily: the first tensor they see while enabled sets their parameters, which then stay frozen.
+Parameters live in buffers (empty until calibrated), so a calibrated model round-trips through a state dict.
+Rounding is round-half-to-even (``torch.round``) with a straight-through gradient, so QwT* can train through
+frozen quantisers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .percentile import PERCENTILES, row_quantiles
+
+MIN_BITS, MAX_BITS = 2, 8
+
+#: The reference search starts from this score and keeps a candidate only on strict improvement.
+_INITIAL_SCORE = 1e10
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even; the gradient passes straight through."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _RoundSTE.apply(x)
+    return torch.round(x)
+
+
+def check_bits(n_bits: int) -> int:
+    """Refuse bit widths the quantisers are not meant for, with the valid range in the message."""
+    if not isinstance(n_bits, int) or isinstance(n_bits, bool) or not MIN_BITS <= n_bits <= MAX_BITS:
+        raise ValueError(f"bit width must be an integer in {MIN_BITS}..{MAX_BITS}, got {n_bits!r}")
+    return n_bits
+
+
+def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+    """x̂ = (clamp(round(x/Δ) + z, 0, L−1) − z)·Δ; z is added after rounding (it may be fractional)."""
+    q = torch.clamp(round_ste(x / delta) + zero_point, 0, levels - 1)
+    return (q - zero_point) * delta
+
+
+def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, levels: int, floor: float | None) -> torch.Tensor:
+    """x̂ = Δ·2^(−q/2) with q = round(−2·log2(x/Δ)); codes ≥ L (and exact zeros) map to 0."""
+    ratio = x / delta
+    if floor is not None:
+        ratio = ratio.clamp_min(floor)
+    q_int = round_ste(-2.0 * torch.log2(ratio))
+    overflow = q_int >= levels
+    q = torch.clamp(q_int, 0, levels - 1)
+    odd = (q % 2) * (math.sqrt(2) - 1) + 1
+    out = 2 ** (-1 * torch.ceil(q / 2)) * odd * delta
+    return out.masked_fill(overflow, 0)
+
+
+def _to_rows(x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
+    """View x as (channels, values-per-channel), or (1, numel) for a per-tensor quantiser."""
+    if channel_axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(channel_axis, 0).reshape(x.shape[channel_axis], -1)
+
+
+def _param_shape(x: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
+    if channel_axis is None:
+        return ()
+    shape = [1] * x.dim()
+    shape[channel_axis] = x.shape[channel_axis]
+    return tuple(shape)
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(
+            f"{what}: calibration tensor contains NaN or Inf; check the input images and the FP model "
+            "(a NaN upstream poisons every quantiser after it)"
+        )
+
+
+def search_uniform(rows: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Percentile-MSE search of (Δ, z) for every row at once; returns two (rows,) tensors."""
+    levels = 2**n_bits
+    quantiles = row_quantiles(rows, [1.0 - p for p in PERCENTILES] + list(PERCENTILES))
+    k = len(PERCENTILES)
+    best_score = torch.full((rows.shape[0],), _INITIAL_SCORE, dtype=rows.dtype, device=rows.device)
+    best_delta = torch.zeros_like(best_score)
+    best_zero = torch.zeros_like(best_score)
+    for i in range(k):
+        lo, hi = quantiles[:, i], quantiles[:, k + i]
+        delta = (hi - lo) / (levels - 1)
+        # A constant row has hi == lo; the reference divides by zero. Pick the grid that represents it exactly.
+        degenerate = delta <= 0
+        if degenerate.any():
+            delta = torch.where(degenerate, lo.abs().clamp_min(1e-8) / (levels - 1), delta)
+        zero = torch.round(-lo / delta)
+        approx = uniform_fake_quant(rows, delta[:, None], zero[:, None], levels)
+        score = (rows - approx).pow(2).mean(dim=1)
+        better = score < best_score
+        best_score = torch.where(better, score, best_score)
+        best_delta = torch.where(better, delta, best_delta)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_delta, best_zero
+
+
+def search_log_sqrt2(flat: torch.Tensor, n_bits: int, floor: float | None) -> torch.Tensor:
+    """Percentile-MSE search of the log-√2 quantiser's single Δ."""
+    levels = 2**n_bits
+    candidates = row_quantiles(flat.reshape(1, -1), PERCENTILES)[0]
+    best_score, best_delta = _INITIAL_SCORE, candidates[0]
+    for delta in candidates:
+        score = (flat - log_sqrt2_fake_quant(flat, delta, levels, floor)).pow(2).mean()
+        if score < best_score:
+            best_score, best_delta = score, delta
+    return best_delta
+
+
+class Quantizer(nn.Module):
+    """Common state: bit width, on/off switch, lazily filled parameter buffers."""
+
+    def __init__(self, n_bits: int) -> None:
+        super().__init__()
+        self.n_bits = check_bits(n_bits)
+        self.enabled = False
+        self.register_buffer("delta", torch.empty(0))
+
+    @property
+    def levels(self) -> int:
+        return 2**self.n_bits
+
+    @property
+    def calibrated(self) -> bool:
+        return self.delta.numel() > 0
+
+    def reset(self) -> None:
+        """Forget the parameters; the next enabled forward calibrates again."""
+        for name, _ in self.named_buffers(recurse=False):
+            setattr(self, name, torch.empty(0, device=self.delta.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.calibrated:
+            with torch.no_grad():
+                _check_finite(x, type(self).__name__)
+                self.calibrate(x.detach())
+        return self.fake_quant(x)
+
+    def calibrate(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # Parameters are shaped by calibration (per-channel, per-tensor, or reparameterised): adopt saved shapes.
+        for name, buf in list(self.named_buffers(recurse=False)):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != buf.shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=buf.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+class UniformQuantizer(Quantizer):
+    """Asymmetric uniform quantiser, per tensor (``channel_axis=None``) or per channel along one axis."""
+
+    def __init__(self, n_bits: int, channel_axis: int | None = None) -> None:
+        super().__init__(n_bits)
+        self.channel_axis = channel_axis
+        self.register_buffer("zero_point", torch.empty(0))
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        delta, zero = search_uniform(_to_rows(x, self.channel_axis), self.n_bits)
+        shape = _param_shape(x, self.channel_axis)
+        self.set_params(delta.reshape(shape), zero.reshape(shape))
+
+    def set_params(self, delta: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.delta = delta.detach().clone()
+        self.zero_point = zero_point.detach().clone()
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return uniform_fake_quant(x, self.delta, self.zero_point, self.levels)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.calibrated and self.delta.dim() == 0:  # reparameterised channel-wise quantiser: per tensor now
+            self.channel_axis = None
+
+    def extra_repr(self) -> str:
+        return f"n_bits={self.n_bits}, channel_axis={self.channel_axis}, enabled={self.enabled}"
+
+
+class LogSqrt2Quantizer(Quantizer):
+    """Log-√2 quantiser for post-softmax attention.
+
+    ``floor`` clamps x/Δ before log2: the QwT authors' copy uses 1e-6 (tiny values then decode to Δ·2⁻²⁰ at
+    A ≥ 6 bits instead of 0); RepQ-ViT has no floor (``None``). Identical at A ≤ 5 bits.
+    """
+
+    def __init__(self, n_bits: int, floor: float | None = 1e-6) -> None:
+        super().__init__(n_bits)
+        self.floor = floor
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        self.delta = search_log_sqrt2(x.reshape(-1), self.n_bits, self.floor).reshape(())
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return log_sqrt2_fake_quant(x, self.delta, self.levels, self.floor)
+
+    def extra_repr(self) -> str:
+        return f"n_bits={self.n_bits}, floor={self.floor}, enabled={self.enabled}"
