@@ -1,0 +1,53 @@
+"""What to quantise and how: one frozen config applied to a model (the torchao style)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from ..quant.quantizers import check_bits
+
+Method = Literal["repq_vit", "percentile"]
+LayerMap = Literal["qwt", "repq_vit"]
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Post-training quantisation settings.
+
+    method: ``repq_vit`` (channel-wise post-LayerNorm inputs reparameterised, log-√2 post-softmax) or
+        ``percentile`` (every activation per tensor, uniform softmax quantiser, no reparameterisation).
+    layer_map: ``qwt`` keeps patch-embed and classifier head at W8A8 as the QwT authors do; ``repq_vit`` is
+        RepQ-ViT's original map (patch-embed input 8-bit, weights and head at W/A bits).
+    log_floor: clamp of x/Δ before log2 in the log-√2 quantiser (QwT authors: 1e-6; RepQ-ViT: None).
+    conv_act_bits: CNNs only; force every conv input to this width. The first release of the authors' ResNet
+        code did this with 8 bits, so its "W4/A4" table was really W4/A8. None = use ``a_bits``.
+    """
+
+    method: Method = "repq_vit"
+    w_bits: int = 4
+    a_bits: int = 4
+    layer_map: LayerMap = "qwt"
+    log_floor: float | None = 1e-6
+    conv_act_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("repq_vit", "percentile"):
+            raise ValueError(f"unknown PTQ method {self.method!r}; choose 'repq_vit' or 'percentile'")
+        if self.layer_map not in ("qwt", "repq_vit"):
+            raise ValueError(f"unknown layer map {self.layer_map!r}; choose 'qwt' or 'repq_vit'")
+        check_bits(self.w_bits)
+        check_bits(self.a_bits)
+        if self.conv_act_bits is not None:
+            check_bits(self.conv_act_bits)
+
+    @property
+    def tag(self) -> str:
+        """Short bit label, e.g. ``W4A4``."""
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PTQConfig":
+        return cls(**data)
