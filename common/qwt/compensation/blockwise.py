@@ -1,0 +1,172 @@
+"""QwT's block-wise procedure (spec §3): fit and attach one compensation per block, in order.
+
+For block i with input X_i on the already-compensated quantised path, the target is FP-block(X_i) −
+quantised-block(X_i); the fit is closed form; R² ≤ threshold or i < start_block leaves a zero compensation.
+X_{i+1} is the compensated quantised output. Each block runs twice per batch (FP and quantised): the quantised
+output is kept and the compensation added once solved, instead of a third forward.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..ptq.layer_map import swap_module
+from ..quant.modules import quant_state, set_quant_state
+from .modules import Compensated, ConvCompensated, LinearCompensated
+from .solver import GroupedConvLeastSquares, LinearLeastSquares, SolverMode
+
+Form = Literal["linear", "conv"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A module on the path from stem to head: a block to compensate, or a transition (e.g. patch merging).
+
+    ``call`` runs the module on a feature tensor when it needs more than ``module(x)`` (e.g. mmdet's Swin blocks
+    take the spatial shape too); it receives the compensated wrapper once the block is compensated.
+    """
+
+    path: str
+    compensate: bool = True
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x) if self.call is None else self.call(module, x)
+
+
+@dataclass
+class BlockPlan:
+    """How QwT walks a model: ``stem`` maps images to the first block's input, then ``steps`` in order."""
+
+    stem: Callable[[torch.Tensor], torch.Tensor]
+    steps: list[Step]
+    form: Form
+
+
+@dataclass(frozen=True)
+class QwTConfig:
+    """QwT settings. Defaults are the authors' (R² > 0 gate, FP16 eval product, k=1 / 64 channels per group)."""
+
+    start_block: int = 0
+    r2_threshold: float = 0.0
+    solver: SolverMode = "streaming"
+    half: bool = True
+    ridge: float | None = None  # None: 0 for linear, 1e-3 for grouped conv (the authors' choices)
+    kernel_size: int = 1
+    factor: int = 64
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and ≥ 1, got {self.kernel_size}")
+        if self.factor < 1 or self.batch_size < 1:
+            raise ValueError("factor and batch_size must be ≥ 1")
+
+    def ridge_for(self, form: Form) -> float:
+        if self.ridge is not None:
+            return self.ridge
+        return 0.0 if form == "linear" else 1e-3
+
+
+@dataclass
+class BlockReport:
+    index: int
+    path: str
+    r2: float
+    applied: bool
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["r2"] = None if math.isinf(self.r2) or math.isnan(self.r2) else self.r2
+        return d
+
+
+def conv_groups(in_channels: int, out_channels: int, factor: int) -> int:
+    """Groups for the grouped-conv compensation: C_in // factor as the authors, lowered to a common divisor."""
+    target = max(in_channels // factor, 1)
+    common = math.gcd(in_channels, out_channels)
+    return max(g for g in range(1, target + 1) if common % g == 0)
+
+
+def infer_stride(in_size: int, out_size: int) -> int:
+    if out_size == in_size:
+        return 1
+    if out_size == math.ceil(in_size / 2):
+        return 2
+    raise ValueError(f"block maps spatial size {in_size} to {out_size}; only stride 1 or 2 can be compensated")
+
+
+def _batches(images: torch.Tensor | Iterable, batch_size: int) -> Iterable[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        return images.split(batch_size)
+    return (b[0] if isinstance(b, (tuple, list)) else b for b in images)
+
+
+def _fitter(form: Form, x: torch.Tensor, y: torch.Tensor, config: QwTConfig):
+    ridge = config.ridge_for(form)
+    if form == "linear":
+        return LinearLeastSquares(ridge=ridge, mode=config.solver), {}
+    stride = infer_stride(x.shape[-1], y.shape[-1])
+    groups = conv_groups(x.shape[1], y.shape[1], config.factor)
+    fit = GroupedConvLeastSquares(x.shape[1], y.shape[1], config.kernel_size, stride, groups, ridge, config.solver)
+    return fit, {"stride": stride, "groups": groups, "kernel_size": config.kernel_size}
+
+
+def _wrap(form: Form, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, meta: dict,
+          half: bool) -> Compensated:
+    if form == "linear":
+        return LinearCompensated(block, weight, bias, half)
+    return ConvCompensated(block, weight, bias, meta["stride"], meta["groups"], half)
+
+
+@torch.no_grad()
+def apply_qwt(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable, config: QwTConfig = QwTConfig(),
+              progress: bool = True) -> list[BlockReport]:
+    """Attach a fitted compensation to every block of ``plan`` (in place); returns one report per block.
+
+    ``model`` must be quantised and calibrated. ``images`` is a tensor (split into ``config.batch_size``
+    batches) or an iterable of batches, e.g. a DataLoader; features of all batches are kept on the model's
+    device between blocks.
+    """
+    model.eval()
+    set_quant_state(model, weight=True, act=True)
+    feats = [plan.stem(batch) for batch in _batches(images, config.batch_size)]
+    if not feats:
+        raise ValueError("no compensation images: pass at least one batch")
+    reports: list[BlockReport] = []
+    index = 0
+    for step in tqdm(plan.steps, desc="QwT blocks", disable=not progress, leave=False):
+        module = model.get_submodule(step.path)
+        if not step.compensate:
+            feats = [step.run(module, x) for x in feats]
+            continue
+        start = time.perf_counter()
+        outputs, fit, meta = [], None, {}
+        for x in feats:
+            with quant_state(module, weight=False, act=False):
+                y_fp = step.run(module, x)
+            y_q = step.run(module, x)
+            if fit is None:
+                fit, meta = _fitter(plan.form, x, y_q, config)
+            fit.update(x, y_fp - y_q)
+            outputs.append(y_q)
+        fit.reduce()
+        result = fit.solve()
+        applied = result.r2 > config.r2_threshold and index >= config.start_block
+        weight, bias = (result.weight, result.bias) if applied else (
+            torch.zeros_like(result.weight), torch.zeros_like(result.bias))
+        wrapper = _wrap(plan.form, module, weight, bias, meta, config.half)
+        swap_module(model, step.path, wrapper)
+        feats = [y + wrapper.compensation(x) for x, y in zip(feats, outputs)]
+        reports.append(BlockReport(index, step.path, result.r2, applied, time.perf_counter() - start, meta))
+        index += 1
+    return reports

@@ -1,0 +1,208 @@
+"""Closed-form least squares for the compensation: T ≈ A·Θ with A = [features, 1].
+
+``streaming`` (default) accumulates AᵀA, AᵀT and the sums R² needs batch by batch in FP64, so memory does not grow
+with the number of calibration images, then solves by Cholesky (pseudo-inverse with a warning if the Gram matrix
+is singular). ``reference`` keeps every batch and solves as the authors do: FP32, explicit inverse,
+``inv(AᵀA + λI) @ Aᵀ @ T`` evaluated left to right — for exact comparison with their numbers.
+
+Two feature layouts share the machinery: token features (..., C) for linear compensation, and unfolded conv
+patches split into channel groups for grouped-conv compensation (one independent system per group).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+SolverMode = Literal["streaming", "reference"]
+
+
+@dataclass
+class FitResult:
+    """Θ split into the compensation's weight and bias, and the fit's pooled R²."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    r2: float
+
+
+class SingularSystemError(RuntimeError):
+    pass
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(
+            f"non-finite values (NaN/Inf) in the compensation {what}; the quantised block diverged or the inputs "
+            "are corrupt. Check the calibration images and the PTQ calibration (e.g. with fewer bits disabled)."
+        )
+
+
+class _LeastSquares:
+    """Per-group normal equations with R² statistics. Subclasses turn (x, t) into (A, T) of shape (G, rows, ·)."""
+
+    def __init__(self, groups: int, ridge: float, mode: SolverMode, stats_dtype: torch.dtype) -> None:
+        if mode not in ("streaming", "reference"):
+            raise ValueError(f"unknown solver mode {mode!r}; choose 'streaming' or 'reference'")
+        self.groups, self.ridge, self.mode, self.dtype = groups, ridge, mode, stats_dtype
+        self.gram: torch.Tensor | None = None  # (G, d, d)
+        self.cross: torch.Tensor | None = None  # (G, d, o)
+        self.t_sq = torch.zeros((), dtype=torch.float64)
+        self.t_sum: torch.Tensor | None = None  # sums over the R² mean axis
+        self.t_count = 0
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- subclass hooks --------------------------------------------------------------------------------------
+    def _design(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _mean_axis_sum(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Sum of t over the axis R²'s mean is taken over, and how many values each sum has."""
+        raise NotImplementedError
+
+    def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- accumulation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        _check_finite(x, "inputs (block input features)")
+        _check_finite(t, "targets (FP block output − quantised block output)")
+        a, target = self._design(x.float(), t.float())
+        t_sum, count = self._mean_axis_sum(t.to(torch.float64))
+        self.t_sum = t_sum if self.t_sum is None else self.t_sum + t_sum
+        self.t_count += count
+        self.t_sq = self.t_sq.to(t.device) + t.to(torch.float64).pow(2).sum()
+        if self.mode == "reference":
+            self.chunks.append((a, target))
+            return
+        a64, t64 = a.to(self.dtype), target.to(self.dtype)
+        gram = (a64.transpose(1, 2) @ a64).to(torch.float64)
+        cross = (a64.transpose(1, 2) @ t64).to(torch.float64)
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+
+    def reduce(self) -> None:
+        """Sum the statistics over processes (torch.distributed), so every rank solves the union's system."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if self.mode == "reference":
+            raise RuntimeError("the reference solver gathers features; use the streaming solver with torch.distributed")
+        count = torch.tensor(float(self.t_count), dtype=torch.float64, device=self.gram.device)
+        for tensor in (self.gram, self.cross, self.t_sq, self.t_sum, count):
+            dist.all_reduce(tensor)
+        self.t_count = int(count.item())
+
+    # -- solving ---------------------------------------------------------------------------------------------
+    def _ss_tot(self) -> float:
+        return float(self.t_sq - self.t_sum.pow(2).sum() / self.t_count)
+
+    @torch.no_grad()
+    def solve(self) -> FitResult:
+        if self.t_sum is None:
+            raise ValueError("no data: call update() with at least one batch before solve()")
+        theta, ss_res = self._solve_reference() if self.mode == "reference" else self._solve_streaming()
+        ss_tot = self._ss_tot()
+        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else -math.inf
+        weight, bias = self._split(theta)
+        return FitResult(weight=weight, bias=bias, r2=r2)
+
+    def _solve_streaming(self) -> tuple[torch.Tensor, float]:
+        gram, cross = self.gram, self.cross
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        lhs = gram + self.ridge * eye
+        chol, info = torch.linalg.cholesky_ex(lhs)
+        if int(info.max()) == 0:
+            theta = torch.cholesky_solve(cross, chol)
+        else:
+            warnings.warn(
+                "compensation system is singular or not positive definite (constant or duplicated feature "
+                "channels?); falling back to the minimum-norm pseudo-inverse solution",
+                RuntimeWarning, stacklevel=3)
+            theta = torch.linalg.pinv(lhs, hermitian=True) @ cross
+        _check_finite(theta, "solution")
+        # Σ‖T − AΘ‖² = ΣT² − 2·⟨Θ, AᵀT⟩ + ⟨Θ, AᵀA·Θ⟩, all in FP64.
+        ss_res = self.t_sq - 2 * (theta * cross).sum() + (theta * (gram @ theta)).sum()
+        return theta.float(), float(ss_res.clamp_min(0))
+
+    def _solve_reference(self) -> tuple[torch.Tensor, float]:
+        a = torch.cat([c[0] for c in self.chunks], dim=1)
+        t = torch.cat([c[1] for c in self.chunks], dim=1)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        at = a.transpose(1, 2)
+        gram = at @ a
+        if self.ridge:
+            gram = gram + self.ridge * eye
+        message = ("explicit inverse of the compensation Gram matrix failed (singular system); "
+                   "use solver='streaming', which falls back to a pseudo-inverse")
+        try:
+            theta = torch.inverse(gram) @ at @ t
+        except torch.linalg.LinAlgError as err:
+            raise SingularSystemError(message) from err
+        if not torch.isfinite(theta).all():
+            raise SingularSystemError(message)
+        ss_res = float((t - a @ theta).to(torch.float64).pow(2).sum())
+        return theta, ss_res
+
+
+class LinearLeastSquares(_LeastSquares):
+    """Token-wise fit: x (..., C_in), t (..., C_out); pooled R² with the mean over all rows (spec §3.1d)."""
+
+    def __init__(self, ridge: float = 0.0, mode: SolverMode = "streaming",
+                 stats_dtype: torch.dtype = torch.float64) -> None:
+        super().__init__(1, ridge, mode, stats_dtype)
+
+    def _design(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.reshape(-1, x.shape[-1])
+        a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        return a.unsqueeze(0), t.reshape(1, -1, t.shape[-1])
+
+    def _mean_axis_sum(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        rows = t.reshape(-1, t.shape[-1])
+        return rows.sum(0), rows.shape[0]
+
+    def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return theta[0, :-1].contiguous(), theta[0, -1].contiguous()
+
+
+class GroupedConvLeastSquares(_LeastSquares):
+    """Grouped-conv fit on unfolded k×k patches (spec §3.4), one system per channel group.
+
+    x (B, C_in, H, W), t (B, C_out, H', W'); weight comes back as (C_out, C_in/G, k, k). R² takes its mean over
+    the batch axis only (per channel and pixel), as the authors' ResNet code does.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
+                 ridge: float = 1e-3, mode: SolverMode = "streaming",
+                 stats_dtype: torch.dtype = torch.float64) -> None:
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide both channel counts ({in_channels}, {out_channels})")
+        super().__init__(groups, ridge, mode, stats_dtype)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def _design(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, k = self.groups, self.kernel_size
+        patches = F.unfold(x, k, padding=k // 2, stride=self.stride)  # (B, C_in·k², L)
+        b, _, length = patches.shape
+        patches = patches.reshape(b, g, -1, length).permute(1, 0, 3, 2).reshape(g, b * length, -1)
+        a = torch.cat([patches, patches.new_ones(g, b * length, 1)], dim=2)
+        if t.shape[-2] * t.shape[-1] != length:
+            raise ValueError(f"target spatial size {tuple(t.shape[-2:])} does not match stride {self.stride}")
+        target = t.reshape(b, g, -1, length).permute(1, 0, 3, 2).reshape(g, b * length, -1)
+        return a, target
+
+    def _mean_axis_sum(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return t.sum(0), t.shape[0]
+
+    def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, k = self.groups, self.kernel_size
+        weight = theta[:, :-1, :].transpose(1, 2)  # (G, C_out/G, C_in/G·k²)
+        weight = weight.reshape(self.out_channels, self.in_channels // g, k, k).contiguous()
+        return weight, theta[:, -1, :].reshape(-1).contiguous()

@@ -1,0 +1,131 @@
+"""The block-wise QwT procedure on random-init ViT and CNN: error reduction, gate, FP16 path, determinism."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from qwt import PTQConfig, QwTConfig, apply_qwt, quantize
+from qwt.compensation import BlockPlan, Compensated, ConvCompensated, LinearCompensated, Step
+from qwt.models import efficientnet_plan, vit_plan
+from qwt.quant import quant_state
+
+
+def _block_errors(model, fp_model, plan_fn, images):
+    """Per block: ‖FP block(x) − model block(x)‖ on the model's own input stream."""
+    plan = plan_fn(model)
+    errs = []
+    x = plan.stem(images)
+    for step in plan.steps:
+        block = model.get_submodule(step.path)
+        with quant_state(block, weight=False, act=False):
+            target = (block.block if isinstance(block, Compensated) else block)(x)
+        y = block(x)
+        errs.append((target - y).pow(2).mean().item())
+        x = y
+    return errs
+
+
+@pytest.fixture
+def quantized_vit(tiny_vit, images):
+    return quantize(copy.deepcopy(tiny_vit), images, PTQConfig(w_bits=4, a_bits=4), "vit")
+
+
+def test_compensation_reduces_block_error_on_calibration_data(quantized_vit, tiny_vit):
+    comp = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    before = copy.deepcopy(quantized_vit)
+    reports = apply_qwt(quantized_vit, vit_plan(quantized_vit), comp, QwTConfig(half=False), progress=False)
+    assert [r.path for r in reports] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert all(r.applied and r.r2 > 0 for r in reports)
+    assert isinstance(quantized_vit.blocks[0], LinearCompensated)
+    # First block sees the same input in both models: its error must drop.
+    e_before = _block_errors(before, tiny_vit, vit_plan, comp)
+    e_after = _block_errors(quantized_vit, tiny_vit, vit_plan, comp)
+    assert e_after[0] < e_before[0]
+    assert all(a < b for a, b in zip(e_after, e_before))
+
+
+def test_gate_zeroes_blocks_below_threshold_or_start_block(quantized_vit, images):
+    reference = quantized_vit(images)
+    gated = copy.deepcopy(quantized_vit)
+    reports = apply_qwt(gated, vit_plan(gated), images, QwTConfig(r2_threshold=1.0), progress=False)
+    assert not any(r.applied for r in reports)
+    assert all(torch.count_nonzero(b.comp_weight) == 0 for b in gated.blocks)
+    assert torch.equal(gated(images), reference)  # zero compensation leaves the model's function unchanged
+    partial = copy.deepcopy(quantized_vit)
+    reports = apply_qwt(partial, vit_plan(partial), images, QwTConfig(start_block=2), progress=False)
+    assert [r.applied for r in reports] == [False, False, True]
+    assert torch.count_nonzero(partial.blocks[2].comp_weight) > 0
+
+
+def test_fp16_eval_path_and_fp32_training_path():
+    block = torch.nn.Identity()
+    w, b = torch.randn(8, 8), torch.randn(8)
+    comp = LinearCompensated(block, w, b).eval()
+    x = torch.randn(4, 5, 8)
+    assert torch.equal(comp.compensation(x), (x.half() @ w.half()).float() + b)
+    comp.train()
+    assert torch.allclose(comp.compensation(x), x @ w + b)
+    assert torch.allclose(LinearCompensated(block, w, b, half=False).eval().compensation(x), x @ w + b)
+    conv = ConvCompensated(block, torch.randn(6, 2, 1, 1), torch.randn(6), stride=2, groups=2).eval()
+    xi = torch.randn(2, 4, 6, 6)
+    expected = torch.nn.functional.conv2d(xi.half(), conv.comp_weight.half(), stride=2, groups=2).float()
+    assert torch.equal(conv.compensation(xi), expected + conv.comp_bias.reshape(1, -1, 1, 1))
+
+
+def test_rerun_with_same_seed_is_identical(tiny_vit, images):
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = quantize(copy.deepcopy(tiny_vit), images, PTQConfig(), "vit")
+        apply_qwt(model, vit_plan(model), images, QwTConfig(), progress=False)
+        outs.append(model(images))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_reference_solver_agrees_with_streaming(quantized_vit, images):
+    comp = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    a, b = copy.deepcopy(quantized_vit), copy.deepcopy(quantized_vit)
+    ra = apply_qwt(a, vit_plan(a), comp, QwTConfig(half=False), progress=False)
+    rb = apply_qwt(b, vit_plan(b), comp, QwTConfig(half=False, solver="reference"), progress=False)
+    for x, y in zip(ra, rb):
+        assert x.r2 == pytest.approx(y.r2, abs=1e-3)
+    assert torch.allclose(a(images), b(images), atol=1e-3, rtol=1e-3)
+
+
+def test_transition_steps_are_applied_but_not_compensated(quantized_vit, images):
+    plan = vit_plan(quantized_vit)
+    plan = BlockPlan(plan.stem, [plan.steps[0], Step("blocks.1", compensate=False), plan.steps[2]], "linear")
+    reports = apply_qwt(quantized_vit, plan, images, progress=False)
+    assert [r.path for r in reports] == ["blocks.0", "blocks.2"]
+    assert not isinstance(quantized_vit.blocks[1], Compensated)
+
+
+def test_cnn_grouped_conv_compensation_on_efficientnet():
+    torch.manual_seed(0)
+    fp = timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    comp = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = quantize(copy.deepcopy(fp), calib, PTQConfig(method="percentile", w_bits=4, a_bits=4), "cnn")
+    before = copy.deepcopy(model)
+    reports = apply_qwt(model, efficientnet_plan(model), comp, QwTConfig(batch_size=16), progress=False)
+    assert len(reports) == sum(len(s) for s in fp.blocks)
+    strided = [r for r in reports if r.extra["stride"] == 2]
+    assert strided and all(r.extra["kernel_size"] == 1 for r in reports)
+    first = model.blocks[0][0]
+    assert isinstance(first, ConvCompensated) and first.comp_weight.shape[:2] == (16, 32)  # 32 → 16 channels
+    e_before = _block_errors(before, fp, efficientnet_plan, comp)
+    e_after = _block_errors(model, fp, efficientnet_plan, comp)
+    assert e_after[0] < e_before[0]
+
+
+def test_no_images_is_refused(quantized_vit):
+    with pytest.raises(ValueError, match="no compensation images"):
+        apply_qwt(quantized_vit, vit_plan(quantized_vit), [], progress=False)
+
+
+def test_nan_features_are_refused(quantized_vit, images):
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        apply_qwt(quantized_vit, vit_plan(quantized_vit), bad, progress=False)

@@ -1,0 +1,138 @@
+"""The closed-form solver: planted maps, streaming vs one-shot, grouped conv vs per-group lstsq, bad systems."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwt.compensation import GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError, conv_groups
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_linear_recovers_planted_map_exactly():
+    x = torch.randn(4, 50, 16, generator=_gen(0)) * 3 + 1
+    w, b = torch.randn(16, 8, generator=_gen(1)), torch.randn(8, generator=_gen(2))
+    fit = LinearLeastSquares()
+    for chunk in x.split(1):
+        fit.update(chunk, chunk @ w + b)
+    res = fit.solve()
+    assert torch.allclose(res.weight, w, atol=1e-5) and torch.allclose(res.bias, b, atol=1e-5)
+    assert res.r2 == pytest.approx(1.0, abs=1e-9)
+
+
+def test_streaming_equals_one_shot_reference():
+    x = torch.randn(6, 40, 12, generator=_gen(3))
+    t = torch.tanh(x @ torch.randn(12, 12, generator=_gen(4))) + 0.1 * torch.randn(6, 40, 12, generator=_gen(5))
+    streamed, reference = LinearLeastSquares(mode="streaming"), LinearLeastSquares(mode="reference")
+    for xb, tb in zip(x.split(2), t.split(2)):
+        streamed.update(xb, tb)
+        reference.update(xb, tb)
+    one_shot = LinearLeastSquares(mode="streaming")
+    one_shot.update(x, t)
+    a, b, c = streamed.solve(), reference.solve(), one_shot.solve()
+    assert torch.allclose(a.weight, c.weight, atol=1e-6) and a.r2 == pytest.approx(c.r2, abs=1e-12)
+    assert torch.allclose(a.weight, b.weight, atol=1e-4) and torch.allclose(a.bias, b.bias, atol=1e-4)
+    assert a.r2 == pytest.approx(b.r2, abs=1e-5)
+    # R² by its definition: 1 − SS_res / SS_tot with the mean over all rows.
+    rows_t = t.reshape(-1, 12).double()
+    pred = (x.reshape(-1, 12) @ a.weight + a.bias).double()
+    r2 = 1 - (rows_t - pred).pow(2).sum() / (rows_t - rows_t.mean(0)).pow(2).sum()
+    assert a.r2 == pytest.approx(r2.item(), abs=1e-6)
+
+
+def test_linear_r2_is_negative_infinity_for_zero_target_and_zero_for_noise_mean():
+    fit = LinearLeastSquares()
+    fit.update(torch.randn(100, 4, generator=_gen(6)), torch.zeros(100, 3))
+    assert fit.solve().r2 == float("-inf")
+
+
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_grouped_conv_matches_per_group_least_squares(kernel, stride):
+    cin, cout, groups = 8, 12, 4
+    x = torch.randn(3, cin, 9, 9, generator=_gen(7))
+    w = torch.randn(cout, cin // groups, kernel, kernel, generator=_gen(8))
+    t = F.conv2d(x, w, torch.randn(cout, generator=_gen(9)), stride=stride, padding=kernel // 2, groups=groups)
+    t = t + 0.3 * torch.randn(t.shape, generator=_gen(10))
+    fit = GroupedConvLeastSquares(cin, cout, kernel, stride, groups, ridge=1e-3)
+    for xb, tb in zip(x.split(1), t.split(1)):
+        fit.update(xb, tb)
+    res = fit.solve()
+    # Direct solve per group: ridge least squares on unfolded patches with a ones column.
+    patches = F.unfold(x, kernel, padding=kernel // 2, stride=stride)  # (B, cin·k², L)
+    for g in range(groups):
+        p = patches[:, g * (cin // groups) * kernel**2:(g + 1) * (cin // groups) * kernel**2]
+        a = p.permute(0, 2, 1).reshape(-1, p.shape[1]).double()
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        tg = t[:, g * (cout // groups):(g + 1) * (cout // groups)].permute(0, 2, 3, 1).reshape(-1, cout // groups)
+        theta = torch.linalg.solve(a.T @ a + 1e-3 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ tg.double())
+        wg = res.weight[g * (cout // groups):(g + 1) * (cout // groups)].reshape(cout // groups, -1)
+        assert torch.allclose(wg.double(), theta[:-1].T, atol=1e-5)
+        assert torch.allclose(res.bias[g * (cout // groups):(g + 1) * (cout // groups)].double(), theta[-1], atol=1e-5)
+    # Predictions through conv2d with the fitted weights; R² with the mean over the batch axis only.
+    pred = F.conv2d(x, res.weight, res.bias, stride=stride, padding=kernel // 2, groups=groups).double()
+    td = t.double()
+    r2 = 1 - (td - pred).pow(2).sum() / (td - td.mean(0, keepdim=True)).pow(2).sum()
+    assert res.r2 == pytest.approx(r2.item(), abs=1e-6)
+
+
+def test_grouped_conv_reference_mode_matches_streaming():
+    x = torch.randn(4, 6, 5, 5, generator=_gen(11))
+    t = torch.randn(4, 6, 5, 5, generator=_gen(12))
+    fits = [GroupedConvLeastSquares(6, 6, 3, 1, 2, mode=m) for m in ("streaming", "reference")]
+    for f in fits:
+        f.update(x, t)
+    a, b = (f.solve() for f in fits)
+    assert torch.allclose(a.weight, b.weight, atol=1e-3) and a.r2 == pytest.approx(b.r2, abs=1e-4)
+
+
+def test_conv_groups_divide_both_channel_counts():
+    assert conv_groups(256, 512, 64) == 4  # the authors' G = C_in // 64
+    assert conv_groups(64, 256, 64) == 1
+    assert conv_groups(192, 320, 64) == 2  # 3 does not divide 320 → the largest common divisor ≤ 3
+    assert conv_groups(112, 112, 16) == 7
+    assert conv_groups(40, 80, 8) == 5
+
+
+def test_singular_system_warns_and_falls_back():
+    x = torch.randn(200, 3, generator=_gen(13))
+    x = torch.cat([x, x[:, :1]], 1)  # duplicated channel → singular Gram
+    t = x @ torch.randn(4, 2, generator=_gen(14))
+    fit = LinearLeastSquares()
+    fit.update(x, t)
+    with pytest.warns(RuntimeWarning, match="singular"):
+        res = fit.solve()
+    assert torch.isfinite(res.weight).all()
+    assert res.r2 == pytest.approx(1.0, abs=1e-6)
+
+
+def test_reference_mode_refuses_a_singular_system():
+    x = torch.zeros(50, 3)
+    fit = LinearLeastSquares(mode="reference")
+    fit.update(x, torch.randn(50, 2, generator=_gen(15)))
+    with pytest.raises(SingularSystemError):
+        fit.solve()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_are_refused(bad):
+    fit = LinearLeastSquares()
+    x = torch.randn(10, 3)
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fit.update(x, torch.randn(10, 3))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fit.update(torch.randn(10, 3), x)
+
+
+def test_solve_without_data_is_refused():
+    with pytest.raises(ValueError, match="no data"):
+        LinearLeastSquares().solve()
+    with pytest.raises(ValueError, match="solver mode"):
+        LinearLeastSquares(mode="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="must divide"):
+            GroupedConvLeastSquares(6, 5, 1, 1, 2)
