@@ -1,0 +1,114 @@
+"""ImageNet-style class-folder data: transforms per model family and the three loaders a QwT run needs.
+
+Layout: ``DATA_DIR/train/<class>/*.JPEG`` and ``DATA_DIR/val/<class>/*.JPEG``. Evaluation uses the authors'
+``large_scale_test`` transform (resize short side to 224/crop_pct, bicubic, centre crop); calibration and
+compensation images come from the shuffled train split through ``large_scale_train`` (RandomResizedCrop, flip,
+RandAugment ``rand-m9-mstd0.5-inc1``), drawn by two independent iterators as in the authors' code.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Input statistics and centre-crop ratio of a model family (spec §4.2)."""
+
+    crop_pct: float
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    size: int = 224
+
+
+#: DeiT and ResNet 0.875 with ImageNet statistics; augreg ViT 0.9 with 0.5/0.5; Swin 0.9 with ImageNet statistics.
+PREPROCESSING: dict[str, Preprocessing] = {
+    "deit": Preprocessing(0.875),
+    "vit": Preprocessing(0.9, INCEPTION_MEAN, INCEPTION_STD),
+    "swin": Preprocessing(0.9),
+    "resnet": Preprocessing(0.875),
+}
+
+
+def eval_transform(pre: Preprocessing) -> Callable:
+    return transforms.Compose([
+        transforms.Resize(int(pre.size / pre.crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(pre.size),
+        transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std),
+    ])
+
+
+def train_transform(pre: Preprocessing) -> Callable:
+    from timm.data.auto_augment import rand_augment_transform
+
+    fill = tuple(round(255 * m) for m in pre.mean)
+    return transforms.Compose([
+        transforms.RandomResizedCrop(pre.size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        rand_augment_transform("rand-m9-mstd0.5-inc1", {"translate_const": 100, "img_mean": fill}),
+        transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std),
+    ])
+
+
+def _load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"corrupt or unreadable image {path}: {err}; remove or replace the file") from err
+
+
+def class_folder(root: str | Path, split: str, transform: Callable) -> Dataset:
+    """An ImageFolder over ``root/split`` with a clear error for a wrong path or a corrupt image."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} not found: --data-dir must contain train/ and val/ class folders "
+            "(e.g. train/n01440764/*.JPEG)")
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform, loader=_load_rgb)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{folder}: no class folders with images ({err})") from None
+
+
+@dataclass
+class QwTLoaders:
+    calib: torch.Tensor  # PTQ calibration batch (images only)
+    comp: DataLoader  # QwT compensation batches, a fresh iterator over the shuffled train split
+    val: DataLoader
+
+
+def make_loaders(root: str | Path, pre: Preprocessing, calib_images: int = 32, comp_images: int = 512,
+                 batch_size: int = 32, workers: int = 4, seed: int = 0, val_limit: int | None = None,
+                 rank: int = 0, world_size: int = 1) -> QwTLoaders:
+    """The authors' data: calibration = first shuffled train batch; compensation = the first ``comp_images``
+    of a second shuffled pass (independent of the first); validation unshuffled.
+
+    With ``world_size`` > 1 each rank takes its share of the compensation images (its own shuffle offset).
+    """
+    train = class_folder(root, "train", train_transform(pre))
+    val = class_folder(root, "val", eval_transform(pre))
+    if val_limit is not None:
+        val = torch.utils.data.Subset(val, range(min(val_limit, len(val))))
+    if len(train) < calib_images:
+        raise ValueError(f"{root}/train has {len(train)} images; PTQ calibration needs at least {calib_images}")
+    gen = torch.Generator().manual_seed(seed)
+    calib_loader = DataLoader(train, batch_size=calib_images, shuffle=True, drop_last=True, generator=gen,
+                              num_workers=workers)
+    calib = next(iter(calib_loader))[0]
+    share = comp_images // world_size
+    order = torch.randperm(len(train), generator=gen)[rank * share:(rank + 1) * share]
+    comp = DataLoader(torch.utils.data.Subset(train, order.tolist()), batch_size=batch_size, num_workers=workers)
+    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return QwTLoaders(calib=calib, comp=comp, val=val_loader)

@@ -1,0 +1,48 @@
+"""One PTQ → QwT run on a float model, as every task script does it: timings, sizes and top-1 rows."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compensation import BlockPlan, BlockReport, QwTConfig, apply_qwt
+from .ptq import Family, PTQConfig, quantize
+from .size import model_size_mb
+from .utils import PhaseTimer
+
+Evaluate = Callable[[nn.Module, str], float]
+
+
+@dataclass
+class RunResult:
+    rows: list[dict[str, Any]]
+    model: nn.Module
+    blocks: list[BlockReport]
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def ptq_then_qwt(name: str, fp_model: nn.Module, family: Family, plan: Callable[[nn.Module], BlockPlan],
+                 calib_images: torch.Tensor, comp_images: torch.Tensor | Iterable, evaluate: Evaluate,
+                 ptq_config: PTQConfig, qwt_config: QwTConfig = QwTConfig(), progress: bool = True) -> RunResult:
+    """Quantise a copy of ``fp_model``, evaluate, compensate, evaluate again.
+
+    Rows follow the results schema (model, bits, method, top1, calib_seconds, size_mb); the QwT row's
+    calib_seconds is the whole calibration (PTQ + QwT), as a user waits for it.
+    """
+    model = copy.deepcopy(fp_model).eval()
+    timer = PhaseTimer()
+    quantize(model, calib_images, ptq_config, family, on_phase=timer)
+    ptq_seconds = timer.total
+    base = {"model": name, "bits": ptq_config.tag}
+    rows = [{**base, "method": "ptq", "top1": evaluate(model, f"{name} {ptq_config.tag} PTQ"),
+             "calib_seconds": ptq_seconds, "size_mb": model_size_mb(model)}]
+    timer.restart()
+    blocks = apply_qwt(model, plan(model), comp_images, qwt_config, progress=progress)
+    timer("qwt")
+    rows.append({**base, "method": "ptq+qwt", "top1": evaluate(model, f"{name} {ptq_config.tag} PTQ+QwT"),
+                 "calib_seconds": timer.total, "size_mb": model_size_mb(model)})
+    return RunResult(rows=rows, model=model, blocks=blocks, phases=dict(timer.phases))

@@ -1,0 +1,119 @@
+"""Result rows → ``summary.json``, ``table.md`` and a bar chart.
+
+A row is a dict with at least ``model``, ``bits`` ("W4A4", or "FP" for the float model), ``method`` ("fp",
+"ptq", "ptq+qwt", "ptq+qwt*") and ``top1`` (percent); ``calib_seconds`` and ``size_mb`` are shown when present.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+METHODS = ("fp", "ptq", "ptq+qwt", "ptq+qwt*")
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[Row], model: str) -> str:
+    """One table per model: a line per bit width with FP, PTQ and PTQ+QwT top-1, the gain and timings."""
+    mine = [r for r in rows if r["model"] == model]
+    fp = next((r["top1"] for r in mine if r["method"] == "fp"), None)
+    has_size = any("size_mb" in r for r in mine)
+    has_star = any(r["method"] == "ptq+qwt*" for r in mine)
+    head = "| bits | FP top-1 | PTQ top-1 | PTQ+QwT top-1 | Δ QwT | PTQ calib s | QwT calib s |"
+    rule = "|---|---|---|---|---|---|---|"
+    if has_star:
+        head, rule = head + " PTQ+QwT* top-1 |", rule + "---|"
+    if has_size:
+        head, rule = head + " PTQ MB | PTQ+QwT MB |", rule + "---|---|"
+    lines = [f"**{model}**", "", head, rule]
+    for bits in dict.fromkeys(r["bits"] for r in mine if r["method"] != "fp"):
+        ptq = next((r for r in mine if r["bits"] == bits and r["method"] == "ptq"), {})
+        qwt = next((r for r in mine if r["bits"] == bits and r["method"] == "ptq+qwt"), {})
+        gain = qwt["top1"] - ptq["top1"] if ptq and qwt else None
+        cells = [bits, _fmt(fp), _fmt(ptq.get("top1")), _fmt(qwt.get("top1")),
+                 "–" if gain is None else f"{gain:+.2f}", _fmt(ptq.get("calib_seconds"), 1),
+                 _fmt(qwt.get("calib_seconds"), 1)]
+        if has_star:
+            star = next((r for r in mine if r["bits"] == bits and r["method"] == "ptq+qwt*"), {})
+            cells.append(_fmt(star.get("top1")))
+        if has_size:
+            cells += [_fmt(ptq.get("size_mb"), 3), _fmt(qwt.get("size_mb"), 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(rows: Sequence[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["model"], r["bits"]) for r in rows if r["method"] != "fp"))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.38
+    for k, (method, color) in enumerate((("ptq", "#9aa5b1"), ("ptq+qwt", "#2f7ed8"))):
+        values = [next((r["top1"] for r in rows if (r["model"], r["bits"]) == g and r["method"] == method), 0.0)
+                  for g in groups]
+        xs = [i + (k - 0.5) * width for i in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=method.upper().replace("+QWT", "+QwT"), color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    for i, (model, _) in enumerate(groups):
+        fp = next((r["top1"] for r in rows if r["model"] == model and r["method"] == "fp"), None)
+        if fp is not None:
+            ax.hlines(fp, i - width, i + width, colors="black", linestyles="dashed",
+                      label="FP" if i == 0 else None)
+    ax.set_xticks(range(len(groups)), [f"{m}\n{b}" for m, b in groups], fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(rows: Sequence[Row], out_dir: str | Path, title: str) -> str:
+    """Write summary.json, table.md and chart.png into ``out_dir``; returns the markdown."""
+    for r in rows:
+        missing = {"model", "bits", "method", "top1"} - set(r)
+        if missing or r["method"] not in METHODS:
+            raise ValueError(f"malformed result row {r}: needs model/bits/method/top1, method in {METHODS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    markdown = f"## {title}\n\n" + "\n\n".join(markdown_table(rows, m) for m in models) + "\n"
+    atomic_write(out / "summary.json", json.dumps(list(rows), indent=2) + "\n")
+    atomic_write(out / "table.md", markdown)
+    bar_chart(rows, out / "chart.png", title)
+    return markdown
+
+
+def paper_comparison(rows: Sequence[Row], paper: dict[str, Any]) -> str:
+    """Markdown: our top-1 next to the published one for every (model, bits, method) either side has."""
+    ours = {(r["model"], r["bits"], r["method"]): r["top1"] for r in rows}
+    published = paper["models"]
+    lines = ["| model | bits | method | ours top-1 | paper top-1 | ours − paper |", "|---|---|---|---|---|---|"]
+    for model, entry in published.items():
+        keys = [("FP", "fp", entry.get("fp"))]
+        keys += [(bits, method, value) for bits, methods in entry.items() if bits != "fp"
+                 for method, value in methods.items()]
+        for bits, method, value in keys:
+            mine = ours.get((model, bits, method))
+            if mine is None and value is None:
+                continue
+            diff = "–" if mine is None or value is None else f"{mine - value:+.2f}"
+            lines.append(f"| {model} | {bits} | {method} | {_fmt(mine)} | {_fmt(value, 1)} | {diff} |")
+    return "\n".join(lines) + f"\n\nPaper numbers: {paper.get('source', '')}\n"

@@ -1,0 +1,31 @@
+"""Model size as the authors count it (spec §4.1), in decimal megabytes.
+
+Each module's own parameters (buffers, hence quantiser parameters, excluded): a ``weight`` of a module with a
+``weight_quantizer`` counts that quantiser's bits per element, a compensation weight 16 bits (it is applied in
+FP16), everything else its dtype width. Zero compensations still count: they exist in the model.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .compensation.modules import Compensated
+
+
+def model_size_bits(model: nn.Module) -> int:
+    total = 0
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        for name, param in module.named_parameters(recurse=False):
+            if name == "weight" and quantizer is not None:
+                bits = quantizer.n_bits
+            elif name == "comp_weight" and isinstance(module, Compensated):
+                bits = 16
+            else:
+                bits = param.element_size() * 8
+            total += param.numel() * bits
+    return total
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """total_bits // 8 / 1e6, exactly the authors' ``compute_quantized_params``."""
+    return model_size_bits(model) // 8 / 1e6

@@ -1,0 +1,43 @@
+"""Seeds and phase timing."""
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed python, numpy and torch (CPU and CUDA), as the reference scripts do."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class PhaseTimer:
+    """Wall time per named phase; synchronises CUDA so GPU timings are real."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = self._now()
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def restart(self) -> None:
+        self._last = self._now()
+
+    def __call__(self, name: str) -> float:
+        """Close the phase ``name`` (time since the previous mark) and return its seconds."""
+        now = self._now()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+        return self.phases[name]
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
