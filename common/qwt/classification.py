@@ -1,0 +1,194 @@
+"""The ImageNet classification task runner shared by ``QwT-cls-RepQ-ViT`` and ``QwT-cls-ResNet``.
+
+One run: FP top-1 → PTQ (RepQ-ViT or percentile) → QwT → optional QwT*; rows (model, bits, method, top1,
+calib_seconds, size_mb) to ``OUT/<model>_<bits>_<method>.json`` and a markdown line. ``--smoke`` swaps in a
+reduced random-init model of the same class and a synthetic class-folder dataset, so the whole path runs on CPU
+in seconds. Works under ``torchrun``: compensation images are split across ranks and the solver statistics are
+all-reduced, so every rank solves the same system as a single process would.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .compensation import QwTConfig
+from .data.imagenet import PREPROCESSING, make_loaders
+from .data.synthetic import write_class_folders
+from .evaluate import top1_accuracy
+from .experiment import ptq_then_qwt
+from .finetune import FinetuneConfig, finetune
+from .models import get_model_entry, list_models
+from .ptq import PTQConfig
+from .report import atomic_write, markdown_table
+from .serialization import save_quantized
+from .utils import seed_everything
+
+TASKS: dict[str, dict[str, Any]] = {
+    "vit": {"method": "repq_vit", "out": "results/cls_vit", "family": "vit"},
+    "resnet": {"method": "percentile", "out": "results/cls_resnet", "family": "cnn"},
+}
+
+
+def build_parser(task: str, description: str) -> argparse.ArgumentParser:
+    defaults = TASKS[task]
+    models = [m for m in list_models() if get_model_entry(m).preprocessing
+              and get_model_entry(m).family == defaults["family"]]
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, choices=models)
+    p.add_argument("--data-dir", type=Path, help="ImageNet root with train/ and val/ class folders")
+    p.add_argument("--checkpoint", type=Path, help="FP weights (safetensors, or a weights-only .pth/.pth.tar)")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--method", choices=["repq_vit", "percentile"], default=defaults["method"])
+    p.add_argument("--layer-map", choices=["qwt", "repq_vit"], default="qwt",
+                   help="qwt: patch-embed and head W8A8 (QwT authors); repq_vit: RepQ-ViT's original map")
+    p.add_argument("--no-log-floor", action="store_true",
+                   help="log-√2 quantiser without the QwT authors' 1e-6 clamp (RepQ-ViT behaviour)")
+    p.add_argument("--conv-act-bits", type=int, default=None,
+                   help="force conv inputs to this width (8 reproduces the first ResNet release's 'W4/A4')")
+    p.add_argument("--calib-images", type=int, default=32)
+    p.add_argument("--comp-images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val images only")
+    p.add_argument("--solver", choices=["streaming", "reference"], default="streaming")
+    p.add_argument("--fp32-comp", action="store_true", help="FP32 compensation product at eval (authors: FP16)")
+    p.add_argument("--start-block", type=int, default=0)
+    p.add_argument("--r2-threshold", type=float, default=0.0)
+    p.add_argument("--kernel-size", type=int, default=1, help="grouped-conv compensation kernel (CNNs)")
+    p.add_argument("--factor", type=int, default=64, help="channels per group of the conv compensation (CNNs)")
+    p.add_argument("--qwt-star", action="store_true", help="also run QwT* (fine-tune compensation + head)")
+    p.add_argument("--star-epochs", type=int, default=1)
+    p.add_argument("--star-lr", type=float, default=1e-4)
+    p.add_argument("--star-weight-decay", type=float, default=0.0)
+    p.add_argument("--star-temperature", type=float, default=1.0)
+    p.add_argument("--star-label-weight", type=float, default=0.0, help="0: pure distillation from FP logits")
+    p.add_argument("--star-max-steps", type=int, default=None, help="cap on QwT* steps (default: full epochs)")
+    p.add_argument("--skip-fp", action="store_true", help="do not evaluate the FP model")
+    p.add_argument("--save", type=Path, help="save the PTQ+QwT model (safetensors + json) to this folder")
+    p.add_argument("--out", type=Path, default=Path(defaults["out"]))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true",
+                   help="reduced random-init model + synthetic data written to a temp folder (CI)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
+
+
+def _sharded_eval(model: nn.Module, loader, device: str, rank: int, world: int, desc: str, progress: bool) -> float:
+    """Top-1 over the whole val set; with several ranks each takes every world-th batch and counts are summed."""
+    batches = [b for i, b in enumerate(loader) if i % world == rank] if world > 1 else loader
+    acc = top1_accuracy(model, batches, len(batches) if world > 1 else len(loader), device, desc, progress)
+    if world == 1:
+        return acc
+    seen = sum(len(b[1]) for b in batches)
+    t = torch.tensor([acc * seen / 100.0, float(seen)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return 100.0 * float(t[0] / t[1])
+
+
+def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
+    rank, world = _init_distributed(args.device)
+    seed_everything(args.seed)
+    entry = get_model_entry(args.model)
+    pre = PREPROCESSING[entry.preprocessing]
+    tmp = None
+    if args.smoke:
+        pre = replace(pre, size=32)
+        if args.data_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="qwt-smoke-")
+            args.data_dir = write_class_folders(tmp.name, classes=4, train_per_class=24, val_per_class=8)
+    if args.data_dir is None:
+        raise SystemExit("error: --data-dir is required (ImageNet with train/ and val/), or use --smoke")
+    ptq_config = PTQConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, layer_map=args.layer_map,
+                           log_floor=None if args.no_log_floor else 1e-6, conv_act_bits=args.conv_act_bits)
+    qwt_config = QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
+                           half=not args.fp32_comp, kernel_size=args.kernel_size, factor=args.factor,
+                           batch_size=args.batch_size)
+    loaders = make_loaders(args.data_dir, pre, args.calib_images, args.comp_images, args.batch_size, args.workers,
+                           args.seed, args.val_limit, rank, world)
+    num_classes = len(loaders.val.dataset.dataset.classes if args.val_limit else loaders.val.dataset.classes)
+    fp = entry.build(pretrained=True, checkpoint=args.checkpoint, smoke=args.smoke,
+                     num_classes=num_classes if args.smoke else 1000).to(args.device)
+    progress = not args.no_progress and rank == 0
+    label = f"{args.model}-smoke" if args.smoke else args.model  # smoke rows never pass for real results
+
+    def evaluate(model: nn.Module, desc: str) -> float:
+        return _sharded_eval(model, loaders.val, args.device, rank, world, desc, progress)
+
+    rows: list[dict[str, Any]] = []
+    if not args.skip_fp:
+        rows.append({"model": label, "bits": "FP", "method": "fp", "top1": evaluate(fp, "FP"),
+                     "calib_seconds": 0.0})
+    comp = ((x.to(args.device), y) for x, y in loaders.comp)
+    result = ptq_then_qwt(label, fp, entry.family, entry.plan, loaders.calib.to(args.device), comp, evaluate,
+                          ptq_config, qwt_config, progress)
+    rows.extend(result.rows)
+    if args.qwt_star:
+        star_config = FinetuneConfig(epochs=args.star_epochs, lr=args.star_lr, weight_decay=args.star_weight_decay,
+                                     temperature=args.star_temperature, label_weight=args.star_label_weight,
+                                     max_steps=args.star_max_steps)
+        star = copy.deepcopy(result.model)
+        start = time.perf_counter()
+        train = torch.utils.data.DataLoader(loaders.comp.dataset.dataset, batch_size=args.batch_size, shuffle=True,
+                                            num_workers=args.workers, drop_last=True,
+                                            generator=torch.Generator().manual_seed(args.seed + 1))
+        finetune(star, fp, train, len(train), star_config, args.device, progress)
+        rows.append({**result.rows[-1], "method": "ptq+qwt*", "top1": evaluate(star, "PTQ+QwT*"),
+                     "calib_seconds": result.rows[-1]["calib_seconds"] + time.perf_counter() - start})
+    if rank == 0:
+        _write(args, rows, result.blocks, ptq_config)
+        if args.save:
+            save_quantized(result.model, args.save, args.model, ptq_config,
+                           {"smoke": args.smoke, "num_classes": num_classes} if args.smoke else {})
+    if tmp is not None:
+        tmp.cleanup()
+    if world > 1:
+        dist.destroy_process_group()
+    return rows
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], blocks, ptq_config: PTQConfig) -> None:
+    """``OUT/<model>_<bits>.json``: the result rows (summary.json schema + size_mb); details (per-block R²,
+    configuration) go to ``OUT/details/``; the markdown table to ``OUT/<model>_<bits>.md``."""
+    stem = f"{args.model}_{ptq_config.tag}{'_smoke' if args.smoke else ''}"
+    details = {"blocks": [b.to_dict() for b in blocks], "ptq": ptq_config.to_dict(),
+               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    markdown = markdown_table(rows, rows[-1]["model"])
+    atomic_write(args.out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write(args.out / "details" / f"{stem}.json", json.dumps(details, indent=2) + "\n")
+    atomic_write(args.out / f"{stem}.md", markdown + "\n")
+    print(markdown, flush=True)
+
+
+def main(task: str, description: str, argv: list[str] | None = None) -> int:
+    args = build_parser(task, description).parse_args(argv)
+    try:
+        run(args, task)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

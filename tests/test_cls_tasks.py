@@ -1,0 +1,115 @@
+"""The ImageNet task runner end to end on reduced random-init models and a synthetic class-folder dataset."""
+import copy
+import json
+import re
+
+import pytest
+import torch
+
+import qwt
+from qwt.classification import build_parser, run
+from qwt.compensation import Compensated
+from qwt.data.synthetic import write_class_folders
+from qwt.models import get_model_entry
+from qwt.quant import quant_state, set_quant_state
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_class_folders(tmp_path_factory.mktemp("imagenet"), classes=4, train_per_class=24, val_per_class=6)
+
+
+def _run(task, model, dataset, out, *extra):
+    args = build_parser(task, "test").parse_args(
+        ["--model", model, "--smoke", "--data-dir", str(dataset), "--out", str(out), "--workers", "0",
+         "--comp-images", "64", "--no-progress", *extra])
+    return run(args, task)
+
+
+@pytest.mark.parametrize("task,model", [("vit", "vit_small"), ("vit", "deit_small_distilled"),
+                                        ("vit", "swin_tiny"), ("resnet", "resnet18")])
+def test_end_to_end_record_is_complete(task, model, dataset, tmp_path):
+    rows = _run(task, model, dataset, tmp_path, "--save", str(tmp_path / "saved"))
+    assert [r["method"] for r in rows] == ["fp", "ptq", "ptq+qwt"]
+    saved = json.loads((tmp_path / f"{model}_W4A4_smoke.json").read_text())
+    assert saved == rows
+    for r in rows:
+        assert {"model", "bits", "method", "top1", "calib_seconds"} <= set(r) and 0 <= r["top1"] <= 100
+    assert rows[2]["size_mb"] > rows[1]["size_mb"] > 0
+    details = json.loads((tmp_path / "details" / f"{model}_W4A4_smoke.json").read_text())
+    assert details["blocks"] and all("r2" in b for b in details["blocks"])
+    assert (tmp_path / f"{model}_W4A4_smoke.md").read_text().startswith(f"**{model}-smoke**")
+    loaded = qwt.load_quantized(tmp_path / "saved")
+    assert sum(isinstance(m, Compensated) for m in loaded.modules()) == len(details["blocks"])
+
+
+@pytest.mark.parametrize("model", ["deit_small_distilled", "swin_tiny"])
+def test_reparameterization_keeps_fp_logits_per_family(model):
+    fp = qwt.create_model(model, smoke=True, num_classes=4)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = fp(images)
+    q = qwt.quantize(copy.deepcopy(fp), images, qwt.PTQConfig(), "vit")
+    set_quant_state(q, weight=False, act=False)
+    assert (q(images) - reference).norm() / reference.norm() <= 1e-5
+
+
+@pytest.mark.parametrize("model", ["vit_small", "deit_small_distilled", "swin_tiny", "resnet18"])
+def test_compensation_reduces_block_error_and_gate_zeroes(model):
+    entry = get_model_entry(model)
+    fp = qwt.create_model(model, smoke=True, num_classes=4)
+    gen = torch.Generator().manual_seed(1)
+    calib, comp = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(48, 3, 32, 32, generator=gen)
+    method = "repq_vit" if entry.family == "vit" else "percentile"
+    q = qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig(method=method), entry.family)
+    plan = entry.plan(q)
+    first = next(s.path for s in plan.steps if s.compensate)
+    x0 = plan.stem(comp)
+    for step in plan.steps:  # input of the first compensated block
+        if step.path == first:
+            break
+        x0 = q.get_submodule(step.path)(x0)
+    block = q.get_submodule(first)
+    with quant_state(block, weight=False, act=False):
+        target = block(x0)
+    err_before = (target - block(x0)).pow(2).mean()
+    gated = copy.deepcopy(q)
+    # Least squares on the calibration data cannot do worse than zero there; force it on whatever R² says.
+    config = qwt.QwTConfig(half=False, batch_size=16, r2_threshold=float("-inf"))
+    reports = qwt.apply_qwt(q, plan, comp, config, progress=False)
+    err_after = (target - q.get_submodule(first)(x0)).pow(2).mean()
+    assert reports[0].applied and err_after < err_before
+    reports = qwt.apply_qwt(gated, entry.plan(gated), comp, qwt.QwTConfig(r2_threshold=2.0), progress=False)
+    assert not any(r.applied for r in reports)
+    assert all(torch.count_nonzero(m.comp_weight) == 0 for m in gated.modules() if isinstance(m, Compensated))
+
+
+def test_qwt_star_trains_compensation_and_head_only(dataset, tmp_path):
+    rows = _run("vit", "deit_tiny", dataset, tmp_path, "--qwt-star", "--star-max-steps", "3", "--skip-fp")
+    assert [r["method"] for r in rows] == ["ptq", "ptq+qwt", "ptq+qwt*"]
+    model = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
+    images = torch.randn(32, 3, 32, 32)
+    q = qwt.quantize(copy.deepcopy(model), images, qwt.PTQConfig(), "vit")
+    # Zero compensations (gate closed) leave the most to learn.
+    qwt.apply_qwt(q, get_model_entry("deit_tiny").plan(q), images, qwt.QwTConfig(r2_threshold=2.0), progress=False)
+    frozen = {n: p.clone() for n, p in q.named_parameters()}
+    batches = [(images[:16], torch.zeros(16, dtype=torch.long))]
+    from qwt.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(epochs=10, lr=1e-2, label_weight=1.0)  # cross-entropy: a clear signal to learn
+    losses = finetune(q, model, batches, 1, config, progress=False)
+    assert len(losses) == 10 and losses[-1] < losses[0]
+    changed = {n for n, p in q.named_parameters() if not torch.equal(p, frozen[n])}
+    assert changed and all(re.search(r"comp_(weight|bias)$", n) or n.startswith("head") for n in changed)
+    assert any(n.startswith("head") for n in changed) and any("comp_weight" in n for n in changed)
+
+
+def test_missing_data_dir_and_checkpoint_errors(tmp_path, capsys):
+    from qwt.classification import main
+
+    assert main("vit", "t", ["--model", "deit_small", "--data-dir", str(tmp_path), "--workers", "0"]) == 2
+    assert "train/ and val/" in capsys.readouterr().err
+    data = write_class_folders(tmp_path / "d", classes=2, train_per_class=20, val_per_class=2, size=16)
+    assert main("vit", "t", ["--model", "deit_small", "--data-dir", str(data), "--workers", "0"]) == 2
+    assert "deit_small_patch16_224-cd65a155.pth" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser("vit", "t").parse_args(["--model", "resnet18"])  # wrong task: not a choice

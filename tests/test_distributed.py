@@ -1,0 +1,71 @@
+"""torch.distributed: statistics all-reduced across ranks give the single-process solution (gloo, 2 CPU ranks)."""
+import copy
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import qwt
+from qwt.compensation import GroupedConvLeastSquares, LinearLeastSquares
+
+
+def _data():
+    gen = torch.Generator().manual_seed(3)
+    x, xc = torch.randn(8, 20, 6, generator=gen), torch.randn(8, 4, 5, 5, generator=gen)
+    return x, torch.tanh(x @ torch.randn(6, 6, generator=gen)), xc, torch.randn(8, 4, 5, 5, generator=gen)
+
+
+def _fits():
+    return LinearLeastSquares(), GroupedConvLeastSquares(4, 4, 3, 1, 2)
+
+
+def _vit_setup():
+    torch.manual_seed(0)
+    fp = qwt.create_model("swin_tiny", smoke=True, num_classes=4)
+    gen = torch.Generator().manual_seed(3)
+    calib, comp = torch.randn(8, 3, 32, 32, generator=gen), torch.randn(64, 3, 32, 32, generator=gen)
+    return qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig(), "vit"), comp
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x, t, xc, tc = (d.chunk(world)[rank] for d in _data())
+    linear, conv = _fits()
+    linear.update(x, t)
+    conv.update(xc, tc)
+    linear.reduce()
+    conv.reduce()
+    model, comp = _vit_setup()
+    share = comp.shape[0] // world
+    reports = qwt.apply_qwt(model, qwt.get_model_entry("swin_tiny").plan(model),
+                            comp[rank * share:(rank + 1) * share], qwt.QwTConfig(batch_size=8), progress=False)
+    if rank == 0:
+        torch.save({"linear": linear.solve().__dict__, "conv": conv.solve().__dict__, "r2_block0": reports[0].r2},
+                   out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_solve_the_single_process_system(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    x, t, xc, tc = _data()
+    linear, conv = _fits()
+    linear.update(x, t)
+    conv.update(xc, tc)
+    for name, fit in (("linear", linear), ("conv", conv)):
+        ref = fit.solve()
+        assert torch.allclose(got[name]["weight"], ref.weight, atol=1e-5)
+        assert torch.allclose(got[name]["bias"], ref.bias, atol=1e-5)
+        assert abs(got[name]["r2"] - ref.r2) < 1e-9
+    # Through apply_qwt: the first block sees identical features on both sides, so its R² must agree.
+    model, comp = _vit_setup()
+    reports = qwt.apply_qwt(model, qwt.get_model_entry("swin_tiny").plan(model), comp, qwt.QwTConfig(batch_size=8),
+                            progress=False)
+    assert abs(reports[0].r2 - got["r2_block0"]) < 1e-5  # FP32 features, sums in another order
