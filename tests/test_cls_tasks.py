@@ -113,3 +113,14 @@ def test_missing_data_dir_and_checkpoint_errors(tmp_path, capsys):
     assert "deit_small_patch16_224-cd65a155.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser("vit", "t").parse_args(["--model", "resnet18"])  # wrong task: not a choice
+
+
+def test_augmented_images_do_not_depend_on_draw_order(dataset):
+    from qwt.data.imagenet import PREPROCESSING, SeededSubset, class_folder, train_transform
+
+    train = class_folder(dataset, "train", train_transform(PREPROCESSING["deit"]))
+    subset = SeededSubset(train, [5, 9, 17], seed=0)
+    forward = [subset[k][0] for k in range(3)]
+    backward = [subset[k][0] for k in reversed(range(3))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    assert not torch.equal(SeededSubset(train, [5], seed=1)[0][0], forward[0])  # the seed matters

@@ -3,6 +3,7 @@ import copy
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -69,3 +70,25 @@ def test_two_ranks_solve_the_single_process_system(tmp_path):
     reports = qwt.apply_qwt(model, qwt.get_model_entry("swin_tiny").plan(model), comp, qwt.QwTConfig(batch_size=8),
                             progress=False)
     assert abs(reports[0].r2 - got["r2_block0"]) < 1e-5  # FP32 features, sums in another order
+
+
+def test_torchrun_task_equals_single_process(tmp_path):
+    """The whole ViT task under torchrun (2 gloo ranks) gives the single-process per-block R² and top-1."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    main = Path(__file__).resolve().parent.parent / "QwT-cls-RepQ-ViT" / "main.py"
+    common = ["--model", "deit_tiny", "--smoke", "--workers", "0", "--comp-images", "64", "--no-progress",
+              "--device", "cpu", "--skip-fp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("multi", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]),
+                           ("single", [sys.executable])):
+        subprocess.run([*launcher, str(main), *common, "--out", str(tmp_path / name)], check=True, env=env,
+                       capture_output=True)
+    multi, single = (json.loads((tmp_path / n / "details" / "deit_tiny_W4A4_smoke.json").read_text())["blocks"]
+                     for n in ("multi", "single"))
+    assert [b["r2"] for b in multi] == pytest.approx([b["r2"] for b in single], abs=1e-6)
+    rows = [json.loads((tmp_path / n / "deit_tiny_W4A4_smoke.json").read_text()) for n in ("multi", "single")]
+    assert [r["top1"] for r in rows[0]] == [r["top1"] for r in rows[1]]

@@ -98,13 +98,12 @@ def _init_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _sharded_eval(model: nn.Module, loader, device: str, rank: int, world: int, desc: str, progress: bool) -> float:
-    """Top-1 over the whole val set; with several ranks each takes every world-th batch and counts are summed."""
-    batches = [b for i, b in enumerate(loader) if i % world == rank] if world > 1 else loader
-    acc = top1_accuracy(model, batches, len(batches) if world > 1 else len(loader), device, desc, progress)
+def _sharded_eval(model: nn.Module, loader, device: str, world: int, desc: str, progress: bool) -> float:
+    """Top-1 over the whole val set: each rank holds a shard (see make_loaders); counts are summed."""
+    acc = top1_accuracy(model, loader, len(loader), device, desc, progress)
     if world == 1:
         return acc
-    seen = sum(len(b[1]) for b in batches)
+    seen = len(loader.dataset)
     t = torch.tensor([acc * seen / 100.0, float(seen)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return 100.0 * float(t[0] / t[1])
@@ -130,14 +129,15 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
                            batch_size=args.batch_size)
     loaders = make_loaders(args.data_dir, pre, args.calib_images, args.comp_images, args.batch_size, args.workers,
                            args.seed, args.val_limit, rank, world)
-    num_classes = len(loaders.val.dataset.dataset.classes if args.val_limit else loaders.val.dataset.classes)
+    val_set = loaders.val.dataset
+    num_classes = len(getattr(val_set, "dataset", val_set).classes)
     fp = entry.build(pretrained=True, checkpoint=args.checkpoint, smoke=args.smoke,
                      num_classes=num_classes if args.smoke else 1000).to(args.device)
     progress = not args.no_progress and rank == 0
     label = f"{args.model}-smoke" if args.smoke else args.model  # smoke rows never pass for real results
 
     def evaluate(model: nn.Module, desc: str) -> float:
-        return _sharded_eval(model, loaders.val, args.device, rank, world, desc, progress)
+        return _sharded_eval(model, loaders.val, args.device, world, desc, progress)
 
     rows: list[dict[str, Any]] = []
     if not args.skip_fp:

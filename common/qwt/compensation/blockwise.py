@@ -160,7 +160,7 @@ def apply_qwt(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable
             fit.update(x, y_fp - y_q)
             outputs.append(y_q)
         fit.reduce()
-        result = fit.solve()
+        result = fit.solve(step.path)
         applied = result.r2 > config.r2_threshold and index >= config.start_block
         weight, bias = (result.weight, result.bias) if applied else (
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))

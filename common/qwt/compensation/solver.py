@@ -104,16 +104,17 @@ class _LeastSquares:
         return float(self.t_sq - self.t_sum.pow(2).sum() / self.t_count)
 
     @torch.no_grad()
-    def solve(self) -> FitResult:
+    def solve(self, name: str = "compensation") -> FitResult:
+        """Solve the accumulated system; ``name`` (e.g. the block path) labels warnings and errors."""
         if self.t_sum is None:
             raise ValueError("no data: call update() with at least one batch before solve()")
-        theta, ss_res = self._solve_reference() if self.mode == "reference" else self._solve_streaming()
+        theta, ss_res = self._solve_reference(name) if self.mode == "reference" else self._solve_streaming(name)
         ss_tot = self._ss_tot()
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else -math.inf
         weight, bias = self._split(theta)
         return FitResult(weight=weight, bias=bias, r2=r2)
 
-    def _solve_streaming(self) -> tuple[torch.Tensor, float]:
+    def _solve_streaming(self, name: str) -> tuple[torch.Tensor, float]:
         gram, cross = self.gram, self.cross
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         lhs = gram + self.ridge * eye
@@ -122,16 +123,15 @@ class _LeastSquares:
             theta = torch.cholesky_solve(cross, chol)
         else:
             warnings.warn(
-                "compensation system is singular or not positive definite (constant or duplicated feature "
-                "channels?); falling back to the minimum-norm pseudo-inverse solution",
-                RuntimeWarning, stacklevel=3)
+                f"{name}: least-squares system is singular or not positive definite (constant or duplicated "
+                "feature channels?); falling back to the minimum-norm pseudo-inverse solution", RuntimeWarning)
             theta = torch.linalg.pinv(lhs, hermitian=True) @ cross
         _check_finite(theta, "solution")
         # Σ‖T − AΘ‖² = ΣT² − 2·⟨Θ, AᵀT⟩ + ⟨Θ, AᵀA·Θ⟩, all in FP64.
         ss_res = self.t_sq - 2 * (theta * cross).sum() + (theta * (gram @ theta)).sum()
         return theta.float(), float(ss_res.clamp_min(0))
 
-    def _solve_reference(self) -> tuple[torch.Tensor, float]:
+    def _solve_reference(self, name: str) -> tuple[torch.Tensor, float]:
         a = torch.cat([c[0] for c in self.chunks], dim=1)
         t = torch.cat([c[1] for c in self.chunks], dim=1)
         eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
@@ -139,7 +139,7 @@ class _LeastSquares:
         gram = at @ a
         if self.ridge:
             gram = gram + self.ridge * eye
-        message = ("explicit inverse of the compensation Gram matrix failed (singular system); "
+        message = (f"{name}: explicit inverse of the Gram matrix failed (singular system); "
                    "use solver='streaming', which falls back to a pseudo-inverse")
         try:
             theta = torch.inverse(gram) @ at @ t

@@ -7,10 +7,12 @@ RandAugment ``rand-m9-mstd0.5-inc1``), drawn by two independent iterators as in 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
@@ -82,6 +84,35 @@ def class_folder(root: str | Path, split: str, transform: Callable) -> Dataset:
         raise FileNotFoundError(f"{folder}: no class folders with images ({err})") from None
 
 
+class SeededSubset(Dataset):
+    """``dataset[indices[k]]`` with the random augmentation seeded by (seed, index).
+
+    Each image's augmentation then no longer depends on the order images are drawn in, so one process and
+    several ranks (or workers) see exactly the same calibration and compensation images.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], seed: int) -> None:
+        self.dataset, self.indices, self.seed = dataset, list(indices), seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        index = self.indices[k]
+        seed = self.seed * 1_000_003 + index
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            # torchvision draws from torch, timm's RandAugment from python's random and numpy.
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
 @dataclass
 class QwTLoaders:
     calib: torch.Tensor  # PTQ calibration batch (images only)
@@ -95,20 +126,22 @@ def make_loaders(root: str | Path, pre: Preprocessing, calib_images: int = 32, c
     """The authors' data: calibration = first shuffled train batch; compensation = the first ``comp_images``
     of a second shuffled pass (independent of the first); validation unshuffled.
 
-    With ``world_size`` > 1 each rank takes its share of the compensation images (its own shuffle offset).
+    With ``world_size`` > 1 each rank takes its share of the compensation images and every world_size-th
+    validation image; the calibration batch is the same on every rank.
     """
     train = class_folder(root, "train", train_transform(pre))
     val = class_folder(root, "val", eval_transform(pre))
-    if val_limit is not None:
-        val = torch.utils.data.Subset(val, range(min(val_limit, len(val))))
+    n_val = len(val) if val_limit is None else min(val_limit, len(val))
+    if n_val < len(val) or world_size > 1:
+        val = torch.utils.data.Subset(val, range(rank, n_val, world_size))
     if len(train) < calib_images:
         raise ValueError(f"{root}/train has {len(train)} images; PTQ calibration needs at least {calib_images}")
     gen = torch.Generator().manual_seed(seed)
-    calib_loader = DataLoader(train, batch_size=calib_images, shuffle=True, drop_last=True, generator=gen,
-                              num_workers=workers)
-    calib = next(iter(calib_loader))[0]
+    calib_order = torch.randperm(len(train), generator=gen)[:calib_images].tolist()
+    calib_set = SeededSubset(train, calib_order, seed)
+    calib = torch.stack([calib_set[k][0] for k in range(len(calib_set))])
     share = comp_images // world_size
     order = torch.randperm(len(train), generator=gen)[rank * share:(rank + 1) * share]
-    comp = DataLoader(torch.utils.data.Subset(train, order.tolist()), batch_size=batch_size, num_workers=workers)
+    comp = DataLoader(SeededSubset(train, order.tolist(), seed), batch_size=batch_size, num_workers=workers)
     val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=workers)
     return QwTLoaders(calib=calib, comp=comp, val=val_loader)
