@@ -23,12 +23,22 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _act(bits: int, per_channel: bool = False) -> UniformQuantizer:
+def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:
+    """Activation quantiser: per tensor, or per channel along the last (feature) axis."""
     return UniformQuantizer(bits, channel_axis=-1 if per_channel else None)
 
 
-def _weight(bits: int) -> UniformQuantizer:
+def weight_quantizer(bits: int) -> UniformQuantizer:
+    """Weight quantiser: per output channel."""
     return UniformQuantizer(bits, channel_axis=_WEIGHT_AXIS)
+
+
+def attention_matmuls(config: PTQConfig) -> tuple[QuantMatMul, QuantMatMul]:
+    """matmul1 (q @ kᵀ) with uniform operands; matmul2 (attn @ v) with a log-√2 (RepQ-ViT) or uniform
+    (percentile) post-softmax quantiser."""
+    a = config.a_bits
+    softmax_q: Quantizer = LogSqrt2Quantizer(a, config.log_floor) if config.method == "repq_vit" else act_quantizer(a)
+    return QuantMatMul(act_quantizer(a), act_quantizer(a)), QuantMatMul(softmax_q, act_quantizer(a))
 
 
 def _attention_class(module: nn.Module) -> type[nn.Module] | None:
@@ -52,9 +62,7 @@ def quantize_vit_modules(model: nn.Module, config: PTQConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
         replacement = _attention_class(module)
         if replacement is not None:
-            softmax_q: Quantizer = LogSqrt2Quantizer(a, config.log_floor) if repq else _act(a)
-            swap_module(model, name, replacement(
-                module, QuantMatMul(_act(a), _act(a)), QuantMatMul(softmax_q, _act(a))))
+            swap_module(model, name, replacement(module, *attention_matmuls(config)))
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, QuantConv2d)):
             continue
@@ -62,13 +70,13 @@ def quantize_vit_modules(model: nn.Module, config: PTQConfig) -> nn.Module:
             if "patch_embed" not in name:
                 raise ValueError(f"unexpected Conv2d {name!r} in a ViT-family model (only patch_embed.proj is)")
             w_bits = 8 if config.layer_map == "qwt" else w
-            swap_module(model, name, QuantConv2d(module, _act(8), _weight(w_bits)))
+            swap_module(model, name, QuantConv2d(module, act_quantizer(8), weight_quantizer(w_bits)))
         elif isinstance(module, nn.Linear):
             if _is_head(name) and config.layer_map == "qwt":
-                swap_module(model, name, QuantLinear(module, _act(8), _weight(8)))
+                swap_module(model, name, QuantLinear(module, act_quantizer(8), weight_quantizer(8)))
             else:
                 per_channel = repq and name.rsplit(".", 1)[-1] in POST_LAYERNORM_LINEARS
-                swap_module(model, name, QuantLinear(module, _act(a, per_channel), _weight(w)))
+                swap_module(model, name, QuantLinear(module, act_quantizer(a, per_channel), weight_quantizer(w)))
     return model
 
 
@@ -90,7 +98,7 @@ def quantize_cnn_modules(model: nn.Module, config: PTQConfig) -> nn.Module:
         if isinstance(module, nn.Conv2d):
             stem = name == convs[0]
             swap_module(model, name, QuantConv2d(
-                module, _act(8 if stem else conv_a), _weight(8 if stem else config.w_bits)))
+                module, act_quantizer(8 if stem else conv_a), weight_quantizer(8 if stem else config.w_bits)))
         elif isinstance(module, nn.Linear):
-            swap_module(model, name, QuantLinear(module, _act(8), _weight(8)))
+            swap_module(model, name, QuantLinear(module, act_quantizer(8), weight_quantizer(8)))
     return model

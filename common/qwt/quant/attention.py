@@ -42,11 +42,12 @@ class QuantAttention(nn.Module):
 
 
 class QuantWindowAttention(nn.Module):
-    """Swin window attention (timm 1.x ``WindowAttention``) with quantised matmuls."""
+    """Swin window attention (timm 1.x ``WindowAttention``, mmdet's ``WindowMSA``) with quantised matmuls."""
 
     def __init__(self, attn: nn.Module, matmul1: QuantMatMul, matmul2: QuantMatMul) -> None:
         super().__init__()
-        self.num_heads, self.scale, self.window_area = attn.num_heads, attn.scale, attn.window_area
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.window_area = attn.relative_position_index.shape[0]
         self.relative_position_bias_table = attn.relative_position_bias_table
         persistent = "relative_position_index" in attn.state_dict()
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=persistent)

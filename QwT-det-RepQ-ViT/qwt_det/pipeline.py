@@ -1,0 +1,130 @@
+"""One detection run: FP → RepQ-ViT (whole detector, one val image) → QwT (backbone blocks, 224×224 train
+images) with COCO box and mask AP after each, as the authors' ``tools/test.py`` does in one process.
+
+Rows go to ``OUT/<model>_<bits>.json`` (``model``, ``bits``, ``method``, ``box_ap``, ``mask_ap``,
+``calib_seconds``); per-block R² and the configuration to ``OUT/details/``. ``--smoke`` writes a synthetic COCO
+set to a temporary folder and uses a reduced random-init detector of the same architecture.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwt.compensation import QwTConfig, apply_qwt
+from qwt.ptq import PTQConfig
+from qwt.report import atomic_write
+from qwt.utils import PhaseTimer, seed_everything
+
+from .checkpoint import load_detector_weights
+from .coco import TEST_SCALE, coco_dataset, compensation_images, evaluate, loader
+from .configs import MODELS, build_detector
+from .plan import COMP_SIZE, swin_plan
+from .quantize import repq_vit_detector
+from .synthetic import CLASSES, write_coco
+
+Row = dict[str, Any]
+
+#: Smoke runs: test resize of the small synthetic images, and compensation images drawn from them.
+SMOKE_TEST_SCALE = (320, 256)
+SMOKE_COMP_IMAGES = 8
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--checkpoint", type=Path,
+                   help="FP detector weights: Swin-Transformer-Object-Detection (mmdet 2.x) or mmdet 3.x .pth")
+    p.add_argument("--coco-root", type=Path, help="COCO with annotations/, train2017/, val2017/")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--no-log-floor", action="store_true",
+                   help="log-√2 quantiser without the QwT authors' 1e-6 clamp (RepQ-ViT behaviour)")
+    p.add_argument("--comp-images", type=int, default=None,
+                   help=f"train2017 images for QwT (default 512; {SMOKE_COMP_IMAGES} with --smoke)")
+    p.add_argument("--comp-batch-size", type=int, default=16,
+                   help="images per compensation batch (the fit does not depend on it)")
+    p.add_argument("--solver", choices=["streaming", "reference"], default="streaming")
+    p.add_argument("--start-block", type=int, default=0)
+    p.add_argument("--r2-threshold", type=float, default=0.0)
+    p.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val2017 images only")
+    p.add_argument("--skip-fp", action="store_true", help="do not evaluate the FP detector")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("results/det"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch/numpy/random and the compensation subset")
+    p.add_argument("--smoke", action="store_true",
+                   help="reduced random-init detector + synthetic COCO in a temp folder (CI)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """The three evaluations of one detector at one bit setting; returns the result rows."""
+    seed_everything(args.seed)
+    with tempfile.TemporaryDirectory(prefix="qwt-det-smoke-") as tmp:
+        classes = None
+        if args.smoke:
+            classes = CLASSES
+            args.coco_root = args.coco_root or write_coco(tmp)
+        if args.coco_root is None:
+            raise ValueError("--coco-root is required (COCO with annotations/, train2017/, val2017/), or use --smoke")
+        if args.checkpoint is None and not args.smoke:
+            raise ValueError("--checkpoint is required (the FP detector weights), or use --smoke")
+        return _run(args, classes)
+
+
+def _run(args: argparse.Namespace, classes: tuple[str, ...] | None) -> list[Row]:
+    progress = not args.no_progress
+    comp_images = args.comp_images or (SMOKE_COMP_IMAGES if args.smoke else 512)
+    model = build_detector(args.model, smoke=args.smoke, num_classes=len(classes) if classes else 80)
+    layout = load_detector_weights(model, args.checkpoint) if args.checkpoint else "random-init"
+    model.to(args.device)
+    val = loader(coco_dataset(args.coco_root, "val2017", SMOKE_TEST_SCALE if args.smoke else TEST_SCALE,
+                              classes=classes, limit=args.val_limit), 1, args.workers)
+    ptq_config = PTQConfig(method="repq_vit", w_bits=args.w_bits, a_bits=args.a_bits,
+                           log_floor=None if args.no_log_floor else 1e-6)
+    label = f"{args.model}-smoke" if args.smoke else args.model  # smoke rows never pass for real results
+
+    def row(bits: str, method: str, seconds: float) -> Row:
+        box, mask = evaluate(model, val, f"{label} {bits} {method}", progress)
+        print(f"{label} {bits} {method}: box AP {box:.1f}, mask AP {mask:.1f}", flush=True)
+        return {"model": label, "bits": bits, "method": method, "box_ap": box, "mask_ap": mask,
+                "calib_seconds": seconds}
+
+    rows = [] if args.skip_fp else [row("FP", "fp", 0.0)]
+    timer = PhaseTimer()
+    norms = repq_vit_detector(model, next(iter(val)), ptq_config, on_phase=timer)
+    rows.append(row(ptq_config.tag, "ptq", timer.total))
+    timer.restart()
+    images = compensation_images(model, args.coco_root, comp_images, args.seed, COMP_SIZE, args.comp_batch_size,
+                                 args.workers, classes)
+    qwt_config = QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
+                           half=False)
+    blocks = apply_qwt(model.backbone, swin_plan(model.backbone), images, qwt_config, progress)
+    timer("qwt")
+    rows.append(row(ptq_config.tag, "ptq+qwt", timer.total))
+    details = {"checkpoint_layout": layout, "reparameterized_norms": len(norms), "comp_images": comp_images,
+               "phases": timer.phases, "blocks": [b.to_dict() for b in blocks], "ptq": ptq_config.to_dict(),
+               "qwt": asdict(qwt_config),
+               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    stem = f"{label}_{ptq_config.tag}"
+    atomic_write(args.out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write(args.out / "details" / f"{stem}.json", json.dumps(details, indent=2) + "\n")
+    return rows
+
+
+def main(description: str, argv: list[str] | None = None) -> int:
+    args = build_parser(description).parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,122 @@
+"""Detection data, COCO evaluation and the end-to-end smoke run (synthetic COCO written by the tests)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "QwT-det-RepQ-ViT"))
+
+from qwt_det.coco import coco_dataset, compensation_images, evaluate, loader  # noqa: E402
+from qwt_det.configs import build_detector  # noqa: E402
+from qwt_det.synthetic import CLASSES, write_coco  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    return write_coco(tmp_path_factory.mktemp("coco"), train=6, val=3)
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the ground truth of each image (optionally shifted), to check the metric glue end to end."""
+
+    def __init__(self, ann_file: Path, shift: float = 0.0) -> None:
+        super().__init__()
+        from pycocotools.coco import COCO
+
+        self.coco, self.shift = COCO(str(ann_file)), shift
+        self.label = {cat: i for i, cat in enumerate(self.coco.getCatIds(catNms=list(CLASSES)))}
+
+    def test_step(self, batch: dict) -> list:
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+
+        out = []
+        for sample in batch["data_samples"]:
+            anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=sample.img_id))
+            boxes = torch.tensor([[x + self.shift, y, x + w + self.shift, y + h] for x, y, w, h in
+                                  (a["bbox"] for a in anns)])
+            pred = InstanceData(bboxes=boxes, scores=torch.ones(len(anns)),
+                                labels=torch.tensor([self.label[a["category_id"]] for a in anns]),
+                                masks=torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])).bool().roll(
+                                    int(self.shift), dims=-1))
+            result = DetDataSample(metainfo=sample.metainfo)
+            result.pred_instances = pred
+            out.append(result)
+        return out
+
+
+def test_synthetic_coco_is_valid(coco):
+    from pycocotools.coco import COCO
+
+    for split, count in (("train2017", 6), ("val2017", 3)):
+        api = COCO(str(coco / "annotations" / f"instances_{split}.json"))
+        assert len(api.getImgIds()) == count and len(list((coco / split).glob("*.jpg"))) == count
+        for ann in api.loadAnns(api.getAnnIds()):
+            mask_area = api.annToMask(ann).sum()
+            assert ann["bbox"][2] >= 24 and ann["bbox"][3] >= 24
+            assert abs(mask_area - ann["area"]) / ann["area"] < 0.15  # polygon, mask and area agree
+
+
+def test_coco_evaluation_scores_perfect_and_wrong_predictions(coco):
+    data = loader(coco_dataset(coco, "val2017", (320, 256), classes=CLASSES), 1, 0)
+    ann_file = coco / "annotations" / "instances_val2017.json"
+    assert evaluate(_Oracle(ann_file), data, progress=False) == (100.0, 100.0)
+    box, mask = evaluate(_Oracle(ann_file, shift=12.0), data, progress=False)
+    assert box < 60.0 and mask < 60.0
+
+
+def test_compensation_images_are_a_seeded_224_draw(coco):
+    model = build_detector("mask_rcnn_swin_t", smoke=True, num_classes=2)
+    draw = lambda seed: torch.cat(list(compensation_images(model, coco, 4, seed, 224, 3, 0, CLASSES)))  # noqa: E731
+    first = draw(0)
+    assert first.shape == (4, 3, 224, 224)
+    assert abs(float(first.mean())) < 1.5  # normalised, not raw 0..255 pixels
+    assert torch.equal(first, draw(0))
+    assert not torch.equal(first, draw(1))
+    with pytest.raises(ValueError, match="exceeds"):
+        next(compensation_images(model, coco, 7, 0, 224, 3, 0, CLASSES))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "common"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_main_reports_missing_inputs(tmp_path):
+    result = _run(sys.executable, "QwT-det-RepQ-ViT/main.py", "--model", "mask_rcnn_swin_t", "--coco-root",
+                  str(tmp_path), "--checkpoint", str(tmp_path / "none.pth"))
+    assert result.returncode == 2 and "none.pth not found" in result.stderr
+
+
+def test_det_swin_smoke_end_to_end(tmp_path):
+    """scripts/det_swin.sh --smoke: both detector types, W4A4 and W6A6, calibration → QwT → COCO eval → table."""
+    out = tmp_path / "det"
+    result = _run("bash", "scripts/det_swin.sh", "--smoke", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((out / "summary.json").read_text())
+    models = {"mask_rcnn_swin_t-smoke", "cascade_mask_rcnn_swin_t-smoke"}
+    assert {r["model"] for r in rows} == models
+    for model in models:
+        mine = [(r["bits"], r["method"]) for r in rows if r["model"] == model]
+        assert sorted(mine) == sorted([("FP", "fp"), ("W4A4", "ptq"), ("W4A4", "ptq+qwt"), ("W6A6", "ptq"),
+                                       ("W6A6", "ptq+qwt")])
+    for r in rows:
+        assert set(r) == {"model", "bits", "method", "box_ap", "mask_ap", "calib_seconds"}
+        assert 0.0 <= r["box_ap"] <= 100.0 and 0.0 <= r["mask_ap"] <= 100.0 and math.isfinite(r["calib_seconds"])
+        if r["method"] == "ptq+qwt":
+            ptq = next(p for p in rows if (p["model"], p["bits"], p["method"]) == (r["model"], r["bits"], "ptq"))
+            assert r["calib_seconds"] > ptq["calib_seconds"] > 0.0  # QwT time counts on top of PTQ
+    details = json.loads((out / "details" / "cascade_mask_rcnn_swin_t-smoke_W4A4.json").read_text())
+    assert details["reparameterized_norms"] == 2 * 8 + 3
+    assert [b["path"] for b in details["blocks"]] == [f"stages.{s}.blocks.{j}" for s in range(4) for j in range(2)]
+    assert any(b["applied"] for b in details["blocks"]) and details["qwt"]["half"] is False
+    table = (out / "table.md").read_text()
+    assert table.count("| cascade_mask_rcnn_swin_t-smoke |") == 5 and "RepQ-ViT+QwT" in table
