@@ -33,7 +33,7 @@ def main() -> None:
     shapes = {"DeiT-S qkv weight": (1152, 384), "DeiT-S fc1 weight": (1536, 384), "ViT-B fc2 weight": (768, 3072),
               "DeiT-S qkv input, 32 imgs (C × tokens)": (384, 32 * 197)}
     print(f"device {args.device}, {args.bits} bits")
-    print(f"| tensor | loop s | vectorised s | speed-up | identical |\n|---|---|---|---|---|")
+    print("| tensor | loop s | vectorised s | speed-up | identical |\n|---|---|---|---|---|")
     for name, shape in shapes.items():
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(args.device)
         search_uniform(x[:4], args.bits)  # warm-up
