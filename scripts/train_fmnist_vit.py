@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # don't spin-wait on a shared, small CPU
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -31,7 +28,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
 
 from qwt.data.fashion_mnist import MEAN, STD, load_fashion_mnist, normalize  # noqa: E402
+from qwt.evaluate import tensor_batches, top1_accuracy  # noqa: E402
 from qwt.models.vit_fmnist import CHECKPOINT, vit_fmnist  # noqa: E402
+from qwt.utils import seed_everything, warmup_cosine  # noqa: E402
 
 MAX_CHECKPOINT_BYTES = 1_000_000
 
@@ -56,17 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop after this many optimizer steps (0 = full run); for quick determinism checks",
     )
     return p.parse_args(argv)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed every RNG and force deterministic kernels; return the generator used for shuffling/augmentation."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, prob: float = 1.0) -> torch.Tensor:
@@ -100,33 +88,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(total_steps: int, warmup_steps: int):
-    """Linear warmup then cosine decay to zero, as a multiplier of the peak LR."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy (%) on uint8 images."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        logits = model(normalize(images[i : i + batch_size]))
-        correct += int((logits.argmax(1) == labels[i : i + batch_size]).sum())
-    return 100.0 * correct / len(images)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    gen = seed_everything(args.seed)
+    seed_everything(args.seed)
+    torch.use_deterministic_algorithms(True)
+    gen = torch.Generator().manual_seed(args.seed)  # shuffling and augmentation
 
     x_train, y_train = load_fashion_mnist("train", args.root)
     x_test, y_test = load_fashion_mnist("test", args.root)
@@ -142,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         total_steps = min(total_steps, args.max_steps)
     warmup_steps = max(1, round(args.warmup_frac * args.epochs * steps_per_epoch))
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.epochs * steps_per_epoch, warmup_steps))
+    total = args.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, total, warmup_steps))
 
     step = 0
     t_start = time.time()
@@ -168,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             n_seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         bar.close()
-        acc = evaluate(model, x_test, y_test)
+        acc = top1_accuracy(model, tensor_batches(normalize(x_test), y_test, 1000), progress=False)
         tqdm.write(
             f"epoch {epoch}/{args.epochs}  train_loss {loss_sum / max(1, n_seen):.4f}  "
             f"test_top1 {acc:.2f}%  {time.time() - t0:.1f}s"

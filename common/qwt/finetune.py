@@ -9,7 +9,6 @@ training path.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compensation.modules import Compensated
+from .utils import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,6 @@ def trainable_parameters(model: nn.Module, head_prefixes: tuple[str, ...]) -> li
     return chosen
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def finetune(model: nn.Module, teacher: nn.Module, batches: Iterable, steps_per_epoch: int,
              config: FinetuneConfig = FinetuneConfig(), device: str | torch.device = "cpu",
              progress: bool = True) -> list[float]:
@@ -65,7 +58,7 @@ def finetune(model: nn.Module, teacher: nn.Module, batches: Iterable, steps_per_
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     warmup = max(1, int(config.warmup_fraction * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
     model.eval()
     teacher.eval()
     comps = [m for m in model.modules() if isinstance(m, Compensated)]
