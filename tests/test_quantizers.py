@@ -151,3 +151,19 @@ def test_nan_in_calibration_is_refused():
     with pytest.raises(ValueError, match="NaN or Inf"):
         q(torch.tensor([1.0, float("nan")]))
     assert not q.calibrated
+
+
+@pytest.mark.parametrize("levels", [16, 64, 256])
+def test_in_place_inference_path_is_bit_identical_to_the_autograd_path(levels):
+    g = torch.Generator().manual_seed(levels)
+    x = torch.randn(8, 50, 33, generator=g) * 3
+    soft = torch.rand(8, 4, 20, 20, generator=g).pow(3)
+    soft[0, 0, 0, :4] = 0
+    delta, zero = torch.rand(1, 1, 33, generator=g) + 0.05, torch.tensor(2.5)
+    with_grad = uniform_fake_quant(x.clone().requires_grad_(), delta, zero, levels).detach()
+    with torch.no_grad():
+        assert torch.equal(uniform_fake_quant(x, delta, zero, levels), with_grad)
+    for floor in (None, 1e-6):
+        with_grad = log_sqrt2_fake_quant(soft.clone().requires_grad_(), torch.tensor(0.4), levels, floor).detach()
+        with torch.no_grad():
+            assert torch.equal(log_sqrt2_fake_quant(soft, torch.tensor(0.4), levels, floor), with_grad)
