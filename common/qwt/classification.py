@@ -147,6 +147,12 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
     result = ptq_then_qwt(label, fp, entry.family, entry.plan, loaders.calib.to(args.device), comp, evaluate,
                           ptq_config, qwt_config, progress)
     rows.extend(result.rows)
+    if rank == 0:
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
+        applied = sum(b.applied for b in result.blocks)
+        r2 = [b.r2 for b in result.blocks]
+        print(f"[{label}] {ptq_config.tag} calibration: {phases}; QwT applied to {applied}/{len(r2)} blocks, "
+              f"R² {min(r2):.3f}..{max(r2):.3f}", flush=True)
     if args.qwt_star:
         star_config = FinetuneConfig(epochs=args.star_epochs, lr=args.star_lr, weight_decay=args.star_weight_decay,
                                      temperature=args.star_temperature, label_weight=args.star_label_weight,
