@@ -8,7 +8,6 @@ set to a temporary folder and uses a reduced random-init detector of the same ar
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from dataclasses import asdict
@@ -19,7 +18,7 @@ import torch
 
 from qwt.compensation import QwTConfig, apply_qwt
 from qwt.ptq import PTQConfig
-from qwt.report import atomic_write
+from qwt.report import write_run
 from qwt.utils import PhaseTimer, seed_everything
 
 from .checkpoint import load_detector_weights
@@ -112,11 +111,8 @@ def _run(args: argparse.Namespace, classes: tuple[str, ...] | None) -> list[Row]
     rows.append(row(ptq_config.tag, "ptq+qwt", timer.total))
     details = {"checkpoint_layout": layout, "reparameterized_norms": len(norms), "comp_images": comp_images,
                "phases": timer.phases, "blocks": [b.to_dict() for b in blocks], "ptq": ptq_config.to_dict(),
-               "qwt": asdict(qwt_config),
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    stem = f"{label}_{ptq_config.tag}"
-    atomic_write(args.out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
-    atomic_write(args.out / "details" / f"{stem}.json", json.dumps(details, indent=2) + "\n")
+               "qwt": asdict(qwt_config)}
+    write_run(args.out, f"{label}_{ptq_config.tag}", rows, details, args)
     return rows
 
 

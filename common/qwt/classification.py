@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from .experiment import ptq_then_qwt
 from .finetune import FinetuneConfig, finetune
 from .models import get_model_entry, list_models
 from .ptq import PTQConfig
-from .report import atomic_write, markdown_table
+from .report import atomic_write, markdown_table, write_run
 from .serialization import save_quantized
 from .utils import seed_everything
 
@@ -181,11 +180,8 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], blocks, ptq_con
     """``OUT/<model>_<bits>.json``: the result rows (summary.json schema + size_mb); details (per-block R²,
     configuration) go to ``OUT/details/``; the markdown table to ``OUT/<model>_<bits>.md``."""
     stem = f"{args.model}_{ptq_config.tag}{'_smoke' if args.smoke else ''}"
-    details = {"blocks": [b.to_dict() for b in blocks], "ptq": ptq_config.to_dict(),
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    write_run(args.out, stem, rows, {"blocks": [b.to_dict() for b in blocks], "ptq": ptq_config.to_dict()}, args)
     markdown = markdown_table(rows, rows[-1]["model"])
-    atomic_write(args.out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
-    atomic_write(args.out / "details" / f"{stem}.json", json.dumps(details, indent=2) + "\n")
     atomic_write(args.out / f"{stem}.md", markdown + "\n")
     print(markdown, flush=True)
 

@@ -86,6 +86,17 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_run(out_dir: str | Path, stem: str, rows: Sequence[Row], details: dict[str, Any],
+              args: Any | None = None) -> None:
+    """One run's record: ``OUT/<stem>.json`` (the result rows) and ``OUT/details/<stem>.json`` (per-block R²,
+    configuration, and the command-line ``args`` namespace with paths as strings)."""
+    out = Path(out_dir)
+    if args is not None:
+        details = {**details, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    atomic_write(out / f"{stem}.json", json.dumps(list(rows), indent=2) + "\n")
+    atomic_write(out / "details" / f"{stem}.json", json.dumps(details, indent=2) + "\n")
+
+
 def write_report(rows: Sequence[Row], out_dir: str | Path, title: str) -> str:
     """Write summary.json, table.md and chart.png into ``out_dir``; returns the markdown."""
     for r in rows:
