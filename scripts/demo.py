@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-images", type=int, default=6000, help="train images for the CNN's linear probe")
     p.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
     p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
+    p.add_argument("--solver", choices=["streaming", "reference"], default="streaming",
+                   help="QwT least-squares solver: FP64 Cholesky, or the authors' FP32 arithmetic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -117,7 +119,7 @@ def run_model(args: argparse.Namespace, label: str, entry_name: str, fp: nn.Modu
     for tag in tags:
         seed_everything(args.seed)
         res = ptq_then_qwt(label, fp, entry.family, entry.plan, calib, comp, evaluate,
-                           bits_config(tag, method), QwTConfig(), progress=not args.no_progress)
+                           bits_config(tag, method), QwTConfig(solver=args.solver), progress=not args.no_progress)
         rows.extend(res.rows)
         blocks[f"{label} {tag}"] = [b.to_dict() for b in res.blocks]
         _log(res.rows)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    title = "QwT main job: Fashion-MNIST, CPU"
+    title = f"QwT main job: Fashion-MNIST, CPU, {args.solver} solver"
     markdown = write_report(rows, args.out, title)
     (args.out / "blocks.json").write_text(json.dumps(blocks, indent=2) + "\n")
     print("\n" + markdown)

@@ -120,3 +120,13 @@ def test_det_swin_smoke_end_to_end(tmp_path):
     assert any(b["applied"] for b in details["blocks"]) and details["qwt"]["half"] is False
     table = (out / "table.md").read_text()
     assert table.count("| cascade_mask_rcnn_swin_t-smoke |") == 5 and "RepQ-ViT+QwT" in table
+
+
+def test_defaults_follow_the_authors_detection_code():
+    from qwt_det.configs import detector_config
+    from qwt_det.pipeline import build_parser
+
+    args = build_parser("test").parse_args(["--model", "mask_rcnn_swin_t"])
+    assert args.log_floor is None  # their detection quantiser has no log floor
+    for name in ("mask_rcnn_swin_t", "cascade_mask_rcnn_swin_t"):
+        assert detector_config(name)["test_cfg"]["rpn"]["min_bbox_size"] == -1  # mmdet 2.x: no size filter

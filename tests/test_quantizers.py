@@ -89,12 +89,57 @@ def test_row_quantiles_match_torch_quantile(n):
     assert torch.equal(row_quantiles(rows, qs), expected)
 
 
-def test_numpy_fallback_for_huge_tensors(monkeypatch):
-    monkeypatch.setattr(pct_mod, "TORCH_QUANTILE_MAX_NUMEL", 100)
-    x = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
-    got = row_quantiles(x, [0.001, 0.999])
-    expected = np.percentile(x.double().numpy()[0], [0.1, 99.9]).astype(np.float32)
-    assert got[0].tolist() == expected.tolist()
+def _legacy_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """What older torch releases compute: float32 rank arithmetic, inputs above 2**24 values refused."""
+    if x.numel() > pct_mod.LEGACY_QUANTILE_MAX_NUMEL:
+        raise RuntimeError("quantile() input tensor is too large")
+    values = x.reshape(-1).sort().values
+    rank = torch.tensor(q, dtype=x.dtype) * (values.numel() - 1)
+    below = rank.floor()
+    return torch.lerp(values[int(below)], values[int(rank.ceil())], rank - below)
+
+
+@pytest.fixture
+def fresh_probe():
+    pct_mod._rank_behaviour.cache_clear()
+    pct_mod._max_numel.cache_clear()
+    yield
+    pct_mod._rank_behaviour.cache_clear()
+    pct_mod._max_numel.cache_clear()
+
+
+def test_probe_distinguishes_the_two_rank_arithmetics(fresh_probe):
+    # The probe tensor must tell the two apart, or a legacy torch would be taken for a current one.
+    n, q = 100_003, 0.999
+    x = torch.zeros(1, n)
+    x[0, int(float(torch.tensor(q)) * (n - 1)) + 1:] = 1.0
+    assert not torch.equal(pct_mod._torch_style(x, [q], "float64"), pct_mod._torch_style(x, [q], "input_dtype"))
+    assert pct_mod.quantile_behaviour().rank in ("float64", "input_dtype")
+
+
+def test_legacy_torch_quantile_is_mirrored_rank_and_limit(monkeypatch, fresh_probe):
+    monkeypatch.setattr(torch, "quantile", _legacy_quantile)
+    monkeypatch.setattr(pct_mod, "LEGACY_QUANTILE_MAX_NUMEL", 150_000)
+    assert pct_mod.quantile_behaviour() == pct_mod.QuantileBehaviour("input_dtype", 150_000)
+    rows = torch.randn(3, 4001, generator=torch.Generator().manual_seed(0))
+    qs = [0.001, 0.999, 0.9999]
+    expected = torch.stack([torch.stack([_legacy_quantile(r, q) for q in qs]) for r in rows])
+    assert torch.equal(row_quantiles(rows, qs), expected)
+    big = torch.randn(1, 150_001, generator=torch.Generator().manual_seed(1))  # refused by this torch: numpy
+    numpy_expected = np.percentile(big.double().numpy()[0], [q * 100 for q in qs]).astype(np.float32)
+    assert row_quantiles(big, qs)[0].tolist() == numpy_expected.tolist()
+
+
+@pytest.mark.parametrize("numel", [2**24, 2**24 + 3])
+def test_row_quantiles_match_installed_torch_on_both_sides_of_2_pow_24(numel, fresh_probe):
+    x = torch.randn(1, numel, generator=torch.Generator().manual_seed(numel))
+    qs = [1 - p for p in PERCENTILES] + list(PERCENTILES)
+    try:
+        expected = torch.stack([torch.quantile(x[0], q) for q in qs]).unsqueeze(0)
+    except RuntimeError:  # this torch refuses: the authors' code falls back to numpy
+        expected = torch.from_numpy(np.percentile(x.double().numpy()[0], [q * 100 for q in qs]).astype(np.float32))
+        expected = expected.unsqueeze(0)
+    assert torch.equal(row_quantiles(x, qs), expected)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -58,21 +58,6 @@ def test_gate_zeroes_blocks_below_threshold_or_start_block(quantized_vit, images
     assert torch.count_nonzero(partial.blocks[2].comp_weight) > 0
 
 
-def test_fp16_eval_path_and_fp32_training_path():
-    block = torch.nn.Identity()
-    w, b = torch.randn(8, 8), torch.randn(8)
-    comp = LinearCompensated(block, w, b).eval()
-    x = torch.randn(4, 5, 8)
-    assert torch.equal(comp.compensation(x), (x.half() @ w.half()).float() + b)
-    comp.train()
-    assert torch.allclose(comp.compensation(x), x @ w + b)
-    assert torch.allclose(LinearCompensated(block, w, b, half=False).eval().compensation(x), x @ w + b)
-    conv = ConvCompensated(block, torch.randn(6, 2, 1, 1), torch.randn(6), stride=2, groups=2).eval()
-    xi = torch.randn(2, 4, 6, 6)
-    expected = torch.nn.functional.conv2d(xi.half(), conv.comp_weight.half(), stride=2, groups=2).float()
-    assert torch.equal(conv.compensation(xi), expected + conv.comp_bias.reshape(1, -1, 1, 1))
-
-
 def test_rerun_with_same_seed_is_identical(tiny_vit, images):
     outs = []
     for _ in range(2):

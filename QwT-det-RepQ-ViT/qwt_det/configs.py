@@ -114,7 +114,7 @@ def detector_config(name: str, smoke: bool = False, num_classes: int = 80) -> Co
         roi_head=roi_head,
         train_cfg=None,
         test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
-                               min_bbox_size=0),
+                               min_bbox_size=-1),  # mmdet 2.x: no size filter (3.x at 0 drops empty boxes)
                       rcnn=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100,
                                 mask_thr_binary=0.5)),
     )

@@ -43,8 +43,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--coco-root", type=Path, help="COCO with annotations/, train2017/, val2017/")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
-    p.add_argument("--no-log-floor", action="store_true",
-                   help="log-√2 quantiser without the QwT authors' 1e-6 clamp (RepQ-ViT behaviour)")
+    p.add_argument("--log-floor", type=float, default=None,
+                   help="clamp x/Δ before log2 in the log-√2 quantiser; the authors' detection code has none "
+                        "(their classification copy uses 1e-6)")
     p.add_argument("--comp-images", type=int, default=None,
                    help=f"train2017 images for QwT (default 512; {SMOKE_COMP_IMAGES} with --smoke)")
     p.add_argument("--comp-batch-size", type=int, default=16,
@@ -88,7 +89,7 @@ def _run(args: argparse.Namespace, classes: tuple[str, ...] | None) -> list[Row]
     val = loader(coco_dataset(args.coco_root, "val2017", SMOKE_TEST_SCALE if args.smoke else TEST_SCALE,
                               classes=classes, limit=args.val_limit), 1, args.workers)
     ptq_config = PTQConfig(method="repq_vit", w_bits=args.w_bits, a_bits=args.a_bits,
-                           log_floor=None if args.no_log_floor else 1e-6)
+                           log_floor=args.log_floor)
     label = f"{args.model}-smoke" if args.smoke else args.model  # smoke rows never pass for real results
 
     def row(bits: str, method: str, seconds: float) -> Row:

@@ -2,8 +2,9 @@
 
 For block i with input X_i on the already-compensated quantised path, the target is FP-block(X_i) −
 quantised-block(X_i); the fit is closed form; R² ≤ threshold or i < start_block leaves a zero compensation.
-X_{i+1} is the compensated quantised output. Each block runs twice per batch (FP and quantised): the quantised
-output is kept and the compensation added once solved, instead of a third forward.
+X_{i+1} is the compensated quantised output, computed as the authors do: with the FP32 compensation in their
+summation order (the FP16 product is for evaluation only). Each block runs twice per batch (FP and quantised):
+the quantised output is kept and the compensation added once solved, instead of a third forward.
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def apply_qwt(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))
         wrapper = _wrap(plan.form, module, weight, bias, meta, config.half)
         swap_module(model, step.path, wrapper)
-        feats = [y + wrapper.compensation(x) for x, y in zip(feats, outputs)]
+        feats = [wrapper.add_fp32(y, x) for x, y in zip(feats, outputs)]
         reports.append(BlockReport(index, step.path, result.r2, applied, time.perf_counter() - start, meta))
         index += 1
     return reports

@@ -1,7 +1,12 @@
 """Compensated blocks: ``out = block(x) + c(x)`` with a linear or grouped-conv map c fitted in closed form.
 
-At eval the compensation product runs in FP16 with the bias added in FP32, as the authors do
-(``half=True``); training mode (QwT*) and ``half=False`` use FP32.
+The order of the additions is part of the result: under 4-bit quantisers a one-ulp change in a block's output
+flips quantisation codes downstream. Both paths follow the authors' arithmetic exactly:
+
+- FP32 (training mode, ``half=False``, and the fit-time pass that produces the next block's input):
+  tokens ``(y + x·W) + b``; convs ``y + conv2d(x, W, b)`` (bias inside the conv).
+- FP16 product (evaluation with ``half=True``): tokens ``(y + (x̃·W̃).float()) + b``; convs
+  ``y + (conv2d(x̃, W̃).float() + b)``, where ˜ is a cast to FP16.
 """
 from __future__ import annotations
 
@@ -22,18 +27,19 @@ class Compensated(nn.Module):
         self.train(block.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.block(x, *args, **kwargs) + self.compensation(x)
+        return self.add_compensation(self.block(x, *args, **kwargs), x)
 
-    def compensation(self, x: torch.Tensor) -> torch.Tensor:
+    def add_compensation(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + c(x)`` for block output ``y`` and input ``x``: the FP16 product at eval when ``half``."""
         if self.half and not self.training:
-            return self._product(x.half(), self.comp_weight.half()).float() + self._bias_view()
-        return self._product(x, self.comp_weight) + self._bias_view()
+            return self.add_half(y, x)
+        return self.add_fp32(y, x)
 
-    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def add_fp32(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _bias_view(self) -> torch.Tensor:
-        return self.comp_bias
+    def add_half(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 class LinearCompensated(Compensated):
@@ -43,8 +49,11 @@ class LinearCompensated(Compensated):
     def zeros(cls, block: nn.Module, in_features: int, out_features: int, half: bool = True) -> "LinearCompensated":
         return cls(block, torch.zeros(in_features, out_features), torch.zeros(out_features), half)
 
-    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x @ weight
+    def add_fp32(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y + x @ self.comp_weight + self.comp_bias
+
+    def add_half(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y + (x.half() @ self.comp_weight.half()).float() + self.comp_bias
 
 
 class ConvCompensated(Compensated):
@@ -61,12 +70,14 @@ class ConvCompensated(Compensated):
         weight = torch.zeros(out_channels, in_channels // groups, kernel_size, kernel_size)
         return cls(block, weight, torch.zeros(out_channels), stride, groups, half)
 
-    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        k = weight.shape[-1]
-        return F.conv2d(x, weight, None, stride=self.stride, padding=k // 2, groups=self.groups)
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, stride=self.stride, padding=weight.shape[-1] // 2, groups=self.groups)
 
-    def _bias_view(self) -> torch.Tensor:
-        return self.comp_bias.reshape(1, -1, 1, 1)
+    def add_fp32(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y + self._conv(x, self.comp_weight, self.comp_bias)
+
+    def add_half(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y + (self._conv(x.half(), self.comp_weight.half(), None).float() + self.comp_bias.reshape(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, groups={self.groups}, half={self.half}"

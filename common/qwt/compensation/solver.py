@@ -2,8 +2,9 @@
 
 ``streaming`` (default) accumulates AᵀA, AᵀT and the sums R² needs batch by batch in FP64, so memory does not grow
 with the number of calibration images, then solves by Cholesky (pseudo-inverse with a warning if the Gram matrix
-is singular). ``reference`` keeps every batch and solves as the authors do: FP32, explicit inverse,
-``inv(AᵀA + λI) @ Aᵀ @ T`` evaluated left to right — for exact comparison with their numbers.
+is singular). ``reference`` keeps every batch and reproduces the authors' arithmetic bit for bit: FP32, one 2-D
+explicit inverse per channel group, ``inv(AᵀA + λI) @ Aᵀ @ T`` evaluated left to right, and R² computed in FP32
+from the prediction ``X·W + b`` (tokens) or ``conv2d(X, W, b)`` (grouped conv), with the same tensor shapes.
 
 Two feature layouts share the machinery: token features (..., C) for linear compensation, and unfolded conv
 patches split into channel groups for grouped-conv compensation (one independent system per group).
@@ -67,19 +68,23 @@ class _LeastSquares:
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _solve_reference(self, x: torch.Tensor, t: torch.Tensor, name: str) -> FitResult:
+        """The authors' solve on all features ``x`` and targets ``t`` (concatenated batches)."""
+        raise NotImplementedError
+
     # -- accumulation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, x: torch.Tensor, t: torch.Tensor) -> None:
         _check_finite(x, "inputs (block input features)")
         _check_finite(t, "targets (FP block output − quantised block output)")
+        if self.mode == "reference":
+            self.chunks.append((x.float(), t.float()))
+            return
         a, target = self._design(x.float(), t.float())
         t_sum, count = self._mean_axis_sum(t.to(torch.float64))
         self.t_sum = t_sum if self.t_sum is None else self.t_sum + t_sum
         self.t_count += count
         self.t_sq = self.t_sq.to(t.device) + t.to(torch.float64).pow(2).sum()
-        if self.mode == "reference":
-            self.chunks.append((a, target))
-            return
         a64, t64 = a.to(self.dtype), target.to(self.dtype)
         gram = (a64.transpose(1, 2) @ a64).to(torch.float64)
         cross = (a64.transpose(1, 2) @ t64).to(torch.float64)
@@ -106,9 +111,15 @@ class _LeastSquares:
     @torch.no_grad()
     def solve(self, name: str = "compensation") -> FitResult:
         """Solve the accumulated system; ``name`` (e.g. the block path) labels warnings and errors."""
+        if self.mode == "reference":
+            if not self.chunks:
+                raise ValueError("no data: call update() with at least one batch before solve()")
+            x = torch.cat([c[0] for c in self.chunks])
+            t = torch.cat([c[1] for c in self.chunks])
+            return self._solve_reference(x, t, name)
         if self.t_sum is None:
             raise ValueError("no data: call update() with at least one batch before solve()")
-        theta, ss_res = self._solve_reference(name) if self.mode == "reference" else self._solve_streaming(name)
+        theta, ss_res = self._solve_streaming(name)
         ss_tot = self._ss_tot()
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else -math.inf
         weight, bias = self._split(theta)
@@ -131,24 +142,30 @@ class _LeastSquares:
         ss_res = self.t_sq - 2 * (theta * cross).sum() + (theta * (gram @ theta)).sum()
         return theta.float(), float(ss_res.clamp_min(0))
 
-    def _solve_reference(self, name: str) -> tuple[torch.Tensor, float]:
-        a = torch.cat([c[0] for c in self.chunks], dim=1)
-        t = torch.cat([c[1] for c in self.chunks], dim=1)
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        at = a.transpose(1, 2)
-        gram = at @ a
-        if self.ridge:
-            gram = gram + self.ridge * eye
-        message = (f"{name}: explicit inverse of the Gram matrix failed (singular system); "
-                   "use solver='streaming', which falls back to a pseudo-inverse")
-        try:
-            theta = torch.inverse(gram) @ at @ t
-        except torch.linalg.LinAlgError as err:
-            raise SingularSystemError(message) from err
-        if not torch.isfinite(theta).all():
-            raise SingularSystemError(message)
-        ss_res = float((t - a @ theta).to(torch.float64).pow(2).sum())
-        return theta, ss_res
+
+
+def _reference_theta(a: torch.Tensor, t: torch.Tensor, ridge: float, name: str) -> torch.Tensor:
+    """Θ = inv(AᵀA [+ λI]) @ Aᵀ @ T on 2-D FP32 tensors, left to right, as the authors compute it."""
+    at = a.T
+    gram = at @ a
+    if ridge:
+        gram = gram + ridge * torch.eye(gram.shape[0], device=gram.device)
+    message = (f"{name}: explicit inverse of the Gram matrix failed (singular system); "
+               "use solver='streaming', which falls back to a pseudo-inverse")
+    try:
+        theta = torch.inverse(gram) @ at @ t
+    except torch.linalg.LinAlgError as err:
+        raise SingularSystemError(message) from err
+    if not torch.isfinite(theta).all():
+        raise SingularSystemError(message)
+    return theta
+
+
+def _reference_r2(t: torch.Tensor, prediction: torch.Tensor) -> float:
+    """1 − Σ(T − P)² / Σ(T − mean₀(T))² in FP32, the mean over dim 0 of ``t`` as shaped by the caller."""
+    ss_tot = torch.sum((t - t.mean(dim=0)).pow(2))
+    ss_res = torch.sum((t - prediction).pow(2))
+    return float(1 - ss_res / ss_tot)
 
 
 class LinearLeastSquares(_LeastSquares):
@@ -169,6 +186,14 @@ class LinearLeastSquares(_LeastSquares):
 
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return theta[0, :-1].contiguous(), theta[0, -1].contiguous()
+
+    def _solve_reference(self, x: torch.Tensor, t: torch.Tensor, name: str) -> FitResult:
+        x = x.reshape(-1, x.shape[-1])
+        t = t.reshape(-1, t.shape[-1])
+        a = torch.cat([x, torch.ones(x.shape[0], device=x.device).reshape(-1, 1)], dim=-1)
+        theta = _reference_theta(a, t, self.ridge, name)
+        weight, bias = theta[:-1, :], theta[-1, :]
+        return FitResult(weight=weight, bias=bias, r2=_reference_r2(t, x @ weight + bias))
 
 
 class GroupedConvLeastSquares(_LeastSquares):
@@ -206,3 +231,21 @@ class GroupedConvLeastSquares(_LeastSquares):
         weight = theta[:, :-1, :].transpose(1, 2)  # (G, C_out/G, C_in/G·k²)
         weight = weight.reshape(self.out_channels, self.in_channels // g, k, k).contiguous()
         return weight, theta[:, -1, :].reshape(-1).contiguous()
+
+    def _solve_reference(self, x: torch.Tensor, t: torch.Tensor, name: str) -> FitResult:
+        g, k = self.groups, self.kernel_size
+        in_per, out_per = self.in_channels // g, self.out_channels // g
+        weights, biases = [], []
+        for i in range(g):  # one 2-D system per group: a batched inverse is not bit-identical
+            patches = F.unfold(x[:, i * in_per:(i + 1) * in_per], k, padding=k // 2, stride=self.stride)
+            rows = patches.permute(0, 2, 1).reshape(-1, in_per * k * k)
+            target = t[:, i * out_per:(i + 1) * out_per].reshape(t.shape[0], out_per, -1)
+            target = target.permute(0, 2, 1).reshape(-1, out_per)
+            a = torch.cat([rows, torch.ones(rows.shape[0], 1, device=rows.device)], dim=1)
+            theta = _reference_theta(a, target, self.ridge, f"{name} (group {i})")
+            weights.append(theta[:-1, :].T)
+            biases.append(theta[-1, :])
+        weight = torch.cat(weights, dim=0).reshape(self.out_channels, in_per, k, k)
+        bias = torch.cat(biases, dim=0)
+        prediction = F.conv2d(x, weight, bias, stride=self.stride, padding=k // 2, groups=g)
+        return FitResult(weight=weight, bias=bias, r2=_reference_r2(t, prediction))
