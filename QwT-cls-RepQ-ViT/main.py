@@ -7,7 +7,7 @@ Multi-GPU: torchrun --nproc_per_node N QwT-cls-RepQ-ViT/main.py ... (same argume
 """
 import sys
 
-from qwt.classification import main
+from qwt.tasks.classification import main
 
 if __name__ == "__main__":
     sys.exit(main("vit", __doc__))

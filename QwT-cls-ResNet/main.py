@@ -7,7 +7,7 @@
 """
 import sys
 
-from qwt.classification import main
+from qwt.tasks.classification import main
 
 if __name__ == "__main__":
     sys.exit(main("resnet", __doc__))

@@ -6,11 +6,8 @@
 Reports COCO val2017 box and mask AP of the FP, RepQ-ViT and RepQ-ViT+QwT detectors (see README.md).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from qwt_det.pipeline import main  # noqa: E402  (the task folder is not a package)
+from qwt.tasks.detection.pipeline import main
 
 if __name__ == "__main__":
     sys.exit(main(__doc__))

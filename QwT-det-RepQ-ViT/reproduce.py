@@ -11,12 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from qwt.tasks.detection.configs import MODELS
+from qwt.tasks.detection.pipeline import build_parser, run
+from qwt.tasks.detection.table import write_table
 
-from qwt_det.configs import MODELS  # noqa: E402  (the task folder is not a package)
-from qwt_det.pipeline import build_parser, run  # noqa: E402
-from qwt_det.table import write_table  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 BITS = ((4, 4), (6, 6))
 SMOKE_MODELS = ("mask_rcnn_swin_t", "cascade_mask_rcnn_swin_t")

@@ -4,7 +4,7 @@
 
 Phases: the first RepQ-ViT calibration pass, reparameterisation + re-calibration, QwT (all blocks), and for
 scale one FP32 forward of the compensation images. The authors' code needs 138.9 s for DeiT-S W4/A4 with 32 + 512
-images on one H200 (85 s + 49 s + 4.3 s; shared/README.md).
+images on one H200 with torch 2.11 (85 s + 49 s + 4.3 s, measured by the project, not by this script).
 """
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def main() -> None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     timer = PhaseTimer()
-    quantize(model, calib, PTQConfig(w_bits=args.w_bits, a_bits=args.a_bits), entry.family, on_phase=timer)
-    apply_qwt(model, entry.plan(model), comp, QwTConfig(solver=args.solver, batch_size=args.batch_size),
-              progress=False)
+    quantize(model, calib, PTQConfig(method=entry.family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits),
+             on_phase=timer)
+    apply_qwt(model, comp, QwTConfig(solver=args.solver), batch_size=args.batch_size, progress=False)
     timer("qwt")
     figures = {"model": args.model, "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
                else f"cpu ({torch.get_num_threads()} threads)", "calib_images": args.calib_images,

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from qwt import PTQConfig, QwTConfig, create_model, get_model_entry  # noqa: E402
+from qwt import PTQConfig, QwTConfig, create_model  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.evaluate import tensor_batches, top1_accuracy  # noqa: E402
 from qwt.experiment import ptq_then_qwt  # noqa: E402
@@ -107,19 +107,17 @@ def fit_linear_probe(backbone: nn.Module, images: torch.Tensor, labels: torch.Te
     return folded
 
 
-def run_model(args: argparse.Namespace, label: str, entry_name: str, fp: nn.Module, calib: torch.Tensor,
-              comp: torch.Tensor, test_batches: list, method: str, tags: list[str], rows: list, blocks: dict) -> None:
+def run_model(args: argparse.Namespace, label: str, fp: nn.Module, calib: torch.Tensor, comp: torch.Tensor,
+              test_batches: list, method: str, tags: list[str], rows: list, blocks: dict) -> None:
     """FP top-1, then PTQ and PTQ+QwT for every bit setting."""
-    entry = get_model_entry(entry_name)
-
     def evaluate(model: nn.Module, desc: str) -> float:
         return top1_accuracy(model, test_batches, len(test_batches), desc=desc, progress=not args.no_progress)
 
     rows.append({"model": label, "bits": "FP", "method": "fp", "top1": evaluate(fp, "FP"), "calib_seconds": 0.0})
     for tag in tags:
         seed_everything(args.seed)
-        res = ptq_then_qwt(label, fp, entry.family, entry.plan, calib, comp, evaluate,
-                           bits_config(tag, method), QwTConfig(solver=args.solver), progress=not args.no_progress)
+        res = ptq_then_qwt(label, fp, calib, comp, evaluate, bits_config(tag, method), QwTConfig(solver=args.solver),
+                           progress=not args.no_progress)
         rows.extend(res.rows)
         blocks[f"{label} {tag}"] = [b.to_dict() for b in res.blocks]
         _log(res.rows)
@@ -127,7 +125,7 @@ def run_model(args: argparse.Namespace, label: str, entry_name: str, fp: nn.Modu
 
 def run_vit(args: argparse.Namespace, train: tuple, test: tuple, rows: list, blocks: dict) -> None:
     calib_idx, comp_idx = disjoint_subsets(len(train[0]), (args.calib_images, args.comp_images), args.seed)
-    run_model(args, "vit_fmnist", "vit_fmnist", create_model("vit_fmnist"), normalize(train[0][calib_idx]),
+    run_model(args, "vit_fmnist", create_model("vit_fmnist"), normalize(train[0][calib_idx]),
               normalize(train[0][comp_idx]), tensor_batches(normalize(test[0]), test[1], args.batch_size),
               "repq_vit", args.vit_bits, rows, blocks)
 
@@ -142,7 +140,7 @@ def run_cnn(args: argparse.Namespace, train: tuple, test: tuple, rows: list, blo
                                      args.batch_size)
     print(f"[{name}] linear probe on {args.probe_images} images: {time.perf_counter() - t0:.1f}s", flush=True)
     n_test = min(args.cnn_test_images, len(test[0]))
-    run_model(args, f"{name}@{size}px", name, fp, cnn_input(train[0][calib_idx], size),
+    run_model(args, f"{name}@{size}px", fp, cnn_input(train[0][calib_idx], size),
               cnn_input(train[0][comp_idx], size), tensor_batches(cnn_input(test[0][:n_test], size),
                                                                   test[1][:n_test], args.batch_size),
               "percentile", args.cnn_bits, rows, blocks)

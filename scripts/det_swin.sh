@@ -7,5 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
-export PYTHONPATH="$PWD/common${PYTHONPATH:+:$PYTHONPATH}"
 exec python3 QwT-det-RepQ-ViT/reproduce.py "$@"

@@ -8,7 +8,6 @@ order would differ, so the test can fail.
 """
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -31,14 +30,14 @@ def _wide(shape, seed):
 def test_linear_block_fit_time_and_eval_arithmetic():
     y, x = _wide((4, 9, 16), 0), _wide((4, 9, 16), 1)
     w, b = _wide((16, 16), 2), _wide((16,), 3)
-    comp = LinearCompensated(nn.Identity(), w, b, half=True).eval()
+    comp = LinearCompensated(nn.Identity(), w, b, fp16_eval=True).eval()
     assert torch.equal(comp.add_fp32(y, x), (y + x @ w) + b)
     assert not torch.equal((y + x @ w) + b, y + (x @ w + b))  # the order is visible in these values
     expected_eval = (y + (x.half() @ w.half()).float()) + b
     assert torch.equal(comp.add_half(y, x), expected_eval)
     assert torch.equal(comp(x), (x + (x.half() @ w.half()).float()) + b)  # eval + half: FP16 product
     assert torch.equal(comp.train()(x), (x + x @ w) + b)  # training mode: FP32
-    assert torch.equal(LinearCompensated(nn.Identity(), w, b, half=False).eval()(x), (x + x @ w) + b)
+    assert torch.equal(LinearCompensated(nn.Identity(), w, b, fp16_eval=False).eval()(x), (x + x @ w) + b)
 
 
 def test_conv_block_fit_time_and_eval_arithmetic():
@@ -160,7 +159,7 @@ def _library_loop(model, plan_fn, images, batch):
     seen = {s.path: [] for s in plan.steps}
     hooks = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: seen[p].append(a[0]))
              for p in seen]
-    reports = apply_qwt(model, plan, images, QwTConfig(solver="reference", batch_size=batch), progress=False)
+    reports = apply_qwt(model, images, QwTConfig(solver="reference"), plan=plan, batch_size=batch, progress=False)
     for h in hooks:
         h.remove()
     # Each block runs twice per batch (FP, quantised) on the same input.
@@ -168,8 +167,8 @@ def _library_loop(model, plan_fn, images, batch):
              model.get_submodule(r.path).comp_bias.detach(), r.r2) for r in reports]
 
 
-def _compare(model_fn, plan_fn, calib, comp, test, ptq, family, form, batch):
-    quantised = quantize(model_fn(), calib, ptq, family)
+def _compare(model_fn, plan_fn, calib, comp, test, ptq, form, batch):
+    quantised = quantize(model_fn(), calib, ptq)
     ours, theirs = copy.deepcopy(quantised), copy.deepcopy(quantised)
     got = _library_loop(ours, plan_fn, comp, batch)
     expected = _authors_loop(theirs, plan_fn(theirs), comp, batch, form)
@@ -190,7 +189,7 @@ def test_reference_mode_equals_authors_loop_on_a_vit(tiny_vit):
     comp = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(12))
     test = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(13))
     got = _compare(lambda: copy.deepcopy(tiny_vit), vit_plan, calib, comp, test, PTQConfig(w_bits=4, a_bits=4),
-                   "vit", "linear", 32)
+                   "linear", 32)
     assert any(r2 > 0 for *_, r2 in got)  # some blocks are compensated, so the comparison is not vacuous
 
 
@@ -203,6 +202,6 @@ def test_reference_mode_equals_authors_loop_on_a_resnet():
     comp = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(15))
     test = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(16))
     got = _compare(build, resnet_plan, calib, comp, test, PTQConfig(method="percentile", w_bits=4, a_bits=4),
-                   "cnn", "conv", 16)
+                   "conv", 16)
     assert any(r2 > 0 for *_, r2 in got)
     assert any(w.shape[1] * 8 == w.shape[0] for _, w, _, _ in got[-2:])  # layer4 runs 8 groups

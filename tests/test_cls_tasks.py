@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qwt
-from qwt.classification import build_parser, run
+from qwt.tasks.classification import build_parser, run
 from qwt.compensation import Compensated
 from qwt.data.synthetic import write_class_folders
 from qwt.models import get_model_entry
@@ -48,7 +48,7 @@ def test_reparameterization_keeps_fp_logits_per_family(model):
     fp = qwt.create_model(model, smoke=True, num_classes=4)
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     reference = fp(images)
-    q = qwt.quantize(copy.deepcopy(fp), images, qwt.PTQConfig(), "vit")
+    q = qwt.quantize(copy.deepcopy(fp), images, qwt.PTQConfig())
     set_quant_state(q, weight=False, act=False)
     assert (q(images) - reference).norm() / reference.norm() <= 1e-5
 
@@ -59,9 +59,9 @@ def test_compensation_reduces_block_error_and_gate_zeroes(model):
     fp = qwt.create_model(model, smoke=True, num_classes=4)
     gen = torch.Generator().manual_seed(1)
     calib, comp = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(48, 3, 32, 32, generator=gen)
-    method = "repq_vit" if entry.family == "vit" else "percentile"
-    q = qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig(method=method), entry.family)
-    plan = entry.plan(q)
+    method = entry.family.methods[0]
+    q = qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig(method=method))
+    plan = entry.family.plan(q)
     first = next(s.path for s in plan.steps if s.compensate)
     x0 = plan.stem(comp)
     for step in plan.steps:  # input of the first compensated block
@@ -74,11 +74,11 @@ def test_compensation_reduces_block_error_and_gate_zeroes(model):
     err_before = (target - block(x0)).pow(2).mean()
     gated = copy.deepcopy(q)
     # Least squares on the calibration data cannot do worse than zero there; force it on whatever R² says.
-    config = qwt.QwTConfig(half=False, batch_size=16, r2_threshold=float("-inf"))
-    reports = qwt.apply_qwt(q, plan, comp, config, progress=False)
+    config = qwt.QwTConfig(fp16_eval=False, r2_threshold=float("-inf"))
+    reports = qwt.apply_qwt(q, comp, config, plan=plan, batch_size=16, progress=False)
     err_after = (target - q.get_submodule(first)(x0)).pow(2).mean()
     assert reports[0].applied and err_after < err_before
-    reports = qwt.apply_qwt(gated, entry.plan(gated), comp, qwt.QwTConfig(r2_threshold=2.0), progress=False)
+    reports = qwt.apply_qwt(gated, comp, qwt.QwTConfig(r2_threshold=2.0), progress=False)
     assert not any(r.applied for r in reports)
     assert all(torch.count_nonzero(m.comp_weight) == 0 for m in gated.modules() if isinstance(m, Compensated))
 
@@ -88,9 +88,9 @@ def test_qwt_star_trains_compensation_and_head_only(dataset, tmp_path):
     assert [r["method"] for r in rows] == ["ptq", "ptq+qwt", "ptq+qwt*"]
     model = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
     images = torch.randn(32, 3, 32, 32)
-    q = qwt.quantize(copy.deepcopy(model), images, qwt.PTQConfig(), "vit")
+    q = qwt.quantize(copy.deepcopy(model), images, qwt.PTQConfig())
     # Zero compensations (gate closed) leave the most to learn.
-    qwt.apply_qwt(q, get_model_entry("deit_tiny").plan(q), images, qwt.QwTConfig(r2_threshold=2.0), progress=False)
+    qwt.apply_qwt(q, images, qwt.QwTConfig(r2_threshold=2.0), progress=False)
     frozen = {n: p.clone() for n, p in q.named_parameters()}
     batches = [(images[:16], torch.zeros(16, dtype=torch.long))]
     from qwt.finetune import FinetuneConfig, finetune
@@ -104,7 +104,7 @@ def test_qwt_star_trains_compensation_and_head_only(dataset, tmp_path):
 
 
 def test_missing_data_dir_and_checkpoint_errors(tmp_path, capsys):
-    from qwt.classification import main
+    from qwt.tasks.classification import main
 
     assert main("vit", "t", ["--model", "deit_small", "--data-dir", str(tmp_path), "--workers", "0"]) == 2
     assert "train/ and val/" in capsys.readouterr().err
@@ -116,9 +116,9 @@ def test_missing_data_dir_and_checkpoint_errors(tmp_path, capsys):
 
 
 def test_augmented_images_do_not_depend_on_draw_order(dataset):
-    from qwt.data.imagenet import PREPROCESSING, SeededSubset, class_folder, train_transform
+    from qwt.data.imagenet import SeededSubset, class_folder, train_transform
 
-    train = class_folder(dataset, "train", train_transform(PREPROCESSING["deit"]))
+    train = class_folder(dataset, "train", train_transform(get_model_entry("deit_tiny").preprocessing))
     subset = SeededSubset(train, [5, 9, 17], seed=0)
     forward = [subset[k][0] for k in range(3)]
     backward = [subset[k][0] for k in reversed(range(3))][::-1]

@@ -1,7 +1,6 @@
 """Detection model glue: mmdet 2.x → 3.x checkpoint conversion and safe loading, the RepQ-ViT layer map over a
 whole detector, reparameterisation and the QwT backbone plan (reduced random-init Swin detectors)."""
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "QwT-det-RepQ-ViT"))
+import qwt
 
-from qwt_det.checkpoint import convert_mmdet2_swin, load_detector_weights  # noqa: E402
-from qwt_det.configs import MODELS, build_detector, detector_config  # noqa: E402
-from qwt_det.plan import swin_plan  # noqa: E402
-from qwt_det.quantize import SWIN_PAIRS, calibrate_detector, quant_window_msa, quantize_detector  # noqa: E402
-
-from qwt.compensation import LinearCompensated, QwTConfig, apply_qwt  # noqa: E402
-from qwt.ptq import PTQConfig, reparameterize_model  # noqa: E402
-from qwt.quant import (LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantWindowAttention, Quantizer,  # noqa: E402
-                       quant_state, set_quant_state)
+from qwt import QwTConfig, apply_qwt, quantize
+from qwt.compensation import LinearCompensated
+from qwt.ptq import PTQConfig, attention_matmuls, calibrate, quantize_modules, reparameterize_model
+from qwt.quant import (LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantWindowAttention, Quantizer, quant_state,
+                       set_quant_state)
+from qwt.tasks.detection.checkpoint import convert_mmdet2_swin, load_detector_weights
+from qwt.tasks.detection.configs import MODELS, build_detector, detector_config
+from qwt.tasks.detection.plan import (MMDET_SWIN, NORM_LINEAR_PAIRS, detector_forward, detector_layer_rule,
+                                      mmdet_swin_plan)
 
 
 def _detector(name: str = "mask_rcnn_swin_t", seed: int = 0):
@@ -174,7 +173,7 @@ def test_quantised_window_attention_is_mmdet_window_msa_when_off():
     mask = torch.zeros(4, 49, 49).masked_fill(torch.rand(4, 49, 49) > 0.7, -100.0)
     expected = [msa(x), msa(x, mask=mask)]
     keys = set(msa.state_dict())
-    quant = quant_window_msa(msa, PTQConfig(w_bits=4, a_bits=4))
+    quant = QuantWindowAttention(msa, *attention_matmuls(PTQConfig(w_bits=4, a_bits=4, layer_map="repq_vit")))
     assert isinstance(quant, QuantWindowAttention)
     assert {k for k in quant.state_dict() if "quantizer" not in k} == keys
     assert isinstance(quant.matmul2.a_quantizer, LogSqrt2Quantizer)
@@ -186,7 +185,7 @@ def test_whole_detector_is_quantised_with_the_authors_map():
     model = _detector("cascade_mask_rcnn_swin_t")
     convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantize_detector(model, PTQConfig(w_bits=4, a_bits=6))
+    quantize_modules(model, detector_layer_rule(model, PTQConfig(w_bits=4, a_bits=6, layer_map="repq_vit")))
     modules = dict(model.named_modules())
     assert all(isinstance(modules[n], QuantConv2d) for n in convs)
     assert all(isinstance(modules[n], QuantLinear) for n in linears)
@@ -202,14 +201,14 @@ def test_whole_detector_is_quantised_with_the_authors_map():
     assert len(per_channel) == 2 * 8 + 3
     assert sum(isinstance(m, QuantWindowAttention) for m in model.modules()) == 8
     with pytest.raises(ValueError, match="repq_vit"):
-        quantize_detector(_detector(), PTQConfig(method="percentile"))
+        quantize(_detector(), _batch(), PTQConfig(method="percentile"), family=MMDET_SWIN, forward=detector_forward)
 
 
 def test_calibration_covers_the_whole_detector_and_reparam_keeps_the_fp_function():
     model = _detector()
-    quantize_detector(model, PTQConfig(w_bits=4, a_bits=4))
+    quantize_modules(model, detector_layer_rule(model, PTQConfig(w_bits=4, a_bits=4, layer_map="repq_vit")))
     batch = _batch()
-    calibrate_detector(model, batch)
+    calibrate(model, batch, detector_forward)
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     assert quantizers and all(q.calibrated for q in quantizers)
     # 224 px: every stage's grid is a multiple of the window, so no zero padding enters qkv. (Padded tokens are
@@ -217,7 +216,7 @@ def test_calibration_covers_the_whole_detector_and_reparam_keeps_the_fp_function
     images = torch.randn(2, 3, 224, 224)
     with quant_state(model, weight=False, act=False):
         before = model.backbone(images)
-    norms = reparameterize_model(model.backbone, pairs=SWIN_PAIRS)
+    norms = reparameterize_model(model, NORM_LINEAR_PAIRS)
     assert len(norms) == 2 * 8 + 3
     with quant_state(model, weight=False, act=False):
         after = model.backbone(images)
@@ -232,19 +231,17 @@ def test_calibration_covers_the_whole_detector_and_reparam_keeps_the_fp_function
 
 def test_qwt_plan_compensates_blocks_not_patch_merging_and_runs_at_other_resolutions():
     model = _detector()
-    quantize_detector(model, PTQConfig(w_bits=4, a_bits=4))
-    calibrate_detector(model, _batch())
-    reparameterize_model(model.backbone, pairs=SWIN_PAIRS)
-    calibrate_detector(model, _batch())
-    plan = swin_plan(model.backbone)
-    assert [s.path for s in plan.steps if not s.compensate] == [f"stages.{i}.downsample" for i in range(3)]
+    assert qwt.family_of(model) is MMDET_SWIN
+    quantize(model, _batch(), PTQConfig(w_bits=4, a_bits=4, layer_map="repq_vit"), forward=detector_forward)
+    plan = mmdet_swin_plan(model)
+    assert [s.path for s in plan.steps if not s.compensate] == [f"backbone.stages.{i}.downsample" for i in range(3)]
     reference = copy.deepcopy(model)
     images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    reports = apply_qwt(model.backbone, plan, [images[:2], images[2:]], QwTConfig(half=False), progress=False)
-    assert [r.path for r in reports] == [f"stages.{s}.blocks.{j}" for s in range(4) for j in range(2)]
+    reports = apply_qwt(model, [images[:2], images[2:]], QwTConfig(fp16_eval=False), progress=False)
+    assert [r.path for r in reports] == [f"backbone.stages.{s}.blocks.{j}" for s in range(4) for j in range(2)]
     assert any(r.applied for r in reports)
     wrapped = [m for m in model.backbone.modules() if isinstance(m, LinearCompensated)]
-    assert len(wrapped) == 8 and not any(w.half for w in wrapped)
+    assert len(wrapped) == 8 and not any(w.fp16_eval for w in wrapped)
     assert not any(isinstance(s.downsample, LinearCompensated) for s in model.backbone.stages)
     # Token-wise compensation applies unchanged at a test resolution the fit never saw.
     with torch.no_grad():
@@ -253,5 +250,4 @@ def test_qwt_plan_compensates_blocks_not_patch_merging_and_runs_at_other_resolut
     assert [t.shape for t in compensated] == [t.shape for t in plain]
     assert not torch.allclose(compensated[0], plain[0])
     with pytest.raises(ValueError, match="224"):
-        apply_qwt(reference.backbone, swin_plan(reference.backbone), [images[:, :, :192]], QwTConfig(half=False),
-                  progress=False)
+        apply_qwt(reference, [images[:, :, :192]], QwTConfig(fp16_eval=False), progress=False)

@@ -1,16 +1,12 @@
 """mmcv-lite path: NMS and RoIAlign through mmcv's own API, served by the torchvision stand-in."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-DET = Path(__file__).resolve().parents[1] / "QwT-det-RepQ-ViT"
-sys.path.insert(0, str(DET))
-
-import qwt_det  # noqa: E402  (installs the stand-in before mmcv.ops is imported)
-from qwt_det import mmcv_ops  # noqa: E402
+import qwt.tasks.detection as qwt_det  # installs the stand-in before mmcv.ops is imported
+from qwt.tasks.detection import mmcv_ops
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,15 +88,14 @@ def test_unsupported_ops_fail_loudly():
 
 def test_a_compiled_extension_is_left_alone():
     """Where mmcv._ext can be found (full mmcv), nothing is installed and the real module is what mmcv loads."""
-    script = f"""
+    script = """
 import importlib.machinery, sys
 class Finder:
     def find_spec(self, name, path=None, target=None):
         if name == "mmcv._ext":
             return importlib.machinery.ModuleSpec(name, loader=None)
 sys.meta_path.insert(0, Finder())
-sys.path.insert(0, {str(DET)!r})
-import qwt_det
+import qwt.tasks.detection as qwt_det
 assert qwt_det.FALLBACK_OPS is False
 assert "mmcv._ext" not in sys.modules
 """

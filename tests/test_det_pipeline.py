@@ -11,11 +11,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "QwT-det-RepQ-ViT"))
 
-from qwt_det.coco import coco_dataset, compensation_images, evaluate, loader  # noqa: E402
-from qwt_det.configs import build_detector  # noqa: E402
-from qwt_det.synthetic import CLASSES, write_coco  # noqa: E402
+from qwt.tasks.detection.coco import coco_dataset, compensation_images, evaluate, loader
+from qwt.tasks.detection.configs import build_detector
+from qwt.tasks.detection.synthetic import CLASSES, write_coco
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +114,16 @@ def test_det_swin_smoke_end_to_end(tmp_path):
             ptq = next(p for p in rows if (p["model"], p["bits"], p["method"]) == (r["model"], r["bits"], "ptq"))
             assert r["calib_seconds"] > ptq["calib_seconds"] > 0.0  # QwT time counts on top of PTQ
     details = json.loads((out / "details" / "cascade_mask_rcnn_swin_t-smoke_W4A4.json").read_text())
-    assert details["reparameterized_norms"] == 2 * 8 + 3
-    assert [b["path"] for b in details["blocks"]] == [f"stages.{s}.blocks.{j}" for s in range(4) for j in range(2)]
-    assert any(b["applied"] for b in details["blocks"]) and details["qwt"]["half"] is False
+    assert [b["path"] for b in details["blocks"]] == [f"backbone.stages.{s}.blocks.{j}" for s in range(4)
+                                                      for j in range(2)]
+    assert any(b["applied"] for b in details["blocks"]) and details["qwt"]["fp16_eval"] is False
     table = (out / "table.md").read_text()
     assert table.count("| cascade_mask_rcnn_swin_t-smoke |") == 5 and "RepQ-ViT+QwT" in table
 
 
 def test_defaults_follow_the_authors_detection_code():
-    from qwt_det.configs import detector_config
-    from qwt_det.pipeline import build_parser
+    from qwt.tasks.detection.configs import detector_config
+    from qwt.tasks.detection.pipeline import build_parser
 
     args = build_parser("test").parse_args(["--model", "mask_rcnn_swin_t"])
     assert args.log_floor is None  # their detection quantiser has no log floor

@@ -27,7 +27,7 @@ def _vit_setup():
     fp = qwt.create_model("swin_tiny", smoke=True, num_classes=4)
     gen = torch.Generator().manual_seed(3)
     calib, comp = torch.randn(8, 3, 32, 32, generator=gen), torch.randn(64, 3, 32, 32, generator=gen)
-    return qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig(), "vit"), comp
+    return qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig()), comp
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -41,8 +41,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     conv.reduce()
     model, comp = _vit_setup()
     share = comp.shape[0] // world
-    reports = qwt.apply_qwt(model, qwt.get_model_entry("swin_tiny").plan(model),
-                            comp[rank * share:(rank + 1) * share], qwt.QwTConfig(batch_size=8), progress=False)
+    reports = qwt.apply_qwt(model, comp[rank * share:(rank + 1) * share], batch_size=8, progress=False)
     if rank == 0:
         torch.save({"linear": linear.solve().__dict__, "conv": conv.solve().__dict__, "r2_block0": reports[0].r2},
                    out)
@@ -67,8 +66,7 @@ def test_two_ranks_solve_the_single_process_system(tmp_path):
         assert abs(got[name]["r2"] - ref.r2) < 1e-9
     # Through apply_qwt: the first block sees identical features on both sides, so its R² must agree.
     model, comp = _vit_setup()
-    reports = qwt.apply_qwt(model, qwt.get_model_entry("swin_tiny").plan(model), comp, qwt.QwTConfig(batch_size=8),
-                            progress=False)
+    reports = qwt.apply_qwt(model, comp, batch_size=8, progress=False)
     assert abs(reports[0].r2 - got["r2_block0"]) < 1e-5  # FP32 features, sums in another order
 
 

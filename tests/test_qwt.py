@@ -28,13 +28,13 @@ def _block_errors(model, fp_model, plan_fn, images):
 
 @pytest.fixture
 def quantized_vit(tiny_vit, images):
-    return quantize(copy.deepcopy(tiny_vit), images, PTQConfig(w_bits=4, a_bits=4), "vit")
+    return quantize(copy.deepcopy(tiny_vit), images, PTQConfig(w_bits=4, a_bits=4))
 
 
 def test_compensation_reduces_block_error_on_calibration_data(quantized_vit, tiny_vit):
     comp = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     before = copy.deepcopy(quantized_vit)
-    reports = apply_qwt(quantized_vit, vit_plan(quantized_vit), comp, QwTConfig(half=False), progress=False)
+    reports = apply_qwt(quantized_vit, comp, QwTConfig(fp16_eval=False), progress=False)
     assert [r.path for r in reports] == ["blocks.0", "blocks.1", "blocks.2"]
     assert all(r.applied and r.r2 > 0 for r in reports)
     assert isinstance(quantized_vit.blocks[0], LinearCompensated)
@@ -48,12 +48,12 @@ def test_compensation_reduces_block_error_on_calibration_data(quantized_vit, tin
 def test_gate_zeroes_blocks_below_threshold_or_start_block(quantized_vit, images):
     reference = quantized_vit(images)
     gated = copy.deepcopy(quantized_vit)
-    reports = apply_qwt(gated, vit_plan(gated), images, QwTConfig(r2_threshold=1.0), progress=False)
+    reports = apply_qwt(gated, images, QwTConfig(r2_threshold=1.0), progress=False)
     assert not any(r.applied for r in reports)
     assert all(torch.count_nonzero(b.comp_weight) == 0 for b in gated.blocks)
     assert torch.equal(gated(images), reference)  # zero compensation leaves the model's function unchanged
     partial = copy.deepcopy(quantized_vit)
-    reports = apply_qwt(partial, vit_plan(partial), images, QwTConfig(start_block=2), progress=False)
+    reports = apply_qwt(partial, images, QwTConfig(start_block=2), progress=False)
     assert [r.applied for r in reports] == [False, False, True]
     assert torch.count_nonzero(partial.blocks[2].comp_weight) > 0
 
@@ -62,8 +62,8 @@ def test_rerun_with_same_seed_is_identical(tiny_vit, images):
     outs = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = quantize(copy.deepcopy(tiny_vit), images, PTQConfig(), "vit")
-        apply_qwt(model, vit_plan(model), images, QwTConfig(), progress=False)
+        model = quantize(copy.deepcopy(tiny_vit), images, PTQConfig())
+        apply_qwt(model, images, QwTConfig(), progress=False)
         outs.append(model(images))
     assert torch.equal(outs[0], outs[1])
 
@@ -71,8 +71,8 @@ def test_rerun_with_same_seed_is_identical(tiny_vit, images):
 def test_reference_solver_agrees_with_streaming(quantized_vit, images):
     comp = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(8))
     a, b = copy.deepcopy(quantized_vit), copy.deepcopy(quantized_vit)
-    ra = apply_qwt(a, vit_plan(a), comp, QwTConfig(half=False), progress=False)
-    rb = apply_qwt(b, vit_plan(b), comp, QwTConfig(half=False, solver="reference"), progress=False)
+    ra = apply_qwt(a, comp, QwTConfig(fp16_eval=False), progress=False)
+    rb = apply_qwt(b, comp, QwTConfig(fp16_eval=False, solver="reference"), progress=False)
     for x, y in zip(ra, rb):
         assert x.r2 == pytest.approx(y.r2, abs=1e-3)
     assert torch.allclose(a(images), b(images), atol=1e-3, rtol=1e-3)
@@ -81,7 +81,7 @@ def test_reference_solver_agrees_with_streaming(quantized_vit, images):
 def test_transition_steps_are_applied_but_not_compensated(quantized_vit, images):
     plan = vit_plan(quantized_vit)
     plan = BlockPlan(plan.stem, [plan.steps[0], Step("blocks.1", compensate=False), plan.steps[2]], "linear")
-    reports = apply_qwt(quantized_vit, plan, images, progress=False)
+    reports = apply_qwt(quantized_vit, images, plan=plan, progress=False)
     assert [r.path for r in reports] == ["blocks.0", "blocks.2"]
     assert not isinstance(quantized_vit.blocks[1], Compensated)
 
@@ -91,9 +91,9 @@ def test_cnn_grouped_conv_compensation_on_efficientnet():
     fp = timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()
     calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     comp = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    model = quantize(copy.deepcopy(fp), calib, PTQConfig(method="percentile", w_bits=4, a_bits=4), "cnn")
+    model = quantize(copy.deepcopy(fp), calib, PTQConfig(method="percentile", w_bits=4, a_bits=4))
     before = copy.deepcopy(model)
-    reports = apply_qwt(model, efficientnet_plan(model), comp, QwTConfig(batch_size=16), progress=False)
+    reports = apply_qwt(model, comp, batch_size=16, progress=False)
     assert len(reports) == sum(len(s) for s in fp.blocks)
     strided = [r for r in reports if r.extra["stride"] == 2]
     assert strided and all(r.extra["kernel_size"] == 1 for r in reports)
@@ -106,11 +106,11 @@ def test_cnn_grouped_conv_compensation_on_efficientnet():
 
 def test_no_images_is_refused(quantized_vit):
     with pytest.raises(ValueError, match="no compensation images"):
-        apply_qwt(quantized_vit, vit_plan(quantized_vit), [], progress=False)
+        apply_qwt(quantized_vit, [], progress=False)
 
 
 def test_nan_features_are_refused(quantized_vit, images):
     bad = images.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
-        apply_qwt(quantized_vit, vit_plan(quantized_vit), bad, progress=False)
+        apply_qwt(quantized_vit, bad, progress=False)

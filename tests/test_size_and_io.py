@@ -7,15 +7,18 @@ import torch
 
 from qwt import PTQConfig, QwTConfig, apply_qwt, load_quantized, model_size_mb, quantize, save_quantized
 from qwt.compensation import LinearCompensated
-from qwt.models import ModelEntry, register_model, vit_plan
-from qwt.models import _REGISTRY
-from qwt.ptq.layer_map import quantize_vit_modules, swap_module
+from qwt.models import ModelEntry, register_model
+from qwt.models.vit import VIT
+from qwt.models.registry import _REGISTRY
+from qwt.models.vit import vit_layer_rule
+from qwt.ptq import quantize_modules
+from qwt.quant import swap_module
 
 
 def test_size_matches_the_authors_deit_tiny_count():
-    # spec §4.1: deit_tiny W4A4 with the QwT layer map counts 3.27184 MB, 4.165792 MB with 12 compensations.
+    # The authors' count for deit_tiny W4A4 with the QwT layer map counts 3.27184 MB, 4.165792 MB with 12 compensations.
     model = timm.create_model("deit_tiny_patch16_224")
-    quantize_vit_modules(model, PTQConfig(w_bits=4, a_bits=4))
+    quantize_modules(model, vit_layer_rule(model, PTQConfig(w_bits=4, a_bits=4)))
     assert model_size_mb(model) == 3.27184
     for i, block in enumerate(model.blocks):
         swap_module(model, f"blocks.{i}", LinearCompensated.zeros(block, 192, 192))
@@ -38,15 +41,15 @@ def tiny_entry():
         return timm.models.vision_transformer.VisionTransformer(
             img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10, qkv_bias=False).eval()
 
-    entry = register_model(ModelEntry("_test_tiny_vit", "vit", build, vit_plan, "test model"))
+    entry = register_model(ModelEntry("_test_tiny_vit", VIT, build, "test model"))
     yield entry
     _REGISTRY.pop(entry.name)
 
 
 def test_save_load_round_trip_is_identical(tiny_entry, images, tmp_path):
     config = PTQConfig(w_bits=4, a_bits=4)
-    model = quantize(tiny_entry.build(), images, config, "vit")
-    apply_qwt(model, vit_plan(model), images, QwTConfig(start_block=1), progress=False)
+    model = quantize(tiny_entry.build(), images, config)
+    apply_qwt(model, images, QwTConfig(start_block=1), progress=False)
     expected = model(images)
     out = save_quantized(model, tmp_path / "saved", tiny_entry.name, config, extra={"note": "test"})
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "qwt.json"]
@@ -69,7 +72,7 @@ def test_load_refuses_missing_or_foreign_folders(tmp_path):
 
 
 def test_save_leaves_nothing_half_written(tiny_entry, images, tmp_path, monkeypatch):
-    model = quantize(tiny_entry.build(), images, PTQConfig(), "vit")
+    model = quantize(tiny_entry.build(), images, PTQConfig())
     import qwt.serialization as ser
 
     def boom(*args, **kwargs):

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compensation import BlockPlan, BlockReport, QwTConfig, apply_qwt
-from .ptq import Family, PTQConfig, quantize
+from .api import apply_qwt, quantize
+from .compensation import BlockReport, QwTConfig
+from .ptq import PTQConfig
 from .size import model_size_mb
 from .utils import PhaseTimer
 
@@ -25,23 +26,23 @@ class RunResult:
     phases: dict[str, float] = field(default_factory=dict)
 
 
-def ptq_then_qwt(name: str, fp_model: nn.Module, family: Family, plan: Callable[[nn.Module], BlockPlan],
-                 calib_images: torch.Tensor, comp_images: torch.Tensor | Iterable, evaluate: Evaluate,
-                 ptq_config: PTQConfig, qwt_config: QwTConfig = QwTConfig(), progress: bool = True) -> RunResult:
-    """Quantise a copy of ``fp_model``, evaluate, compensate, evaluate again.
+def ptq_then_qwt(name: str, fp_model: nn.Module, calib_images: torch.Tensor, comp_images: torch.Tensor | Iterable,
+                 evaluate: Evaluate, ptq_config: PTQConfig, qwt_config: QwTConfig = QwTConfig(),
+                 batch_size: int = 32, progress: bool = True) -> RunResult:
+    """Quantise a copy of ``fp_model`` (its family recognised from the model), evaluate, compensate, evaluate.
 
     Rows follow the results schema (model, bits, method, top1, calib_seconds, size_mb); the QwT row's
     calib_seconds is the whole calibration (PTQ + QwT), as a user waits for it.
     """
     model = copy.deepcopy(fp_model).eval()
     timer = PhaseTimer()
-    quantize(model, calib_images, ptq_config, family, on_phase=timer)
+    quantize(model, calib_images, ptq_config, on_phase=timer)
     ptq_seconds = timer.total
     base = {"model": name, "bits": ptq_config.tag}
     rows = [{**base, "method": "ptq", "top1": evaluate(model, f"{name} {ptq_config.tag} PTQ"),
              "calib_seconds": ptq_seconds, "size_mb": model_size_mb(model)}]
     timer.restart()
-    blocks = apply_qwt(model, plan(model), comp_images, qwt_config, progress=progress)
+    blocks = apply_qwt(model, comp_images, qwt_config, batch_size=batch_size, progress=progress)
     timer("qwt")
     rows.append({**base, "method": "ptq+qwt", "top1": evaluate(model, f"{name} {ptq_config.tag} PTQ+QwT"),
                  "calib_seconds": timer.total, "size_mb": model_size_mb(model)})

@@ -1,4 +1,4 @@
-"""QwT*: brief fine-tuning of the compensation parameters and the classifier head (spec §3.5).
+"""QwT*: brief fine-tuning of the compensation parameters and the classifier head (docs/algorithm.md#qwt-star).
 
 The authors never released their recipe; only the trainable set is known (every compensation W/b plus the head).
 Our recipe, every part of it a setting: AdamW, linear warm-up then cosine decay, distillation from the FP
@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compensation.modules import Compensated
+from .family import family_of
 from .utils import warmup_cosine
 
 
@@ -31,15 +32,15 @@ class FinetuneConfig:
     label_weight: float = 0.0  # 0 = pure distillation; 1 = pure cross-entropy
     max_steps: int | None = None
     grad_clip: float | None = 1.0
-    head_prefixes: tuple[str, ...] = ("head", "fc", "classifier")
 
 
-def trainable_parameters(model: nn.Module, head_prefixes: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:
-    """Compensation weights/biases and the classifier head(s); everything else is frozen."""
+def trainable_parameters(model: nn.Module, classifier: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:
+    """Compensation weights/biases and the classifier head(s) (module paths, from the model's family);
+    everything else is frozen."""
     chosen = []
     for name, param in model.named_parameters():
         is_comp = name.rsplit(".", 1)[-1] in ("comp_weight", "comp_bias")
-        is_head = name.split(".", 1)[0].startswith(head_prefixes)
+        is_head = name.rpartition(".")[0] in classifier
         param.requires_grad_(is_comp or is_head)
         if is_comp or is_head:
             chosen.append((name, param))
@@ -52,7 +53,7 @@ def finetune(model: nn.Module, teacher: nn.Module, batches: Iterable, steps_per_
              config: FinetuneConfig = FinetuneConfig(), device: str | torch.device = "cpu",
              progress: bool = True) -> list[float]:
     """Train the compensation and head of ``model`` against ``teacher`` (the FP model); returns the losses."""
-    params = [p for _, p in trainable_parameters(model, config.head_prefixes)]
+    params = [p for _, p in trainable_parameters(model, family_of(model).classifier)]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:

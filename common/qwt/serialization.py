@@ -20,11 +20,11 @@ from torch import nn
 from .compensation.modules import Compensated, ConvCompensated, LinearCompensated
 from .models import get_model_entry
 from .ptq import PTQConfig
-from .ptq.layer_map import quantize_cnn_modules, quantize_vit_modules, swap_module
-from .quant.modules import set_quant_state
+from .ptq.surgery import quantize_modules
+from .quant.modules import set_quant_state, swap_module
 
 TENSORS, DESCRIPTION = "model.safetensors", "qwt.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _describe_compensation(model: nn.Module) -> list[dict[str, Any]]:
@@ -34,10 +34,11 @@ def _describe_compensation(model: nn.Module) -> list[dict[str, Any]]:
             w = module.comp_weight
             out.append({"path": name, "form": "conv", "in": w.shape[1] * module.groups, "out": w.shape[0],
                         "kernel_size": w.shape[-1], "stride": module.stride, "groups": module.groups,
-                        "half": module.half})
+                        "fp16_eval": module.fp16_eval})
         elif isinstance(module, LinearCompensated):
             w = module.comp_weight
-            out.append({"path": name, "form": "linear", "in": w.shape[0], "out": w.shape[1], "half": module.half})
+            out.append({"path": name, "form": "linear", "in": w.shape[0], "out": w.shape[1],
+                        "fp16_eval": module.fp16_eval})
     return out
 
 
@@ -82,15 +83,15 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
     entry = get_model_entry(description["model"])
     config = PTQConfig.from_dict(description["ptq"])
     model = entry.build(pretrained=False, **description["build_kwargs"])
-    (quantize_vit_modules if entry.family == "vit" else quantize_cnn_modules)(model, config)
+    quantize_modules(model, entry.family.layer_rule(model, config))
     state = load_file(str(directory / TENSORS), device=str(map_location))
     for spec in description["compensation"]:
         block = model.get_submodule(spec["path"])
         if spec["form"] == "linear":
-            wrapper: Compensated = LinearCompensated.zeros(block, spec["in"], spec["out"], spec["half"])
+            wrapper: Compensated = LinearCompensated.zeros(block, spec["in"], spec["out"], spec["fp16_eval"])
         else:
             wrapper = ConvCompensated.zeros(block, spec["in"], spec["out"], spec["kernel_size"], spec["stride"],
-                                            spec["groups"], spec["half"])
+                                            spec["groups"], spec["fp16_eval"])
         swap_module(model, spec["path"], wrapper)
     # Reparameterisation may have given a bias-free Linear a bias (Swin's patch-merging reduction).
     for key in state:

@@ -1,4 +1,4 @@
-"""Model size as the authors count it (spec §4.1), in decimal megabytes.
+"""Model size as the authors count it (docs/algorithm.md#size), in decimal megabytes.
 
 Each module's own parameters (buffers, hence quantiser parameters, excluded): a ``weight`` of a module with a
 ``weight_quantizer`` counts that quantiser's bits per element, a compensation weight 16 bits (it is applied in

@@ -1,4 +1,4 @@
-"""QwT's block-wise procedure (spec §3): fit and attach one compensation per block, in order.
+"""QwT's block-wise procedure: fit and attach one compensation per block, in order (docs/algorithm.md#qwt).
 
 For block i with input X_i on the already-compensated quantised path, the target is FP-block(X_i) −
 quantised-block(X_i); the fit is closed form; R² ≤ threshold or i < start_block leaves a zero compensation.
@@ -18,8 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..ptq.layer_map import swap_module
-from ..quant.modules import quant_state, set_quant_state
+from ..quant.modules import quant_state, set_quant_state, swap_module
 from .modules import Compensated, ConvCompensated, LinearCompensated
 from .solver import GroupedConvLeastSquares, LinearLeastSquares, SolverMode
 
@@ -53,22 +52,27 @@ class BlockPlan:
 
 @dataclass(frozen=True)
 class QwTConfig:
-    """QwT settings. Defaults are the authors' (R² > 0 gate, FP16 eval product, k=1 / 64 channels per group)."""
+    """QwT settings. Defaults are the authors' (R² > 0 gate, FP16 product at eval, k=1, 64 channels per group),
+    except ``solver``: ``streaming`` (FP64, Cholesky); ``reference`` reproduces the authors' FP32 arithmetic.
+
+    channels_per_group: input channels per group of the grouped-conv compensation (the authors' ``--factor``).
+    fp16_eval: the compensation product runs in FP16 at evaluation (the authors' classification code); FP32 if
+        False (their detection code).
+    """
 
     start_block: int = 0
     r2_threshold: float = 0.0
     solver: SolverMode = "streaming"
-    half: bool = True
+    fp16_eval: bool = True
     ridge: float | None = None  # None: 0 for linear, 1e-3 for grouped conv (the authors' choices)
     kernel_size: int = 1
-    factor: int = 64
-    batch_size: int = 32
+    channels_per_group: int = 64
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and ≥ 1, got {self.kernel_size}")
-        if self.factor < 1 or self.batch_size < 1:
-            raise ValueError("factor and batch_size must be ≥ 1")
+        if self.channels_per_group < 1:
+            raise ValueError(f"channels_per_group must be ≥ 1, got {self.channels_per_group}")
 
     def ridge_for(self, form: Form) -> float:
         if self.ridge is not None:
@@ -91,9 +95,10 @@ class BlockReport:
         return d
 
 
-def conv_groups(in_channels: int, out_channels: int, factor: int) -> int:
-    """Groups for the grouped-conv compensation: C_in // factor as the authors, lowered to a common divisor."""
-    target = max(in_channels // factor, 1)
+def conv_groups(in_channels: int, out_channels: int, channels_per_group: int) -> int:
+    """Groups for the grouped-conv compensation: C_in // channels_per_group as the authors, lowered to a common
+    divisor of both channel counts when needed."""
+    target = max(in_channels // channels_per_group, 1)
     common = math.gcd(in_channels, out_channels)
     return max(g for g in range(1, target + 1) if common % g == 0)
 
@@ -117,30 +122,30 @@ def _fitter(form: Form, x: torch.Tensor, y: torch.Tensor, config: QwTConfig):
     if form == "linear":
         return LinearLeastSquares(ridge=ridge, mode=config.solver), {}
     stride = infer_stride(x.shape[-1], y.shape[-1])
-    groups = conv_groups(x.shape[1], y.shape[1], config.factor)
+    groups = conv_groups(x.shape[1], y.shape[1], config.channels_per_group)
     fit = GroupedConvLeastSquares(x.shape[1], y.shape[1], config.kernel_size, stride, groups, ridge, config.solver)
     return fit, {"stride": stride, "groups": groups, "kernel_size": config.kernel_size}
 
 
 def _wrap(form: Form, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, meta: dict,
-          half: bool) -> Compensated:
+          fp16_eval: bool) -> Compensated:
     if form == "linear":
-        return LinearCompensated(block, weight, bias, half)
-    return ConvCompensated(block, weight, bias, meta["stride"], meta["groups"], half)
+        return LinearCompensated(block, weight, bias, fp16_eval)
+    return ConvCompensated(block, weight, bias, meta["stride"], meta["groups"], fp16_eval)
 
 
 @torch.no_grad()
-def apply_qwt(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable, config: QwTConfig = QwTConfig(),
-              progress: bool = True) -> list[BlockReport]:
+def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable,
+                     config: QwTConfig = QwTConfig(), batch_size: int = 32, progress: bool = True) -> list[BlockReport]:
     """Attach a fitted compensation to every block of ``plan`` (in place); returns one report per block.
 
-    ``model`` must be quantised and calibrated. ``images`` is a tensor (split into ``config.batch_size``
-    batches) or an iterable of batches, e.g. a DataLoader; features of all batches are kept on the model's
-    device between blocks.
+    ``model`` must be quantised and calibrated. ``images`` is a tensor (split into ``batch_size`` batches) or
+    an iterable of batches, e.g. a DataLoader; features of all batches are kept on the model's device between
+    blocks. Most callers use :func:`qwt.apply_qwt`, which takes the plan from the model's family.
     """
     model.eval()
     set_quant_state(model, weight=True, act=True)
-    feats = [plan.stem(batch) for batch in _batches(images, config.batch_size)]
+    feats = [plan.stem(batch) for batch in _batches(images, batch_size)]
     if not feats:
         raise ValueError("no compensation images: pass at least one batch")
     reports: list[BlockReport] = []
@@ -165,7 +170,7 @@ def apply_qwt(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable
         applied = result.r2 > config.r2_threshold and index >= config.start_block
         weight, bias = (result.weight, result.bias) if applied else (
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))
-        wrapper = _wrap(plan.form, module, weight, bias, meta, config.half)
+        wrapper = _wrap(plan.form, module, weight, bias, meta, config.fp16_eval)
         swap_module(model, step.path, wrapper)
         feats = [wrapper.add_fp32(y, x) for x, y in zip(feats, outputs)]
         reports.append(BlockReport(index, step.path, result.r2, applied, time.perf_counter() - start, meta))

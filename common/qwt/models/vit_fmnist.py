@@ -12,6 +12,9 @@ from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 
+from .registry import ModelEntry, register_model
+from .vit import VIT
+
 __all__ = ["CHECKPOINT", "VIT_FMNIST_CONFIG", "vit_fmnist"]
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "vit_fmnist.safetensors"
@@ -49,3 +52,8 @@ def vit_fmnist(pretrained: bool = True, **kwargs: Any) -> VisionTransformer:
         model.load_state_dict(load_file(str(CHECKPOINT)), strict=True)
     model.eval()
     return model
+
+
+register_model(ModelEntry("vit_fmnist", VIT, vit_fmnist,
+                          "6-block ViT trained on Fashion-MNIST by scripts/train_fmnist_vit.py (weights shipped)",
+                          reduced={}, reduced_input=(1, 28, 28)))

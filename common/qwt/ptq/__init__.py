@@ -1,54 +1,63 @@
-"""PTQ baselines: RepQ-ViT for ViT-family models, percentile calibration for ViTs and CNNs."""
+"""PTQ baselines: RepQ-ViT for token models, percentile calibration for token models and CNNs.
+
+The sequence is one function for every task: module surgery with the family's layer rule, a calibration
+forward, and for RepQ-ViT the LayerNorm → Linear reparameterisation and a second calibration forward. The
+forward is pluggable (a classifier runs ``model(images)``, a detector ``model.test_step(batch)``).
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..quant.modules import set_quant_state
 from .config import PTQConfig
-from .layer_map import quantize_cnn_modules, quantize_vit_modules
 from .repq_vit import layernorm_linear_pairs, reparameterize, reparameterize_model
+from .surgery import LayerRule, act_quantizer, attention_matmuls, cnn_rule, quantize_modules, token_rule, weight_quantizer
 
-Family = Literal["vit", "cnn"]
 PhaseHook = Callable[[str], None]
+#: Runs the model on calibration data; the default is ``model(data)``.
+CalibrationForward = Callable[[nn.Module, Any], Any]
 
-__all__ = ["PTQConfig", "Family", "calibrate", "quantize", "reparameterize", "reparameterize_model",
-           "layernorm_linear_pairs"]
+__all__ = ["PTQConfig", "LayerRule", "CalibrationForward", "calibrate", "apply_ptq", "quantize_modules",
+           "token_rule", "cnn_rule", "act_quantizer", "weight_quantizer", "attention_matmuls", "reparameterize",
+           "reparameterize_model", "layernorm_linear_pairs"]
+
+
+def _default_forward(model: nn.Module, data: Any) -> Any:
+    return model(data)
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, images: torch.Tensor) -> None:
+def calibrate(model: nn.Module, data: Any, forward: CalibrationForward = _default_forward) -> None:
     """One forward with every quantiser on: uncalibrated quantisers initialise on what they see.
 
     Each layer sees the already-quantised output of the layers before it, as in the reference pipeline.
     """
     set_quant_state(model, weight=True, act=True)
-    model(images)
+    forward(model, data)
 
 
-def quantize(model: nn.Module, calib_images: torch.Tensor, config: PTQConfig, family: Family,
-             on_phase: PhaseHook | None = None) -> nn.Module:
-    """Quantise ``model`` in place and calibrate it on one batch; returns it with quantisation on.
+def apply_ptq(model: nn.Module, data: Any, config: PTQConfig, rule: LayerRule,
+              pairs: tuple[tuple[str, str], ...] = (), forward: CalibrationForward = _default_forward,
+              on_phase: PhaseHook | None = None) -> list[str]:
+    """Quantise ``model`` in place with ``rule`` and calibrate it on ``data``; returns the reparameterised norms.
 
-    RepQ-ViT: calibrate → reparameterise LayerNorm → Linear pairs → calibrate again (only the reset weight
-    quantisers re-fit). Percentile: one calibration pass. ``on_phase`` is called after each phase (timing).
+    RepQ-ViT: calibrate → reparameterise the LayerNorm → Linear ``pairs`` → calibrate again (only the reset
+    weight quantisers re-fit). Percentile: one calibration pass. ``on_phase`` is called after each phase.
+    Quantisation is left on.
     """
     model.eval()
-    if family == "vit":
-        quantize_vit_modules(model, config)
-    elif family == "cnn":
-        quantize_cnn_modules(model, config)
-    else:
-        raise ValueError(f"unknown model family {family!r}; choose 'vit' or 'cnn'")
-    calibrate(model, calib_images)
+    quantize_modules(model, rule)
+    calibrate(model, data, forward)
     if on_phase:
         on_phase("calibrate")
+    norms: list[str] = []
     if config.method == "repq_vit":
-        reparameterize_model(model)
-        calibrate(model, calib_images)
+        norms = reparameterize_model(model, pairs)
+        calibrate(model, data, forward)
         if on_phase:
             on_phase("reparameterize+recalibrate")
-    return model
+    return norms

@@ -1,4 +1,4 @@
-"""RepQ-ViT's scale reparameterisation (spec §1.3 step 3), over any LayerNorm → Linear pairs.
+"""RepQ-ViT's scale reparameterisation over any LayerNorm → Linear pairs (docs/algorithm.md#repq-vit).
 
 A post-LayerNorm activation has a few outlier channels, so it is first calibrated with a per-channel quantiser
 (Δ_c, z_c). Reparameterisation then moves the per-channel scale into the LayerNorm affine and the next layer's
@@ -15,13 +15,11 @@ from torch import nn
 from ..quant.modules import QuantLinear
 from ..quant.quantizers import UniformQuantizer
 
-#: (LayerNorm, following Linear) names relative to a parent module, in timm naming: ViT/DeiT/Swin blocks and
-#: Swin patch merging. Other code bases (e.g. mmdet's Swin) pass their own table.
-TIMM_PAIRS: tuple[tuple[str, str], ...] = (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"), ("norm", "reduction"))
+#: (LayerNorm, following Linear) names relative to a parent module; each model family supplies its own.
+NormLinearPairs = tuple[tuple[str, str], ...]
 
 
-def layernorm_linear_pairs(model: nn.Module, pairs: tuple[tuple[str, str], ...] = TIMM_PAIRS
-                           ) -> Iterator[tuple[str, nn.LayerNorm, QuantLinear]]:
+def layernorm_linear_pairs(model: nn.Module, pairs: NormLinearPairs) -> Iterator[tuple[str, nn.LayerNorm, QuantLinear]]:
     """LayerNorm → QuantLinear pairs found by ``pairs`` under every module of ``model``.
 
     Only pairs whose Linear still has a channel-wise input quantiser qualify.
@@ -70,7 +68,7 @@ def reparameterize(norm: nn.LayerNorm, linear: QuantLinear) -> None:
     linear.weight_quantizer.reset()
 
 
-def reparameterize_model(model: nn.Module, pairs: tuple[tuple[str, str], ...] = TIMM_PAIRS) -> list[str]:
+def reparameterize_model(model: nn.Module, pairs: NormLinearPairs) -> list[str]:
     """Reparameterise every LayerNorm → Linear pair; returns the LayerNorm names touched."""
     found = list(layernorm_linear_pairs(model, pairs))
     for _, norm, linear in found:

@@ -78,6 +78,12 @@ class QuantMatMul(nn.Module, QuantModule):
         return self.a_quantizer(a) @ self.b_quantizer(b)
 
 
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the sub-module at dotted path ``name`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
     for name, module in model.named_modules():
         if isinstance(module, QuantModule):

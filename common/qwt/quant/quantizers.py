@@ -93,7 +93,7 @@ def _param_shape(x: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _check_finite(x: torch.Tensor, what: str) -> None:
+def _require_finite_calibration(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(
             f"{what}: calibration tensor contains NaN or Inf; check the input images and the FP model "
@@ -165,7 +165,7 @@ class Quantizer(nn.Module):
             return x
         if not self.calibrated:
             with torch.no_grad():
-                _check_finite(x, type(self).__name__)
+                _require_finite_calibration(x, type(self).__name__)
                 self.calibrate(x.detach())
         return self.fake_quant(x)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwt.models.checkpoint import StateDict, load_into
+from ...models.checkpoint import StateDict, load_into
 
 _BLOCK_RENAMES = ((re.compile(r"\.attn\."), ".attn.w_msa."), (re.compile(r"\.mlp\.fc1\."), ".ffn.layers.0.0."),
                   (re.compile(r"\.mlp\.fc2\."), ".ffn.layers.1."))

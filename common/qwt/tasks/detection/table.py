@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qwt.report import atomic_write
+from ...report import atomic_write
 
 Row = dict[str, Any]
 METHODS = ("fp", "ptq", "ptq+qwt")

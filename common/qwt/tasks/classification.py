@@ -22,52 +22,38 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .compensation import QwTConfig
-from .data.imagenet import PREPROCESSING, make_loaders
-from .data.synthetic import write_class_folders
-from .evaluate import top1_accuracy
-from .experiment import ptq_then_qwt
-from .finetune import FinetuneConfig, finetune
-from .models import get_model_entry, list_models
-from .ptq import PTQConfig
-from .report import atomic_write, markdown_table, write_run
-from .serialization import save_quantized
-from .utils import seed_everything
+from ..data.imagenet import make_loaders
+from ..data.synthetic import write_class_folders
+from ..evaluate import top1_accuracy
+from ..experiment import ptq_then_qwt
+from ..finetune import FinetuneConfig, finetune
+from ..models import get_model_entry, list_models
+from ..ptq import PTQConfig
+from ..report import atomic_write, markdown_table, write_run
+from ..serialization import save_quantized
+from ..utils import seed_everything
+from .cli import CLASSIFICATION, add_quant_flags, ptq_config, qwt_config
 
 TASKS: dict[str, dict[str, Any]] = {
-    "vit": {"method": "repq_vit", "out": "results/cls_vit", "family": "vit"},
-    "resnet": {"method": "percentile", "out": "results/cls_resnet", "family": "cnn"},
+    "vit": {"out": "results/cls_vit", "families": ("vit", "swin")},
+    "resnet": {"out": "results/cls_resnet", "families": ("resnet",)},
 }
 
 
 def build_parser(task: str, description: str) -> argparse.ArgumentParser:
     defaults = TASKS[task]
     models = [m for m in list_models() if get_model_entry(m).preprocessing
-              and get_model_entry(m).family == defaults["family"]]
+              and get_model_entry(m).family.name in defaults["families"]]
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, choices=models)
     p.add_argument("--data-dir", type=Path, help="ImageNet root with train/ and val/ class folders")
     p.add_argument("--checkpoint", type=Path, help="FP weights (safetensors, or a weights-only .pth/.pth.tar)")
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--a-bits", type=int, default=4)
-    p.add_argument("--method", choices=["repq_vit", "percentile"], default=defaults["method"])
-    p.add_argument("--layer-map", choices=["qwt", "repq_vit"], default="qwt",
-                   help="qwt: patch-embed and head W8A8 (QwT authors); repq_vit: RepQ-ViT's original map")
-    p.add_argument("--no-log-floor", action="store_true",
-                   help="log-√2 quantiser without the QwT authors' 1e-6 clamp (RepQ-ViT behaviour)")
-    p.add_argument("--conv-act-bits", type=int, default=None,
-                   help="force conv inputs to this width (8 reproduces the first ResNet release's 'W4/A4')")
+    add_quant_flags(p, CLASSIFICATION)
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--comp-images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val images only")
-    p.add_argument("--solver", choices=["streaming", "reference"], default="streaming")
-    p.add_argument("--fp32-comp", action="store_true", help="FP32 compensation product at eval (authors: FP16)")
-    p.add_argument("--start-block", type=int, default=0)
-    p.add_argument("--r2-threshold", type=float, default=0.0)
-    p.add_argument("--kernel-size", type=int, default=1, help="grouped-conv compensation kernel (CNNs)")
-    p.add_argument("--factor", type=int, default=64, help="channels per group of the conv compensation (CNNs)")
     p.add_argument("--qwt-star", action="store_true", help="also run QwT* (fine-tune compensation + head)")
     p.add_argument("--star-epochs", type=int, default=1)
     p.add_argument("--star-lr", type=float, default=1e-4)
@@ -112,7 +98,7 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
     rank, world = _init_distributed(args.device)
     seed_everything(args.seed)
     entry = get_model_entry(args.model)
-    pre = PREPROCESSING[entry.preprocessing]
+    pre = entry.preprocessing
     tmp = None
     if args.smoke:
         pre = replace(pre, size=32)
@@ -121,11 +107,7 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
             args.data_dir = write_class_folders(tmp.name, classes=4, train_per_class=24, val_per_class=8)
     if args.data_dir is None:
         raise SystemExit("error: --data-dir is required (ImageNet with train/ and val/), or use --smoke")
-    ptq_config = PTQConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, layer_map=args.layer_map,
-                           log_floor=None if args.no_log_floor else 1e-6, conv_act_bits=args.conv_act_bits)
-    qwt_config = QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
-                           half=not args.fp32_comp, kernel_size=args.kernel_size, factor=args.factor,
-                           batch_size=args.batch_size)
+    ptq_cfg, qwt_cfg = ptq_config(args, entry.family), qwt_config(args)
     loaders = make_loaders(args.data_dir, pre, args.calib_images, args.comp_images, args.batch_size, args.workers,
                            args.seed, args.val_limit, rank, world)
     val_set = loaders.val.dataset
@@ -143,14 +125,14 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
         rows.append({"model": label, "bits": "FP", "method": "fp", "top1": evaluate(fp, "FP"),
                      "calib_seconds": 0.0})
     comp = ((x.to(args.device), y) for x, y in loaders.comp)
-    result = ptq_then_qwt(label, fp, entry.family, entry.plan, loaders.calib.to(args.device), comp, evaluate,
-                          ptq_config, qwt_config, progress)
+    result = ptq_then_qwt(label, fp, loaders.calib.to(args.device), comp, evaluate, ptq_cfg, qwt_cfg,
+                          args.batch_size, progress)
     rows.extend(result.rows)
     if rank == 0:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
         applied = sum(b.applied for b in result.blocks)
         r2 = [b.r2 for b in result.blocks]
-        print(f"[{label}] {ptq_config.tag} calibration: {phases}; QwT applied to {applied}/{len(r2)} blocks, "
+        print(f"[{label}] {ptq_cfg.tag} calibration: {phases}; QwT applied to {applied}/{len(r2)} blocks, "
               f"R² {min(r2):.3f}..{max(r2):.3f}", flush=True)
     if args.qwt_star:
         star_config = FinetuneConfig(epochs=args.star_epochs, lr=args.star_lr, weight_decay=args.star_weight_decay,
@@ -165,9 +147,9 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
         rows.append({**result.rows[-1], "method": "ptq+qwt*", "top1": evaluate(star, "PTQ+QwT*"),
                      "calib_seconds": result.rows[-1]["calib_seconds"] + time.perf_counter() - start})
     if rank == 0:
-        _write(args, rows, result.blocks, ptq_config)
+        _write(args, rows, result.blocks, ptq_cfg)
         if args.save:
-            save_quantized(result.model, args.save, args.model, ptq_config,
+            save_quantized(result.model, args.save, args.model, ptq_cfg,
                            {"smoke": args.smoke, "num_classes": num_classes} if args.smoke else {})
     if tmp is not None:
         tmp.cleanup()

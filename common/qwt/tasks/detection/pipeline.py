@@ -16,16 +16,15 @@ from typing import Any
 
 import torch
 
-from qwt.compensation import QwTConfig, apply_qwt
-from qwt.ptq import PTQConfig
-from qwt.report import write_run
-from qwt.utils import PhaseTimer, seed_everything
+from ...api import apply_qwt, quantize
+from ...report import write_run
+from ...utils import PhaseTimer, seed_everything
+from ..cli import DETECTION, add_quant_flags, ptq_config, qwt_config
 
 from .checkpoint import load_detector_weights
 from .coco import TEST_SCALE, coco_dataset, compensation_images, evaluate, loader
 from .configs import MODELS, build_detector
-from .plan import COMP_SIZE, swin_plan
-from .quantize import repq_vit_detector
+from .plan import COMP_SIZE, MMDET_SWIN, detector_forward, mmdet_swin_plan
 from .synthetic import CLASSES, write_coco
 
 Row = dict[str, Any]
@@ -41,18 +40,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path,
                    help="FP detector weights: Swin-Transformer-Object-Detection (mmdet 2.x) or mmdet 3.x .pth")
     p.add_argument("--coco-root", type=Path, help="COCO with annotations/, train2017/, val2017/")
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--a-bits", type=int, default=4)
-    p.add_argument("--log-floor", type=float, default=None,
-                   help="clamp x/Δ before log2 in the log-√2 quantiser; the authors' detection code has none "
-                        "(their classification copy uses 1e-6)")
+    add_quant_flags(p, DETECTION)
     p.add_argument("--comp-images", type=int, default=None,
                    help=f"train2017 images for QwT (default 512; {SMOKE_COMP_IMAGES} with --smoke)")
     p.add_argument("--comp-batch-size", type=int, default=16,
                    help="images per compensation batch (the fit does not depend on it)")
-    p.add_argument("--solver", choices=["streaming", "reference"], default="streaming")
-    p.add_argument("--start-block", type=int, default=0)
-    p.add_argument("--r2-threshold", type=float, default=0.0)
     p.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val2017 images only")
     p.add_argument("--skip-fp", action="store_true", help="do not evaluate the FP detector")
     p.add_argument("--workers", type=int, default=2)
@@ -88,8 +80,7 @@ def _run(args: argparse.Namespace, classes: tuple[str, ...] | None) -> list[Row]
     model.to(args.device)
     val = loader(coco_dataset(args.coco_root, "val2017", SMOKE_TEST_SCALE if args.smoke else TEST_SCALE,
                               classes=classes, limit=args.val_limit), 1, args.workers)
-    ptq_config = PTQConfig(method="repq_vit", w_bits=args.w_bits, a_bits=args.a_bits,
-                           log_floor=args.log_floor)
+    ptq_cfg = ptq_config(args, MMDET_SWIN)
     label = f"{args.model}-smoke" if args.smoke else args.model  # smoke rows never pass for real results
 
     def row(bits: str, method: str, seconds: float) -> Row:
@@ -100,20 +91,20 @@ def _run(args: argparse.Namespace, classes: tuple[str, ...] | None) -> list[Row]
 
     rows = [] if args.skip_fp else [row("FP", "fp", 0.0)]
     timer = PhaseTimer()
-    norms = repq_vit_detector(model, next(iter(val)), ptq_config, on_phase=timer)
-    rows.append(row(ptq_config.tag, "ptq", timer.total))
+    quantize(model, next(iter(val)), ptq_cfg, family=MMDET_SWIN, forward=detector_forward, on_phase=timer)
+    rows.append(row(ptq_cfg.tag, "ptq", timer.total))
     timer.restart()
     images = compensation_images(model, args.coco_root, comp_images, args.seed, COMP_SIZE, args.comp_batch_size,
                                  args.workers, classes)
-    qwt_config = QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
-                           half=False)
-    blocks = apply_qwt(model.backbone, swin_plan(model.backbone), images, qwt_config, progress)
+    qwt_cfg = qwt_config(args)
+    blocks = apply_qwt(model, images, qwt_cfg, plan=mmdet_swin_plan(model, (COMP_SIZE, COMP_SIZE)),
+                       progress=progress)
     timer("qwt")
-    rows.append(row(ptq_config.tag, "ptq+qwt", timer.total))
-    details = {"checkpoint_layout": layout, "reparameterized_norms": len(norms), "comp_images": comp_images,
-               "phases": timer.phases, "blocks": [b.to_dict() for b in blocks], "ptq": ptq_config.to_dict(),
-               "qwt": asdict(qwt_config)}
-    write_run(args.out, f"{label}_{ptq_config.tag}", rows, details, args)
+    rows.append(row(ptq_cfg.tag, "ptq+qwt", timer.total))
+    details = {"checkpoint_layout": layout, "comp_images": comp_images,
+               "phases": timer.phases, "blocks": [b.to_dict() for b in blocks], "ptq": ptq_cfg.to_dict(),
+               "qwt": asdict(qwt_cfg)}
+    write_run(args.out, f"{label}_{ptq_cfg.tag}", rows, details, args)
     return rows
 
 

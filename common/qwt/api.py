@@ -1,0 +1,44 @@
+"""The two calls a user makes: ``quantize`` (PTQ) and ``apply_qwt`` (compensation), family-aware."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compensation import BlockPlan, BlockReport, QwTConfig, fit_compensation
+from .family import Family, family_of, get_family
+from .ptq import CalibrationForward, PTQConfig, PhaseHook, apply_ptq
+
+
+def _resolve(model: nn.Module, family: Family | str | None) -> Family:
+    if family is None:
+        return family_of(model)
+    return get_family(family) if isinstance(family, str) else family
+
+
+def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, family: Family | str | None = None,
+             forward: CalibrationForward | None = None, on_phase: PhaseHook | None = None) -> nn.Module:
+    """Quantise ``model`` in place with its family's layer rule and calibrate it on ``calib``.
+
+    The family is recognised from the model unless given. ``forward(model, calib)`` runs the calibration pass
+    (default ``model(calib)``). Returns the model, quantisation on.
+    """
+    fam = _resolve(model, family)
+    fam.check_method(config)
+    extra = {"forward": forward} if forward is not None else {}
+    apply_ptq(model, calib, config, fam.layer_rule(model, config), fam.norm_linear_pairs, on_phase=on_phase, **extra)
+    return model
+
+
+def apply_qwt(model: nn.Module, images: torch.Tensor | Iterable, config: QwTConfig = QwTConfig(), *,
+              plan: BlockPlan | None = None, family: Family | str | None = None, batch_size: int = 32,
+              progress: bool = True) -> list[BlockReport]:
+    """Fit and attach QwT's compensation to every block of a quantised, calibrated ``model`` (in place).
+
+    ``images`` is a tensor (split into ``batch_size`` batches) or an iterable of batches such as a DataLoader.
+    The block plan comes from the model's family unless given. Returns one report per compensated block.
+    """
+    plan = plan if plan is not None else _resolve(model, family).plan(model)
+    return fit_compensation(model, plan, images, config, batch_size=batch_size, progress=progress)

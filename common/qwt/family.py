@@ -1,0 +1,64 @@
+"""Model families: everything the library needs to know about one kind of network, in one object.
+
+A family says how to recognise its models, which layers get which quantisers (its layer rule), which
+LayerNorm → Linear pairs RepQ-ViT reparameterises, how QwT walks the model (stem, blocks, compensation form),
+which PTQ methods apply, and which modules form the classifier (trained by QwT*). Each family is defined and
+registered in its model file (``qwt/models/<family>.py``), as timm keeps a model's config next to its code.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .compensation.blockwise import BlockPlan
+from .ptq.config import Method, PTQConfig
+from .ptq.repq_vit import NormLinearPairs
+from .ptq.surgery import LayerRule
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    matches: Callable[[nn.Module], bool]
+    layer_rule: Callable[[nn.Module, PTQConfig], LayerRule]
+    plan: Callable[[nn.Module], BlockPlan]
+    methods: tuple[Method, ...]
+    norm_linear_pairs: NormLinearPairs = ()
+    classifier: tuple[str, ...] = ()  # module paths of the classifier head(s)
+
+    def check_method(self, config: PTQConfig) -> None:
+        if config.method not in self.methods:
+            raise ValueError(f"{self.name} models support PTQ method(s) {', '.join(self.methods)}, "
+                             f"not {config.method!r}")
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    if family.name in _FAMILIES:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; registered: {', '.join(sorted(_FAMILIES))}") from None
+
+
+def list_families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The registered family that recognises ``model`` (the most recently registered wins a tie)."""
+    for family in reversed(list(_FAMILIES.values())):
+        if family.matches(model):
+            return family
+    raise ValueError(f"no registered model family recognises {type(model).__name__}; register one with "
+                     "qwt.register_family (see README, 'Using QwT on your own model') or pass family=")

@@ -1,0 +1,45 @@
+"""timm ConvNeXt: the ``convnext`` family, an example of adding a model that is not in the paper.
+
+A family is one file: how to recognise the model, its layer rule, its QwT plan, and a registered model. Here:
+percentile PTQ (stem conv and classifier W8A8, depthwise convs, downsampling convs and the MLP Linears at the
+requested bits); QwT compensates every ConvNeXt block with the grouped-conv form on its NCHW output, and runs
+the downsampling layers between stages quantised but uncompensated.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import timm.models.convnext as timm_convnext
+from torch import nn
+
+from ..compensation.blockwise import BlockPlan, Step
+from ..data.imagenet import Preprocessing
+from ..family import Family, register_family
+from ..ptq.config import PTQConfig
+from ..ptq.surgery import LayerRule, cnn_rule
+from .checkpoint import build_timm
+from .registry import ModelEntry, register_model
+
+
+def convnext_layer_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
+    return cnn_rule(config, stem="stem.0", classifier=lambda name: name == "head.fc")
+
+
+def convnext_plan(model: nn.Module) -> BlockPlan:
+    steps: list[Step] = []
+    for s, stage in enumerate(model.stages):
+        if not isinstance(stage.downsample, nn.Identity):
+            steps.append(Step(f"stages.{s}.downsample", compensate=False))
+        steps.extend(Step(f"stages.{s}.blocks.{j}") for j in range(len(stage.blocks)))
+    return BlockPlan(stem=model.stem, steps=steps, form="conv")
+
+
+CONVNEXT = register_family(Family(
+    name="convnext", matches=lambda m: isinstance(m, timm_convnext.ConvNeXt), layer_rule=convnext_layer_rule,
+    plan=convnext_plan, methods=("percentile",), classifier=("head.fc",)))
+
+register_model(ModelEntry(
+    "convnext_atto", CONVNEXT,
+    partial(build_timm, "convnext_atto", "timm convnext_atto.d2_in1k model.safetensors",
+            timm_convnext.checkpoint_filter_fn, {}),
+    "timm convnext_atto (ImageNet; weights via --checkpoint; not in the paper)", Preprocessing(0.95)))

@@ -1,0 +1,45 @@
+"""Model registry: a name gives a builder, its family and (for ImageNet models) its preprocessing."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..data.imagenet import Preprocessing
+from ..family import Family
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: Family
+    build: Callable[..., nn.Module]  # build(pretrained=..., checkpoint=..., smoke=..., num_classes=...)
+    description: str
+    preprocessing: Preprocessing | None = None  # ImageNet evaluation transform; None for non-ImageNet models
+    reduced: dict = field(default_factory=lambda: {"smoke": True})  # build kwargs of a CPU-sized variant
+    reduced_input: tuple[int, int, int] = (3, 32, 32)  # one image of that variant
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(entry: ModelEntry) -> ModelEntry:
+    if entry.name in _REGISTRY:
+        raise ValueError(f"model {entry.name!r} is already registered")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; supported: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
+    return get_model_entry(name).build(pretrained=pretrained, **kwargs)

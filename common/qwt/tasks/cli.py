@@ -1,0 +1,75 @@
+"""Command-line flags shared by every task, and their one mapping to ``PTQConfig`` / ``QwTConfig``.
+
+Every task gets the same flags with the same meaning; only the defaults differ where the authors' code for that
+task differs (detection: RepQ-ViT's original layer map, no log floor, FP32 compensation at eval).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from ..compensation import QwTConfig
+from ..family import Family
+from ..ptq import PTQConfig
+
+
+@dataclass(frozen=True)
+class FlagDefaults:
+    """The authors' settings for one task."""
+
+    layer_map: str = "qwt"
+    log_floor: float | None = 1e-6
+    comp_precision: str = "fp16"
+
+
+CLASSIFICATION = FlagDefaults()
+DETECTION = FlagDefaults(layer_map="repq_vit", log_floor=None, comp_precision="fp32")
+
+
+def _floor(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"log floor must be ≥ 0 or 'none', got {text}")
+    return value
+
+
+def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
+    """PTQ and QwT flags (bits, baseline, layer map, log floor, solver, compensation precision and shape)."""
+    g = p.add_argument_group("quantisation (PTQ)")
+    g.add_argument("--w-bits", type=int, default=4)
+    g.add_argument("--a-bits", type=int, default=4)
+    g.add_argument("--method", choices=["repq_vit", "percentile"], default=None,
+                   help="PTQ baseline (default: the model family's first: RepQ-ViT for ViTs, percentile for CNNs)")
+    g.add_argument("--layer-map", choices=["qwt", "repq_vit"], default=defaults.layer_map,
+                   help="qwt: patch-embed and classifier W8A8 (the QwT authors' classification code); "
+                        "repq_vit: RepQ-ViT's original map")
+    g.add_argument("--log-floor", type=_floor, default=defaults.log_floor, metavar="FLOAT|none",
+                   help="clamp of x/Δ before log2 in the log-√2 quantiser (the authors' classification copy: "
+                        "1e-6; RepQ-ViT and their detection code: none)")
+    g.add_argument("--conv-act-bits", type=int, default=None,
+                   help="force CNN conv inputs to this width (8 reproduces the first ResNet release's 'W4/A4')")
+    g = p.add_argument_group("compensation (QwT)")
+    g.add_argument("--solver", choices=["streaming", "reference"], default="streaming",
+                   help="streaming: FP64 statistics, Cholesky; reference: the authors' FP32 arithmetic, bit for bit")
+    g.add_argument("--comp-precision", choices=["fp16", "fp32"], default=defaults.comp_precision,
+                   help="precision of the compensation product at evaluation")
+    g.add_argument("--fp32-comp", dest="comp_precision", action="store_const", const="fp32",
+                   help="same as --comp-precision fp32")
+    g.add_argument("--start-block", type=int, default=0, help="blocks before this index get no compensation")
+    g.add_argument("--r2-threshold", type=float, default=0.0, help="compensate a block only if its R² exceeds this")
+    g.add_argument("--kernel-size", type=int, default=1, help="grouped-conv compensation kernel (CNNs)")
+    g.add_argument("--channels-per-group", "--factor", type=int, default=64,
+                   help="input channels per group of the conv compensation (CNNs; the authors' --factor)")
+
+
+def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
+    return PTQConfig(method=args.method or family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits,
+                     layer_map=args.layer_map, log_floor=args.log_floor, conv_act_bits=args.conv_act_bits)
+
+
+def qwt_config(args: argparse.Namespace) -> QwTConfig:
+    return QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
+                     fp16_eval=args.comp_precision == "fp16", kernel_size=args.kernel_size,
+                     channels_per_group=args.channels_per_group)
