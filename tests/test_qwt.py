@@ -114,3 +114,28 @@ def test_nan_features_are_refused(quantized_vit, images):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         apply_qwt(quantized_vit, bad, progress=False)
+
+
+def test_underdetermined_compensation_is_left_out_and_reported(quantized_vit, images):
+    # 2 images × 17 tokens = 34 rows for 49 unknowns: any fit is exact on its rows (R² = 1), a pure overfit.
+    reference = quantized_vit(images)
+    fitted = copy.deepcopy(quantized_vit)
+    with pytest.warns(RuntimeWarning, match="34 rows for 49 unknowns"):
+        reports = apply_qwt(fitted, images[:2], progress=False)
+    assert not any(r.applied for r in reports)
+    assert all("34 rows for 49 unknowns" in r.extra["skipped"] for r in reports)
+    assert all(r.to_dict()["r2"] is None for r in reports)
+    assert torch.equal(fitted(images), reference)
+    # The authors' behaviour (fit anyway) reports a near-perfect in-sample fit.
+    overfit = apply_qwt(copy.deepcopy(quantized_vit), images[:2], QwTConfig(skip_degenerate=False), progress=False)
+    assert overfit[0].applied and overfit[0].r2 > 0.9
+
+
+@pytest.mark.parametrize("solver", ["streaming", "reference"])
+def test_constant_images_give_a_rank_deficient_system_that_is_left_out(quantized_vit, images, solver):
+    constant = torch.full((64, 3, 32, 32), 0.5)  # every image the same: at most 17 distinct rows of 49 unknowns
+    fitted = copy.deepcopy(quantized_vit)
+    with pytest.warns(RuntimeWarning, match="rank-deficient"):
+        reports = apply_qwt(fitted, constant, QwTConfig(solver=solver), progress=False)
+    assert not any(r.applied for r in reports)
+    assert torch.equal(fitted(images), quantized_vit(images))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -67,6 +68,7 @@ class QwTConfig:
     ridge: float | None = None  # None: 0 for linear, 1e-3 for grouped conv (the authors' choices)
     kernel_size: int = 1
     channels_per_group: int = 64
+    skip_degenerate: bool = True  # False: fit degenerate systems anyway, as the authors' code would
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -166,8 +168,14 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
             fit.update(x, y_fp - y_q)
             outputs.append(y_q)
         fit.reduce()
-        result = fit.solve(step.path)
-        applied = result.r2 > config.r2_threshold and index >= config.start_block
+        reason = fit.degeneracy() if config.skip_degenerate else None
+        if reason is not None:
+            warnings.warn(f"{step.path}: compensation left out: {reason}", RuntimeWarning)
+            meta = {**meta, "skipped": reason}
+            result = fit.zero_result()
+        else:
+            result = fit.solve(step.path)
+        applied = reason is None and result.r2 > config.r2_threshold and index >= config.start_block
         weight, bias = (result.weight, result.bias) if applied else (
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))
         wrapper = _wrap(plan.form, module, weight, bias, meta, config.fp16_eval)

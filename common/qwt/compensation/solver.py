@@ -55,6 +55,8 @@ class _LeastSquares:
         self.t_sq = torch.zeros((), dtype=torch.float64)
         self.t_sum: torch.Tensor | None = None  # sums over the R² mean axis
         self.t_count = 0
+        self.rows = 0  # rows of each group's system
+        self.shape: tuple[int, int] | None = None  # (unknowns, outputs) of each group's system
         self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- subclass hooks --------------------------------------------------------------------------------------
@@ -68,6 +70,10 @@ class _LeastSquares:
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _system(self, x: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
+        """(rows, unknowns, outputs) that one batch adds to each group's system."""
+        raise NotImplementedError
+
     def _solve_reference(self, x: torch.Tensor, t: torch.Tensor, name: str) -> FitResult:
         """The authors' solve on all features ``x`` and targets ``t`` (concatenated batches)."""
         raise NotImplementedError
@@ -77,6 +83,9 @@ class _LeastSquares:
     def update(self, x: torch.Tensor, t: torch.Tensor) -> None:
         _require_finite_features(x, "inputs (block input features)")
         _require_finite_features(t, "targets (FP block output − quantised block output)")
+        rows, unknowns, outputs = self._system(x, t)
+        self.rows += rows
+        self.shape = (unknowns, outputs)
         if self.mode == "reference":
             self.chunks.append((x.float(), t.float()))
             return
@@ -105,6 +114,38 @@ class _LeastSquares:
         self.t_count = int(count.item())
 
     # -- solving ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def degeneracy(self) -> str | None:
+        """Why the system cannot be trusted, or None: fewer rows than unknowns (any fit is exact on the rows it
+        saw, R² = 1 in-sample), or, without ridge, a rank-deficient Gram matrix (no unique solution)."""
+        if self.shape is None:
+            raise ValueError("no data: call update() with at least one batch before solve()")
+        unknowns = self.shape[0]
+        if self.rows < unknowns:
+            return f"{self.rows} rows for {unknowns} unknowns per group (use more compensation images)"
+        if self.ridge:
+            return None
+        gram = self.gram if self.mode == "streaming" else self._reference_gram()
+        rank = int(torch.linalg.matrix_rank(gram, hermitian=True).min())
+        if rank < unknowns:
+            return (f"rank-deficient features: rank {rank} of {unknowns} (constant or duplicated channels, "
+                    "e.g. constant images)")
+        return None
+
+    def _reference_gram(self) -> torch.Tensor:
+        gram = None
+        for x, t in self.chunks:
+            a = self._design(x, t)[0].double()
+            g = a.transpose(1, 2) @ a
+            gram = g if gram is None else gram + g
+        return gram
+
+    def zero_result(self) -> FitResult:
+        """A zero compensation of this system's shape (a block left unchanged)."""
+        unknowns, outputs = self.shape
+        weight, bias = self._split(torch.zeros(self.groups, unknowns, outputs))
+        return FitResult(weight=weight, bias=bias, r2=math.nan)
+
     def _ss_tot(self) -> float:
         return float(self.t_sq - self.t_sum.pow(2).sum() / self.t_count)
 
@@ -187,6 +228,9 @@ class LinearLeastSquares(_LeastSquares):
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return theta[0, :-1].contiguous(), theta[0, -1].contiguous()
 
+    def _system(self, x: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
+        return x.numel() // x.shape[-1], x.shape[-1] + 1, t.shape[-1]
+
     def _solve_reference(self, x: torch.Tensor, t: torch.Tensor, name: str) -> FitResult:
         x = x.reshape(-1, x.shape[-1])
         t = t.reshape(-1, t.shape[-1])
@@ -231,6 +275,11 @@ class GroupedConvLeastSquares(_LeastSquares):
         weight = theta[:, :-1, :].transpose(1, 2)  # (G, C_out/G, C_in/G·k²)
         weight = weight.reshape(self.out_channels, self.in_channels // g, k, k).contiguous()
         return weight, theta[:, -1, :].reshape(-1).contiguous()
+
+    def _system(self, x: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
+        k = self.kernel_size
+        return t.shape[0] * t.shape[-2] * t.shape[-1], self.in_channels // self.groups * k * k + 1, \
+            self.out_channels // self.groups
 
     def _solve_reference(self, x: torch.Tensor, t: torch.Tensor, name: str) -> FitResult:
         g, k = self.groups, self.kernel_size
