@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..quant.modules import quant_state, set_quant_state, swap_module
 from .modules import Compensated, ConvCompensated, LinearCompensated
-from .solver import GroupedConvLeastSquares, LinearLeastSquares, SolverMode
+from .solver import FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError, SolverMode
 
 Form = Literal["linear", "conv"]
 
@@ -136,6 +136,25 @@ def _wrap(form: Form, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor
     return ConvCompensated(block, weight, bias, meta["stride"], meta["groups"], fp16_eval)
 
 
+def _solve(fit: LinearLeastSquares | GroupedConvLeastSquares, name: str,
+           skip_degenerate: bool) -> tuple[FitResult, str | None]:
+    """The fit, or a zero compensation and the reason when the system is degenerate (and that is checked)."""
+    if not skip_degenerate:
+        return fit.solve(name), None
+    reason = fit.underdetermined()
+    if reason is None:
+        try:
+            result = fit.solve(name)
+        except SingularSystemError as err:
+            reason = str(err)
+        else:
+            reason = fit.interpolates(result.r2)
+            if reason is None:
+                return result, None
+    warnings.warn(f"{name}: compensation left out: {reason}", RuntimeWarning)
+    return fit.zero_result(), reason
+
+
 @torch.no_grad()
 def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable,
                      config: QwTConfig = QwTConfig(), batch_size: int = 32, progress: bool = True) -> list[BlockReport]:
@@ -168,13 +187,9 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
             fit.update(x, y_fp - y_q)
             outputs.append(y_q)
         fit.reduce()
-        reason = fit.degeneracy() if config.skip_degenerate else None
+        result, reason = _solve(fit, step.path, config.skip_degenerate)
         if reason is not None:
-            warnings.warn(f"{step.path}: compensation left out: {reason}", RuntimeWarning)
             meta = {**meta, "skipped": reason}
-            result = fit.zero_result()
-        else:
-            result = fit.solve(step.path)
         applied = reason is None and result.r2 > config.r2_threshold and index >= config.start_block
         weight, bias = (result.weight, result.bias) if applied else (
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))

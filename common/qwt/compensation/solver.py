@@ -35,6 +35,10 @@ class SingularSystemError(RuntimeError):
     pass
 
 
+#: An in-sample R² this close to 1 is an interpolation, not a compensation (real blocks fit R² ≈ 0.1–0.6).
+_INTERPOLATION_R2 = 1 - 1e-4
+
+
 def _require_finite_features(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(
@@ -114,22 +118,26 @@ class _LeastSquares:
         self.t_count = int(count.item())
 
     # -- solving ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def degeneracy(self) -> str | None:
-        """Why the system cannot be trusted, or None: fewer rows than unknowns (any fit is exact on the rows it
-        saw, R² = 1 in-sample), or, without ridge, a rank-deficient Gram matrix (no unique solution)."""
+    def underdetermined(self) -> str | None:
+        """Fewer rows than unknowns: any fit is exact on the rows it saw (R² ≈ 1 in-sample), a pure overfit."""
         if self.shape is None:
             raise ValueError("no data: call update() with at least one batch before solve()")
-        unknowns = self.shape[0]
-        if self.rows < unknowns:
-            return f"{self.rows} rows for {unknowns} unknowns per group (use more compensation images)"
-        if self.ridge:
+        if self.rows < self.shape[0]:
+            return f"{self.rows} rows for {self.shape[0]} unknowns per group (use more compensation images)"
+        return None
+
+    @torch.no_grad()
+    def interpolates(self, r2: float) -> str | None:
+        """A rank-deficient system fitted (almost) exactly: the rows span fewer directions than there are
+        unknowns and the fit reproduces them, as with duplicated or constant images. (A rank deficiency alone is
+        harmless: a LayerNorm's outputs are always collinear with the bias column.)"""
+        if r2 < _INTERPOLATION_R2:
             return None
         gram = self.gram if self.mode == "streaming" else self._reference_gram()
         rank = int(torch.linalg.matrix_rank(gram, hermitian=True).min())
-        if rank < unknowns:
-            return (f"rank-deficient features: rank {rank} of {unknowns} (constant or duplicated channels, "
-                    "e.g. constant images)")
+        if rank < self.shape[0]:
+            return (f"rank-deficient features (rank {rank} of {self.shape[0]}) fitted exactly (R² = {r2:.6f}): "
+                    "duplicated rows, e.g. constant images")
         return None
 
     def _reference_gram(self) -> torch.Tensor:
