@@ -161,6 +161,14 @@ def _reference_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return model.state_dict()
 
 
+def check_save_target(directory: str | Path) -> Path:
+    """A folder ``save_quantized`` may write: new, or a previous save it replaces; never other content."""
+    directory = Path(directory)
+    if directory.exists() and not (directory / DESCRIPTION).is_file():
+        raise InputError(f"{directory} exists and is not a saved QwT model; refusing to replace it")
+    return directory
+
+
 def save_quantized(model: nn.Module, directory: str | Path, model_name: str, config: PTQConfig,
                    build_kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write the model to ``directory`` atomically (a temporary folder renamed into place).
@@ -168,9 +176,7 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     ``model_name`` + ``build_kwargs`` + ``config`` must rebuild exactly this model's structure and quantisers;
     a disagreement (e.g. a W6A6 model with a W4A4 config, or another architecture) is refused, not saved.
     """
-    directory = Path(directory)
-    if directory.exists() and not (directory / DESCRIPTION).is_file():
-        raise InputError(f"{directory} exists and is not a saved QwT model; refusing to replace it")
+    directory = check_save_target(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     description = {
         "format_version": FORMAT_VERSION,
@@ -252,7 +258,8 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
                 else:
                     q.floor = spec["floor"]
     except (KeyError, TypeError) as err:
-        raise InputError(f"{directory / DESCRIPTION} is incomplete or malformed ({type(err).__name__}: {err})") from None
+        raise InputError(
+            f"{directory / DESCRIPTION} is incomplete or malformed ({type(err).__name__}: {err})") from None
     _check_tensors(state, _reference_state(model, state), quantizers, str(directory / TENSORS))
     model.load_state_dict(state, strict=True)
     model.to(map_location).eval()
