@@ -24,11 +24,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qwt import PTQConfig, QwTConfig, create_model  # noqa: E402
+from qwt.cli import check_writable_dir, positive_int, run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
+from qwt.environment import environment  # noqa: E402
+from qwt.errors import InputError  # noqa: E402
 from qwt.evaluate import tensor_batches, top1_accuracy  # noqa: E402
 from qwt.experiment import ptq_then_qwt  # noqa: E402
 from qwt.models.efficientnet import PIXEL_MEAN, PIXEL_SCALE  # noqa: E402
-from qwt.report import write_report  # noqa: E402
+from qwt.report import atomic_write, write_report  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
 
 
@@ -37,19 +40,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder")
     p.add_argument("--models", nargs="+", default=["vit_fmnist", "efficientnet_lite0"],
                    choices=["vit_fmnist", "efficientnet_lite0"])
-    p.add_argument("--vit-bits", nargs="+", default=["W4A4", "W6A6"], help="bit settings for the ViT")
+    p.add_argument("--vit-bits", nargs="+", default=["W3A3", "W4A3", "W4A4", "W6A6"],
+                   help="bit settings for the ViT (W3A3/W4A3: where its quantisation loss is large enough to read)")
     p.add_argument("--cnn-bits", nargs="+", default=["W4A4", "W6A6", "W4A8"], help="bit settings for the CNN")
-    p.add_argument("--calib-images", type=int, default=32, help="PTQ calibration images (one batch)")
-    p.add_argument("--comp-images", type=int, default=512, help="QwT compensation images (disjoint from calib)")
-    p.add_argument("--cnn-resolution", type=int, default=64, help="Fashion-MNIST upsampled to this for the CNN")
-    p.add_argument("--cnn-test-images", type=int, default=2000, help="fixed test subset for the CNN (first N)")
-    p.add_argument("--probe-images", type=int, default=6000, help="train images for the CNN's linear probe")
+    p.add_argument("--calib-images", type=positive_int, default=32, help="PTQ calibration images (one batch)")
+    p.add_argument("--comp-images", type=positive_int, default=512,
+                   help="QwT compensation images (disjoint from calib)")
+    p.add_argument("--cnn-resolution", type=positive_int, default=64,
+                   help="Fashion-MNIST upsampled to this for the CNN")
+    p.add_argument("--cnn-test-images", type=positive_int, default=2000, help="fixed test subset for the CNN (first N)")
+    p.add_argument("--probe-images", type=positive_int, default=6000, help="train images for the CNN's linear probe")
     p.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
-    p.add_argument("--batch-size", type=int, default=250, help="evaluation batch size")
+    p.add_argument("--batch-size", type=positive_int, default=250, help="evaluation batch size")
     p.add_argument("--solver", choices=["streaming", "reference"], default="streaming",
                    help="QwT least-squares solver: FP64 Cholesky, or the authors' FP32 arithmetic")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -59,11 +65,14 @@ def bits_config(tag: str, method: str) -> PTQConfig:
         w, a = tag.upper().removeprefix("W").split("A")
         return PTQConfig(method=method, w_bits=int(w), a_bits=int(a))
     except ValueError as err:
-        raise SystemExit(f"bad bit setting {tag!r}: expected like W4A4 with bits in 2..8 ({err})") from None
+        raise InputError(f"bad bit setting {tag!r}: expected like W4A4 with bits in 2..8 ({err})") from None
 
 
 def disjoint_subsets(n: int, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
     """Random, non-overlapping index sets (the authors draw calibration and QwT images independently)."""
+    if sum(sizes) > n:
+        raise InputError(f"the requested image counts {' + '.join(map(str, sizes))} = {sum(sizes)} exceed the "
+                         f"{n} training images; lower --probe-images / --calib-images / --comp-images")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     out, start = [], 0
     for size in sizes:
@@ -153,30 +162,31 @@ def _log(rows: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run_cli(_main, parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out, "--out")
+    for tag in args.vit_bits + args.cnn_bits:
+        bits_config(tag, "repq_vit")  # a bad setting fails now, not after the first model's runs
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     start = time.perf_counter()
-    try:
-        train = load_fashion_mnist("train", args.data_dir)
-        test = load_fashion_mnist("test", args.data_dir)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    train = load_fashion_mnist("train", args.data_dir)
+    test = load_fashion_mnist("test", args.data_dir)
     rows: list = []
     blocks: dict = {}
-    try:
-        if "vit_fmnist" in args.models:
-            run_vit(args, train, test, rows, blocks)
-        if "efficientnet_lite0" in args.models:
-            run_cnn(args, train, test, rows, blocks)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if "vit_fmnist" in args.models:
+        run_vit(args, train, test, rows, blocks)
+    if "efficientnet_lite0" in args.models:
+        run_cnn(args, train, test, rows, blocks)
     title = f"QwT main job: Fashion-MNIST, CPU, {args.solver} solver"
-    markdown = write_report(rows, args.out, title)
-    (args.out / "blocks.json").write_text(json.dumps(blocks, indent=2) + "\n")
+    data = {"vit_test_images": len(test[0]), "cnn_test_images": min(args.cnn_test_images, len(test[0])),
+            "calib_images": args.calib_images, "comp_images": args.comp_images, "probe_images": args.probe_images,
+            "solver": args.solver}
+    markdown = write_report(rows, args.out, title, {"environment": environment("cpu"), "data": data})
+    atomic_write(args.out / "blocks.json", json.dumps(blocks, indent=2) + "\n")
     print("\n" + markdown)
     print(f"wrote {args.out}/summary.json, table.md, chart.png, blocks.json  ({time.perf_counter() - start:.0f}s)")
     return 0

@@ -4,7 +4,9 @@
     python scripts/reproduce_table.py resnet --smoke
 
 Checkpoints are looked up as CHECKPOINTS/<model>.{safetensors,pth,pth.tar,npz}. ``--smoke`` runs reduced
-random-init models on synthetic data (CI). Extra flags go to the task's main.py.
+random-init models on synthetic data (CI). Extra flags go to the task's main.py. Every checkpoint is looked up
+before the first run; a rerun skips runs whose record is complete and made with the same flags (resume); the
+table is assembled from those records only, and runs without one are listed as missing.
 """
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+from assemble_table import assemble
+from qwt.tasks.classification import build_parser, run_stem
+from qwt.cli import check_writable_dir, run_cli
+from qwt.errors import InputError
+from qwt.report import resume_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,11 +45,37 @@ TABLES = {
 }
 
 
-def _checkpoint(folder: Path, model: str) -> Path:
+def _checkpoint(folder: Path, model: str) -> Path | None:
     for suffix in (".safetensors", ".pth", ".pth.tar", ".npz"):
         if (folder / f"{model}{suffix}").is_file():
             return folder / f"{model}{suffix}"
-    raise SystemExit(f"error: no checkpoint {folder}/{model}.{{safetensors,pth,pth.tar,npz}}")
+    return None
+
+
+def checkpoints(folder: Path, models: list[str]) -> dict[str, Path]:
+    """Every weights file the table needs, found before the first run starts (not after hours of it)."""
+    if not folder.is_dir():
+        raise InputError(f"--checkpoints {folder} is not a folder")
+    found = {m: _checkpoint(folder, m) for m in models}
+    missing = [f"{folder}/{m}.{{safetensors,pth,pth.tar,npz}}" for m, path in found.items() if path is None]
+    if missing:
+        raise InputError(f"{len(missing)} checkpoint(s) missing: " + ", ".join(missing))
+    return found
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run one table entry; on SIGTERM/SIGINT stop the child too (it leaves its record marked incomplete)."""
+    child = subprocess.Popen(cmd)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,24 +85,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", type=Path)
     args, extra = p.parse_known_args(argv)
+    if not args.smoke and args.checkpoints is None:
+        p.error("pass --checkpoints DIR and --data-dir, or --smoke")
+    return run_cli(_main, args, extra)
+
+
+def _main(args: argparse.Namespace, extra: list[str]) -> int:
     table = TABLES[args.task]
     models = table["smoke_models"] if args.smoke else table["models"]
-    out = args.out or ROOT / (table["out"] + ("_smoke" if args.smoke else ""))
+    out = check_writable_dir(args.out or ROOT / (table["out"] + ("_smoke" if args.smoke else "")), "--out")
     if args.smoke:
-        extra += ["--smoke", "--comp-images", "64", "--workers", "0", "--no-progress", *table["smoke_flags"]]
-    elif args.checkpoints is None:
-        p.error("pass --checkpoints DIR and --data-dir, or --smoke")
+        extra = [*extra, "--smoke", "--comp-images", "64", "--workers", "0", "--no-progress", *table["smoke_flags"]]
+    weights = checkpoints(args.checkpoints, models) if args.checkpoints else {}
+    flag_lists = []
     for model in models:
-        ckpt = ["--checkpoint", str(_checkpoint(args.checkpoints, model))] if args.checkpoints else []
+        ckpt = ["--checkpoint", str(weights[model])] if model in weights else []
         for i, (w, a) in enumerate(table["bits"]):
             # The FP model is evaluated once per model, with its first bit setting.
-            cmd = [sys.executable, str(ROOT / table["main"]), "--model", model, "--w-bits", str(w), "--a-bits", str(a),
-                   "--out", str(out), *ckpt, *extra, *(["--skip-fp"] if i else [])]
-            print("+", " ".join(cmd), flush=True)
-            if subprocess.run(cmd).returncode != 0:
-                return 1
-    return subprocess.run([sys.executable, str(ROOT / "scripts/assemble_table.py"), str(out),
-                           str(ROOT / table["paper"]), "--title", table["title"]]).returncode
+            flag_lists.append(["--model", model, "--w-bits", str(w), "--a-bits", str(a), "--out", str(out), *ckpt,
+                               *extra, *(["--skip-fp"] if i else [])])
+    todo, stems, config = resume_plan(out, flag_lists, build_parser(args.task, table["title"]).parse_args, run_stem)
+    for flags, _ in todo:
+        cmd = [sys.executable, str(ROOT / table["main"]), *flags]
+        print("+", " ".join(cmd), flush=True)
+        code = run_child(cmd)
+        if code != 0:
+            return code
+    return assemble(out, stems, config, ROOT / table["paper"], table["title"])
 
 
 if __name__ == "__main__":

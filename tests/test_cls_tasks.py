@@ -32,7 +32,8 @@ def test_end_to_end_record_is_complete(task, model, dataset, tmp_path):
     rows = _run(task, model, dataset, tmp_path, "--save", str(tmp_path / "saved"))
     assert [r["method"] for r in rows] == ["fp", "ptq", "ptq+qwt"]
     saved = json.loads((tmp_path / f"{model}_W4A4_smoke.json").read_text())
-    assert saved == rows
+    assert saved["rows"] == rows and saved["complete"] is True and saved["data"]["comp"] == 64
+    assert {"cpu", "threads", "torch", "timm", "device"} <= set(saved["environment"])
     for r in rows:
         assert {"model", "bits", "method", "top1", "calib_seconds"} <= set(r) and 0 <= r["top1"] <= 100
     assert rows[2]["size_mb"] > rows[1]["size_mb"] > 0
@@ -110,7 +111,9 @@ def test_missing_data_dir_and_checkpoint_errors(tmp_path, capsys):
     assert "train/ and val/" in capsys.readouterr().err
     data = write_class_folders(tmp_path / "d", classes=2, train_per_class=20, val_per_class=2, size=16)
     assert main("vit", "t", ["--model", "deit_small", "--data-dir", str(data), "--workers", "0"]) == 2
-    assert "deit_small_patch16_224-cd65a155.pth" in capsys.readouterr().err
+    assert "head scores 1000 classes but val/ has 2 classes" in capsys.readouterr().err  # before any weights
+    with pytest.raises(FileNotFoundError, match="deit_small_patch16_224-cd65a155.pth"):
+        qwt.create_model("deit_small")
     with pytest.raises(SystemExit):
         build_parser("vit", "t").parse_args(["--model", "resnet18"])  # wrong task: not a choice
 

@@ -100,7 +100,9 @@ def test_det_swin_smoke_end_to_end(tmp_path):
     out = tmp_path / "det"
     result = _run("bash", "scripts/det_swin.sh", "--smoke", "--out", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert summary["missing"] == [] and summary["environment"][0]["device"] == "cpu"
     models = {"mask_rcnn_swin_t-smoke", "cascade_mask_rcnn_swin_t-smoke"}
     assert {r["model"] for r in rows} == models
     for model in models:
@@ -129,3 +131,43 @@ def test_defaults_follow_the_authors_detection_code():
     assert args.log_floor is None  # their detection quantiser has no log floor
     for name in ("mask_rcnn_swin_t", "cascade_mask_rcnn_swin_t"):
         assert detector_config(name)["test_cfg"]["rpn"]["min_bbox_size"] == -1  # mmdet 2.x: no size filter
+
+
+class _Blind(torch.nn.Module):
+    """Detects nothing on any image."""
+
+    def test_step(self, batch: dict) -> list:
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+
+        out = []
+        for sample in batch["data_samples"]:
+            result = DetDataSample(metainfo=sample.metainfo)
+            result.pred_instances = InstanceData(bboxes=torch.zeros(0, 4), scores=torch.zeros(0),
+                                                 labels=torch.zeros(0, dtype=torch.long),
+                                                 masks=torch.zeros(0, 256, 320, dtype=torch.bool))
+            out.append(result)
+        return out
+
+
+def test_no_detection_at_all_is_ap_zero_with_a_warning(coco):
+    # Before: mmdet's metric returned no value and the run crashed with a KeyError after the FP and PTQ rows.
+    data = loader(coco_dataset(coco, "val2017", (320, 256), classes=CLASSES), 1, 0)
+    with pytest.warns(RuntimeWarning, match="no detections"):
+        assert evaluate(_Blind(), data, progress=False) == (0.0, 0.0)
+
+
+def test_subset_runs_are_labelled_and_inputs_checked_first(tmp_path):
+    from qwt.tasks.detection.pipeline import build_parser, run, run_label, run_stem
+
+    args = build_parser("t").parse_args(["--model", "mask_rcnn_swin_t", "--smoke", "--val-limit", "2"])
+    assert run_label(args) == "mask_rcnn_swin_t-smoke-val2" and run_stem(args).endswith("-val2_W4A4")
+    (tmp_path / "file").write_text("")
+    result = _run(sys.executable, "QwT-det-RepQ-ViT/main.py", "--model", "mask_rcnn_swin_t", "--coco-root",
+                  str(tmp_path), "--checkpoint", str(tmp_path))
+    assert result.returncode == 2 and "is a directory" in result.stderr and "Traceback" not in result.stderr
+    for flags, message in ((["--out", str(tmp_path / "file" / "x")], "is not a folder"),
+                           (["--start-block", "99"], "past the last block"),
+                           (["--device", "cuda:7"], "--device cuda:7")):
+        with pytest.raises(ValueError, match=message):
+            run(build_parser("t").parse_args(["--model", "mask_rcnn_swin_t", "--smoke", *flags]))

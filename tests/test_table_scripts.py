@@ -19,7 +19,9 @@ def test_smoke_table(script, models, bits, tmp_path):
     done = subprocess.run(["bash", str(ROOT / "scripts" / script), "--smoke", "--out", str(out)],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert summary["missing"] == [] and summary["environment"][0]["threads"] >= 1
     got = {(r["model"], r["bits"], r["method"]) for r in rows}
     for model in models:
         assert (f"{model}-smoke", "FP", "fp") in got

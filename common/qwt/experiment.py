@@ -2,25 +2,53 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
 from .api import apply_qwt, quantize
-from .compensation import BlockReport, QwTConfig
+from .compensation import BlockPlan, BlockReport, QwTConfig
+from .compensation.solver import SolverMode
+from .family import family_of
 from .ptq import PTQConfig
 from .size import model_size_mb
 from .utils import PhaseTimer
 
 Evaluate = Callable[[nn.Module, str], float]
+Row = dict[str, Any]
+
+SOLVERS = get_args(SolverMode)
+
+
+def check_qwt_config(config: QwTConfig, blocks: int | None = None) -> None:
+    """Refuse settings that would make QwT silently do nothing or something undefined: a NaN threshold (every
+    comparison false), a ``start_block`` at or past the last of ``blocks`` compensated blocks, a negative or NaN
+    ridge, an unknown solver."""
+    if not math.isfinite(config.r2_threshold):
+        raise ValueError(f"r2_threshold must be a finite number, got {config.r2_threshold}")
+    if config.ridge is not None and not (math.isfinite(config.ridge) and config.ridge >= 0):
+        raise ValueError(f"ridge must be ≥ 0 (or None for the authors' default), got {config.ridge}")
+    if config.solver not in SOLVERS:
+        raise ValueError(f"unknown solver {config.solver!r}; choose one of {', '.join(SOLVERS)}")
+    if config.start_block < 0:
+        raise ValueError(f"start_block must be ≥ 0, got {config.start_block}")
+    if blocks is not None and config.start_block >= blocks:
+        raise ValueError(f"start_block {config.start_block} is past the last block: the model has {blocks} "
+                         f"compensated blocks (0..{blocks - 1}), so QwT would change nothing")
+
+
+def compensated_blocks(plan: BlockPlan) -> int:
+    """How many blocks of ``plan`` get a compensation (transitions such as patch merging do not)."""
+    return sum(step.compensate for step in plan.steps)
 
 
 @dataclass
 class RunResult:
-    rows: list[dict[str, Any]]
+    rows: list[Row]
     model: nn.Module
     blocks: list[BlockReport]
     phases: dict[str, float] = field(default_factory=dict)
@@ -28,22 +56,28 @@ class RunResult:
 
 def ptq_then_qwt(name: str, fp_model: nn.Module, calib_images: torch.Tensor, comp_images: torch.Tensor | Iterable,
                  evaluate: Evaluate, ptq_config: PTQConfig, qwt_config: QwTConfig = QwTConfig(),
-                 batch_size: int = 32, progress: bool = True) -> RunResult:
+                 batch_size: int = 32, progress: bool = True, on_row: Callable[[Row], None] | None = None) -> RunResult:
     """Quantise a copy of ``fp_model`` (its family recognised from the model), evaluate, compensate, evaluate.
 
     Rows follow the results schema (model, bits, method, top1, calib_seconds, size_mb); the QwT row's
-    calib_seconds is the whole calibration (PTQ + QwT), as a user waits for it.
+    calib_seconds is the whole calibration (PTQ + QwT), as a user waits for it. ``on_row`` gets each row as
+    soon as it exists (so a caller can record it before the next, possibly failing, step).
     """
     model = copy.deepcopy(fp_model).eval()
+    check_qwt_config(qwt_config, compensated_blocks(family_of(model).plan(model)))
     timer = PhaseTimer()
     quantize(model, calib_images, ptq_config, on_phase=timer)
     ptq_seconds = timer.total
     base = {"model": name, "bits": ptq_config.tag}
     rows = [{**base, "method": "ptq", "top1": evaluate(model, f"{name} {ptq_config.tag} PTQ"),
              "calib_seconds": ptq_seconds, "size_mb": model_size_mb(model)}]
+    if on_row is not None:
+        on_row(rows[-1])
     timer.restart()
     blocks = apply_qwt(model, comp_images, qwt_config, batch_size=batch_size, progress=progress)
     timer("qwt")
     rows.append({**base, "method": "ptq+qwt", "top1": evaluate(model, f"{name} {ptq_config.tag} PTQ+QwT"),
                  "calib_seconds": timer.total, "size_mb": model_size_mb(model)})
+    if on_row is not None:
+        on_row(rows[-1])
     return RunResult(rows=rows, model=model, blocks=blocks, phases=dict(timer.phases))

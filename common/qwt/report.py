@@ -5,9 +5,10 @@ A row is a dict with at least ``model``, ``bits`` ("W4A4", or "FP" for the float
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +87,99 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_run(out_dir: str | Path, stem: str, rows: Sequence[Row], details: dict[str, Any],
-              args: Any | None = None) -> None:
-    """One run's record: ``OUT/<stem>.json`` (the result rows) and ``OUT/details/<stem>.json`` (per-block R²,
-    configuration, and the command-line ``args`` namespace with paths as strings)."""
+#: Flags that do not change a run's numbers (where it writes, how it loads, what it prints) or that name the run
+#: itself (model, bit widths, weights file; stored as the record's ``run``): left out of the configuration hash.
+_NOT_CONFIG = ("out", "workers", "no_progress", "skip_fp", "save", "model", "w_bits", "a_bits", "checkpoint")
+
+
+def config_hash(args: Any) -> str:
+    """A short hash of the flags that shape a run's numbers: runs of one table share it, and resume and
+    assembly use it to tell a matching record from one made with other settings."""
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k not in _NOT_CONFIG}
+    return hashlib.sha256(json.dumps(flags, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_key(args: Any) -> dict[str, Any]:
+    """What one record is a run of: model, bit widths and the weights file."""
+    return {"model": args.model, "bits": f"W{args.w_bits}A{args.a_bits}",
+            "checkpoint": None if args.checkpoint is None else str(args.checkpoint)}
+
+
+def write_run(out_dir: str | Path, stem: str, rows: Sequence[Row], details: dict[str, Any], args: Any,
+              environment: dict[str, Any], complete: bool, data: dict[str, Any] | None = None) -> None:
+    """One run's record, rewritten after every new row so a later crash loses nothing already computed.
+
+    ``OUT/<stem>.json``: ``complete`` (false until the last row), ``config_hash``, ``run``, ``environment``,
+    ``data`` (the image counts actually used) and ``rows``; ``OUT/details/<stem>.json``: per-block R²,
+    configuration and the command-line ``args`` with paths as strings.
+    """
     out = Path(out_dir)
-    if args is not None:
-        details = {**details, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    atomic_write(out / f"{stem}.json", json.dumps(list(rows), indent=2) + "\n")
+    record = {"complete": complete, "config_hash": config_hash(args), "run": run_key(args),
+              "environment": environment, "data": data or {}, "rows": list(rows)}
+    details = {**details, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     atomic_write(out / "details" / f"{stem}.json", json.dumps(details, indent=2) + "\n")
+    atomic_write(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
 
 
-def write_report(rows: Sequence[Row], out_dir: str | Path, title: str) -> str:
-    """Write summary.json, table.md and chart.png into ``out_dir``; returns the markdown."""
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A record file's content if it is a complete record, else None (partial, interrupted or foreign)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("complete") is not True or not isinstance(record.get("rows"), list):
+        return None
+    return record
+
+
+def is_done(out_dir: Path, stem: str, args: Any) -> bool:
+    """Whether ``OUT/<stem>.json`` is a complete record of exactly this run and configuration (resume)."""
+    record = read_record(Path(out_dir) / f"{stem}.json")
+    return record is not None and record.get("config_hash") == config_hash(args) and record.get("run") == run_key(args)
+
+
+def resume_plan(out_dir: Path, flag_lists: Sequence[list[str]], parse: Callable[[list[str]], Any],
+                stem: Callable[[Any], str]) -> tuple[list[tuple[list[str], Any]], list[str], str | None]:
+    """Parse every run's flags up front (a bad flag fails before the first run) and drop the runs that already
+    have a complete record of the same configuration. Returns the (flags, args) still to run, every run's record
+    stem, and the table's configuration hash."""
+    todo, stems, config = [], [], None
+    for flags in flag_lists:
+        args = parse(flags)
+        stems.append(stem(args))
+        config = config_hash(args)
+        if is_done(out_dir, stems[-1], args):
+            print(f"= {stems[-1]}: complete record with this configuration, skipped", flush=True)
+        else:
+            todo.append((flags, args))
+    return todo, stems, config
+
+
+def collect_records(folder: Path, expected: Sequence[str], config: str) -> tuple[list[Row], list[dict], list[str]]:
+    """Rows of the complete records ``folder/<stem>.json`` for every stem in ``expected`` made with configuration
+    hash ``config``; returns (rows, environments, missing stems). Other JSON in the folder is ignored."""
+    rows: list[Row] = []
+    environments: list[dict] = []
+    missing: list[str] = []
+    seen = set()
+    for stem in expected:
+        record = read_record(Path(folder) / f"{stem}.json")
+        if record is None or record.get("config_hash") != config:
+            missing.append(stem)
+            continue
+        if record.get("environment") not in environments:
+            environments.append(record.get("environment"))
+        for row in record["rows"]:
+            key = (row["model"], row["bits"], row["method"])
+            if key not in seen:  # the FP row is evaluated once per model
+                seen.add(key)
+                rows.append(row)
+    return rows, environments, missing
+
+
+def write_report(rows: Sequence[Row], out_dir: str | Path, title: str, meta: dict[str, Any]) -> str:
+    """Write summary.json (``meta``, e.g. the environment, plus ``rows``), table.md and chart.png into
+    ``out_dir``; returns the markdown."""
     for r in rows:
         missing = {"model", "bits", "method", "top1"} - set(r)
         if missing or r["method"] not in METHODS:
@@ -107,7 +188,7 @@ def write_report(rows: Sequence[Row], out_dir: str | Path, title: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     models = list(dict.fromkeys(r["model"] for r in rows))
     markdown = f"## {title}\n\n" + "\n\n".join(markdown_table(rows, m) for m in models) + "\n"
-    atomic_write(out / "summary.json", json.dumps(list(rows), indent=2) + "\n")
+    atomic_write(out / "summary.json", json.dumps({**meta, "rows": list(rows)}, indent=2) + "\n")
     atomic_write(out / "table.md", markdown)
     bar_chart(rows, out / "chart.png", title)
     return markdown

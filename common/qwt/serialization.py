@@ -2,10 +2,14 @@
 
 The tensors hold everything that calibration and fitting produced (reparameterised weights, quantiser Δ/z,
 compensation W/b); the JSON says how to rebuild the module structure around them: registry name and builder
-arguments, the PTQ config, and which blocks carry which compensation. Nothing is unpickled on load.
+arguments, the PTQ config, every quantiser's kind, bit width, axis and log floor as read from the model itself,
+and which blocks carry which compensation. Saving refuses a config or model name that disagrees with the model;
+loading refuses tensors whose dtype, shape or values do not fit the description, and a description that is not
+the one saved with the tensors (its SHA-256 is stored in the tensor file). Nothing is unpickled on load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,17 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .compensation.modules import Compensated, ConvCompensated, LinearCompensated
+from .errors import InputError
 from .models import get_model_entry
 from .ptq import PTQConfig
 from .ptq.surgery import quantize_modules
 from .quant.modules import set_quant_state, swap_module
+from .quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer, check_bits
 
 TENSORS, DESCRIPTION = "model.safetensors", "qwt.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+_HASH_KEY = "qwt_description_sha256"
+_KINDS: dict[type[Quantizer], str] = {UniformQuantizer: "uniform", LogSqrt2Quantizer: "log_sqrt2"}
+_SHOWN = 5  # differences listed in an error message
 
 
 def _describe_compensation(model: nn.Module) -> list[dict[str, Any]]:
@@ -42,26 +52,155 @@ def _describe_compensation(model: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
+def _describe_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every quantiser's settings as the model holds them (not as a config says they should be)."""
+    out = {}
+    for name, q in model.named_modules():
+        if not isinstance(q, Quantizer):
+            continue
+        if not q.calibrated:
+            raise InputError(f"quantiser {name} is not calibrated: quantise and calibrate the model before saving")
+        spec: dict[str, Any] = {"kind": _KINDS[type(q)], "n_bits": q.n_bits, "shape": list(q.delta.shape)}
+        if isinstance(q, UniformQuantizer):
+            spec["channel_axis"] = q.channel_axis
+        else:
+            spec["floor"] = q.floor
+        out[name] = spec
+    return out
+
+
+def _skeleton(description: dict[str, Any], where: str) -> nn.Module:
+    """The module structure a description implies: built, quantised by its config, compensation wrappers in place.
+
+    A description that cannot be built (a block path the architecture lacks, a malformed entry) is refused
+    naming ``where`` it came from.
+    """
+    try:
+        return _build(description)
+    except (AttributeError, KeyError, TypeError, RuntimeError) as err:
+        raise InputError(f"{where} does not describe a buildable model ({type(err).__name__}: {err})") from None
+
+
+def _build(description: dict[str, Any]) -> nn.Module:
+    entry = get_model_entry(description["model"])
+    model = entry.build(pretrained=False, **description["build_kwargs"])
+    config = PTQConfig.from_dict(description["ptq"])
+    quantize_modules(model, entry.family.layer_rule(model, config))
+    for spec in description["compensation"]:
+        block = model.get_submodule(spec["path"])
+        if spec["form"] == "linear":
+            wrapper: Compensated = LinearCompensated.zeros(block, spec["in"], spec["out"], spec["fp16_eval"])
+        else:
+            wrapper = ConvCompensated.zeros(block, spec["in"], spec["out"], spec["kernel_size"], spec["stride"],
+                                            spec["groups"], spec["fp16_eval"])
+        swap_module(model, spec["path"], wrapper)
+    return model
+
+
+def _quantizer_differences(expected: nn.Module, actual: dict[str, dict[str, Any]]) -> list[str]:
+    """How the quantisers a config builds differ from the model's (reparameterisation may turn a channel-wise
+    input quantiser into a per-tensor one; that is not a difference)."""
+    built = {name: q for name, q in expected.named_modules() if isinstance(q, Quantizer)}
+    diffs = [f"{name}: the model has no such quantiser" for name in built if name not in actual]
+    diffs += [f"{name}: the config does not quantise it" for name in actual if name not in built]
+    for name, spec in actual.items():
+        q = built.get(name)
+        if q is None:
+            continue
+        if _KINDS[type(q)] != spec["kind"]:
+            diffs.append(f"{name}: the model's quantiser is {spec['kind']}, the config gives {_KINDS[type(q)]}")
+        elif q.n_bits != spec["n_bits"]:
+            diffs.append(f"{name}: the model quantises to {spec['n_bits']} bits, the config to {q.n_bits}")
+        elif isinstance(q, LogSqrt2Quantizer) and q.floor != spec["floor"]:
+            diffs.append(f"{name}: the model's log floor is {spec['floor']}, the config's {q.floor}")
+        elif isinstance(q, UniformQuantizer) and spec["channel_axis"] not in (q.channel_axis, None):
+            diffs.append(f"{name}: the model's channel axis is {spec['channel_axis']}, the config's {q.channel_axis}")
+    return diffs
+
+
+def _listing(diffs: list[str]) -> str:
+    more = f"; … {len(diffs) - _SHOWN} more" if len(diffs) > _SHOWN else ""
+    return "; ".join(diffs[:_SHOWN]) + more
+
+
+def _quantizer_buffer(key: str, quantizers: dict[str, Any]) -> str | None:
+    owner, _, leaf = key.rpartition(".")
+    return owner if owner in quantizers and leaf in ("delta", "zero_point") else None
+
+
+def _check_tensors(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                   quantizers: dict[str, dict[str, Any]], where: str) -> None:
+    """Every tensor has the dtype and shape the structure implies and finite values; refuse otherwise."""
+    problems = [f"missing {k}" for k in reference if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in reference]
+    for key, tensor in state.items():
+        ref = reference.get(key)
+        if ref is None:
+            continue
+        owner = _quantizer_buffer(key, quantizers)
+        shape = tuple(quantizers[owner]["shape"]) if owner else tuple(ref.shape)
+        if tensor.dtype != ref.dtype:
+            problems.append(f"{key} is {tensor.dtype}, expected {ref.dtype}")
+        elif tuple(tensor.shape) != shape:
+            problems.append(f"{key} has shape {tuple(tensor.shape)}, expected {shape}")
+        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            problems.append(f"{key} holds NaN or Inf")
+    if problems:
+        raise InputError(f"{where}: tensors do not match the model description: {_listing(problems)}")
+
+
+def _reference_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The skeleton's state dict, plus the biases reparameterisation gave bias-free Linears (Swin's patch-merging
+    reduction): created on the skeleton too, so ``load_state_dict`` can fill them."""
+    for key in state:
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "bias" and key not in model.state_dict():
+            module = model.get_submodule(owner) if owner else model
+            if getattr(module, "bias", "absent") is None and isinstance(module, nn.Linear):
+                module.bias = nn.Parameter(torch.empty(module.out_features))
+    return model.state_dict()
+
+
+def check_save_target(directory: str | Path) -> Path:
+    """A folder ``save_quantized`` may write: new, or a previous save it replaces; never other content."""
+    directory = Path(directory)
+    if directory.exists() and not (directory / DESCRIPTION).is_file():
+        raise InputError(f"{directory} exists and is not a saved QwT model; refusing to replace it")
+    return directory
+
+
 def save_quantized(model: nn.Module, directory: str | Path, model_name: str, config: PTQConfig,
                    build_kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write the model to ``directory`` atomically (a temporary folder renamed into place)."""
-    get_model_entry(model_name)  # fail early on an unknown name
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    """Write the model to ``directory`` atomically (a temporary folder renamed into place).
+
+    ``model_name`` + ``build_kwargs`` + ``config`` must rebuild exactly this model's structure and quantisers;
+    a disagreement (e.g. a W6A6 model with a W4A4 config, or another architecture) is refused, not saved.
+    """
+    directory = check_save_target(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     description = {
         "format_version": FORMAT_VERSION,
         "model": model_name,
         "build_kwargs": build_kwargs or {},
         "ptq": config.to_dict(),
+        "quantizers": _describe_quantizers(model),
         "compensation": _describe_compensation(model),
         "extra": extra or {},
         "torch": torch.__version__,
     }
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    where = f"model to save as {model_name!r} with build_kwargs {description['build_kwargs']}"
+    skeleton = _skeleton(description, where)
+    diffs = _quantizer_differences(skeleton, description["quantizers"])
+    if diffs:
+        raise InputError(f"the model's quantisers disagree with {model_name!r} + {config}: {_listing(diffs)}")
+    _check_tensors(state, _reference_state(skeleton, state), description["quantizers"], where)
+    text = json.dumps(description, indent=2)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
     try:
-        save_file(state, str(tmp / TENSORS), metadata={"format": "pt"})
-        (tmp / DESCRIPTION).write_text(json.dumps(description, indent=2))
+        metadata = {"format": "pt", _HASH_KEY: hashlib.sha256(text.encode()).hexdigest()}
+        save_file(state, str(tmp / TENSORS), metadata=metadata)
+        (tmp / DESCRIPTION).write_text(text)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -71,35 +210,57 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     return directory
 
 
+def _read_description(path: Path) -> tuple[dict[str, Any], str]:
+    raw = path.read_bytes()
+    try:
+        description = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(description, dict):
+        raise InputError(f"{path} does not hold a QwT model description")
+    if description.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: unsupported format_version {description.get('format_version')} "
+                         f"(this version reads {FORMAT_VERSION}; re-save the model)")
+    return description, hashlib.sha256(raw).hexdigest()
+
+
+def _read_tensors(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise InputError(f"{path} cannot be read as safetensors ({err}); the file is truncated or damaged") from None
+
+
 def load_quantized(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized`; it comes back in eval mode with quantisation on."""
     directory = Path(directory)
     for name in (TENSORS, DESCRIPTION):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: is {directory} a folder written by save_quantized?")
-    description = json.loads((directory / DESCRIPTION).read_text())
-    if description.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory / DESCRIPTION}: unsupported format_version {description.get('format_version')}")
-    entry = get_model_entry(description["model"])
-    config = PTQConfig.from_dict(description["ptq"])
-    model = entry.build(pretrained=False, **description["build_kwargs"])
-    quantize_modules(model, entry.family.layer_rule(model, config))
-    state = load_file(str(directory / TENSORS), device=str(map_location))
-    for spec in description["compensation"]:
-        block = model.get_submodule(spec["path"])
-        if spec["form"] == "linear":
-            wrapper: Compensated = LinearCompensated.zeros(block, spec["in"], spec["out"], spec["fp16_eval"])
-        else:
-            wrapper = ConvCompensated.zeros(block, spec["in"], spec["out"], spec["kernel_size"], spec["stride"],
-                                            spec["groups"], spec["fp16_eval"])
-        swap_module(model, spec["path"], wrapper)
-    # Reparameterisation may have given a bias-free Linear a bias (Swin's patch-merging reduction).
-    for key in state:
-        owner, _, leaf = key.rpartition(".")
-        if leaf == "bias" and key not in model.state_dict():
-            module = model.get_submodule(owner)
-            if getattr(module, "bias", "absent") is None:
-                module.bias = nn.Parameter(torch.empty_like(state[key]))
+    description, digest = _read_description(directory / DESCRIPTION)
+    state, metadata = _read_tensors(directory / TENSORS, str(map_location))
+    if metadata.get(_HASH_KEY) != digest:
+        raise InputError(f"{directory / DESCRIPTION} is not the description saved with {directory / TENSORS} "
+                         "(its SHA-256 differs from the one stored in the tensor file): edited, or from another save")
+    model = _skeleton(description, str(directory / DESCRIPTION))
+    try:
+        quantizers = description["quantizers"]
+        for name, q in model.named_modules():
+            if isinstance(q, Quantizer):
+                spec = quantizers[name]
+                if spec["kind"] != _KINDS[type(q)]:
+                    raise InputError(f"{directory / DESCRIPTION}: {name} is {spec['kind']}, the structure has "
+                                     f"{_KINDS[type(q)]}")
+                q.n_bits = check_bits(spec["n_bits"])
+                if isinstance(q, UniformQuantizer):
+                    q.channel_axis = spec["channel_axis"]
+                else:
+                    q.floor = spec["floor"]
+    except (KeyError, TypeError) as err:
+        raise InputError(
+            f"{directory / DESCRIPTION} is incomplete or malformed ({type(err).__name__}: {err})") from None
+    _check_tensors(state, _reference_state(model, state), quantizers, str(directory / TENSORS))
     model.load_state_dict(state, strict=True)
     model.to(map_location).eval()
     set_quant_state(model, weight=True, act=True)

@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
+from ..errors import InputError
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
@@ -109,24 +111,59 @@ class QwTLoaders:
     calib: torch.Tensor  # PTQ calibration batch (images only)
     comp: DataLoader  # QwT compensation batches, a fresh iterator over the shuffled train split
     val: DataLoader
+    classes: list[str]
+    counts: dict[str, int]  # images actually used (all ranks together): calib, comp, val, and val_total
+
+
+def _summary(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:3]) + (f", … {names[-1]}" if len(names) > 3 else "")
+    return f"{len(names)} classes ({shown})" if names else "no classes"
+
+
+def check_classes(train: Sequence[str], val: Sequence[str], head: int | None) -> None:
+    """Refuse a val split whose class folders differ from train's, or a class count the head cannot score:
+    labels would then index the wrong logits and top-1 would be meaningless (0.00 % on a 4-class folder
+    under a 1000-class head)."""
+    problems = []
+    if list(train) != list(val):
+        only_train = sorted(set(train) - set(val))
+        only_val = sorted(set(val) - set(train))
+        problems.append(f"train/ has {_summary(list(train))} and val/ has {_summary(list(val))}"
+                        + (f"; missing in val/: {_summary(only_train)}" if only_train else "")
+                        + (f"; not in train/: {_summary(only_val)}" if only_val else ""))
+    if head is not None and len(val) != head:
+        problems.append(f"the model's head scores {head} classes but val/ has {_summary(list(val))}")
+    if problems:
+        raise InputError("class folders do not match: " + "; ".join(problems))
 
 
 def make_loaders(root: str | Path, pre: Preprocessing, calib_images: int = 32, comp_images: int = 512,
                  batch_size: int = 32, workers: int = 4, seed: int = 0, val_limit: int | None = None,
-                 rank: int = 0, world_size: int = 1) -> QwTLoaders:
+                 rank: int = 0, world_size: int = 1, head_classes: int | None = None) -> QwTLoaders:
     """The authors' data: calibration = first shuffled train batch; compensation = the first ``comp_images``
     of a second shuffled pass (independent of the first); validation unshuffled.
 
     With ``world_size`` > 1 each rank takes its share of the compensation images and every world_size-th
-    validation image; the calibration batch is the same on every rank.
+    validation image; the calibration batch is the same on every rank. Class folders are checked against each
+    other and against ``head_classes`` before any image is read; a ``comp_images`` larger than the train split
+    is used as far as it goes, and ``counts`` records what was used.
     """
+    for name, value in (("calib_images", calib_images), ("comp_images", comp_images), ("batch_size", batch_size)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    if val_limit is not None and val_limit < 1:
+        raise InputError(f"val_limit must be at least 1, got {val_limit}")
     train = class_folder(root, "train", train_transform(pre))
     val = class_folder(root, "val", eval_transform(pre))
+    check_classes(train.classes, val.classes, head_classes)
+    classes = list(val.classes)
     n_val = len(val) if val_limit is None else min(val_limit, len(val))
+    counts = {"calib": calib_images, "comp": min(len(train), comp_images // world_size * world_size),
+              "val": n_val, "val_total": len(val)}
     if n_val < len(val) or world_size > 1:
         val = torch.utils.data.Subset(val, range(rank, n_val, world_size))
     if len(train) < calib_images:
-        raise ValueError(f"{root}/train has {len(train)} images; PTQ calibration needs at least {calib_images}")
+        raise InputError(f"{root}/train has {len(train)} images; PTQ calibration needs at least {calib_images}")
     gen = torch.Generator().manual_seed(seed)
     calib_order = torch.randperm(len(train), generator=gen)[:calib_images].tolist()
     calib_set = SeededSubset(train, calib_order, seed)
@@ -135,4 +172,4 @@ def make_loaders(root: str | Path, pre: Preprocessing, calib_images: int = 32, c
     order = torch.randperm(len(train), generator=gen)[rank * share:(rank + 1) * share]
     comp = DataLoader(SeededSubset(train, order.tolist(), seed), batch_size=batch_size, num_workers=workers)
     val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=workers)
-    return QwTLoaders(calib=calib, comp=comp, val=val_loader)
+    return QwTLoaders(calib=calib, comp=comp, val=val_loader, classes=classes, counts=counts)

@@ -1,25 +1,43 @@
 """Safe checkpoint loading: safetensors, or a PyTorch file read with ``weights_only=True`` (never unpickled)."""
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 StateDict = dict[str, torch.Tensor]
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """A weights file that exists; a folder passed by mistake is named as such, not as "not found"."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a directory; pass the weights file itself")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return path
+
+
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
 
 
 def read_state_dict(path: str | Path) -> StateDict:
     """Tensors of a checkpoint file; unwraps ``{"state_dict": ...}``-style containers and ``module.`` prefixes."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    path = check_checkpoint(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise InputError(
+                f"{path} cannot be read as safetensors ({err}); the file is truncated or damaged") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -70,9 +88,11 @@ def build_timm(timm_name: str, weights_hint: str, convert: Callable[[StateDict, 
             raise FileNotFoundError(
                 f"{timm_name}: ImageNet weights are not downloaded here; pass --checkpoint with {weights_hint}")
     elif Path(checkpoint).suffix == ".npz":
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} not found")
-        model.load_pretrained(str(checkpoint))
+        try:
+            model.load_pretrained(str(check_checkpoint(checkpoint)))
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise InputError(f"{checkpoint} is not a complete big_vision .npz for {timm_name} "
+                             f"({type(err).__name__}: {err})") from None
     else:
         load_into(model, checkpoint, convert)
     return model.eval()

@@ -39,6 +39,8 @@ class PTQConfig:
         check_bits(self.a_bits)
         if self.conv_act_bits is not None:
             check_bits(self.conv_act_bits)
+        if self.log_floor is not None and not (isinstance(self.log_floor, (int, float)) and 0 < self.log_floor < 1):
+            raise ValueError(f"log_floor must be in (0, 1) or None (no floor), got {self.log_floor!r}")
 
     @property
     def tag(self) -> str:

@@ -1,7 +1,8 @@
 """The ImageNet classification task runner shared by ``QwT-cls-RepQ-ViT`` and ``QwT-cls-ResNet``.
 
 One run: FP top-1 → PTQ (RepQ-ViT or percentile) → QwT → optional QwT*; rows (model, bits, method, top1,
-calib_seconds, size_mb) to ``OUT/<model>_<bits>_<method>.json`` and a markdown line. ``--smoke`` swaps in a
+calib_seconds, size_mb) to the run record ``OUT/<model>_<bits>.json`` as each is computed (see
+:func:`qwt.report.write_run`) and a markdown table. Inputs are checked before any compute. ``--smoke`` swaps in a
 reduced random-init model of the same class and a synthetic class-folder dataset, so the whole path runs on CPU
 in seconds. Works under ``torchrun``: compensation images are split across ranks and the solver statistics are
 all-reduced, so every rank solves the same system as a single process would.
@@ -14,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data.imagenet import make_loaders
+from ..cli import check_device, check_writable_dir, positive_int, run_cli
+from ..compensation import BlockReport, QwTConfig
+from ..data.imagenet import QwTLoaders, make_loaders
 from ..data.synthetic import write_class_folders
+from ..environment import environment
+from ..errors import InputError
 from ..evaluate import top1_accuracy
-from ..experiment import ptq_then_qwt
+from ..experiment import check_qwt_config, compensated_blocks, ptq_then_qwt
 from ..finetune import FinetuneConfig, finetune
-from ..models import get_model_entry, list_models
+from ..models import ModelEntry, get_model_entry, list_models
+from ..models.checkpoint import check_checkpoint
 from ..ptq import PTQConfig
 from ..report import atomic_write, markdown_table, write_run
-from ..serialization import save_quantized
+from ..serialization import check_save_target, save_quantized
 from ..utils import seed_everything
 from .cli import CLASSIFICATION, add_quant_flags, ptq_config, qwt_config
 
@@ -49,18 +56,20 @@ def build_parser(task: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="ImageNet root with train/ and val/ class folders")
     p.add_argument("--checkpoint", type=Path, help="FP weights (safetensors, or a weights-only .pth/.pth.tar)")
     add_quant_flags(p, CLASSIFICATION)
-    p.add_argument("--calib-images", type=int, default=32)
-    p.add_argument("--comp-images", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--calib-images", type=positive_int, default=32)
+    p.add_argument("--comp-images", type=positive_int, default=512,
+                   help="QwT images; with fewer train images, all are used and the record says how many")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val images only")
+    p.add_argument("--val-limit", type=positive_int, default=None,
+                   help="evaluate on the first N val images only (rows are labelled <model>-val<N>)")
     p.add_argument("--qwt-star", action="store_true", help="also run QwT* (fine-tune compensation + head)")
-    p.add_argument("--star-epochs", type=int, default=1)
+    p.add_argument("--star-epochs", type=positive_int, default=1)
     p.add_argument("--star-lr", type=float, default=1e-4)
     p.add_argument("--star-weight-decay", type=float, default=0.0)
     p.add_argument("--star-temperature", type=float, default=1.0)
     p.add_argument("--star-label-weight", type=float, default=0.0, help="0: pure distillation from FP logits")
-    p.add_argument("--star-max-steps", type=int, default=None, help="cap on QwT* steps (default: full epochs)")
+    p.add_argument("--star-max-steps", type=positive_int, default=None, help="cap on QwT* steps (default: full epochs)")
     p.add_argument("--skip-fp", action="store_true", help="do not evaluate the FP model")
     p.add_argument("--save", type=Path, help="save the PTQ+QwT model (safetensors + json) to this folder")
     p.add_argument("--out", type=Path, default=Path(defaults["out"]))
@@ -94,40 +103,83 @@ def _sharded_eval(model: nn.Module, loader, device: str, world: int, desc: str, 
     return 100.0 * float(t[0] / t[1])
 
 
+def run_label(args: argparse.Namespace) -> str:
+    """The model name in rows and tables: smoke and ``--val-limit`` runs are marked, so neither can pass for a
+    full-data result or match a paper row."""
+    return args.model + ("-smoke" if args.smoke else "") + (f"-val{args.val_limit}" if args.val_limit else "")
+
+
+def run_stem(args: argparse.Namespace) -> str:
+    """File stem of a run's record: ``OUT/<stem>.json``."""
+    subset = f"_val{args.val_limit}" if args.val_limit else ""
+    return f"{args.model}_W{args.w_bits}A{args.a_bits}{'_smoke' if args.smoke else ''}{subset}"
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Everything that can be checked without compute: device, weights file, output folders."""
+    check_device(args.device)
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)
+    check_writable_dir(args.out, "--out")
+    if args.save is not None:
+        check_save_target(check_writable_dir(args.save, "--save"))
+
+
 def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
+    _check_inputs(args)
+    entry = get_model_entry(args.model)
+    ptq_cfg, qwt_cfg = ptq_config(args, entry.family), qwt_config(args)
+    check_qwt_config(qwt_cfg)
     rank, world = _init_distributed(args.device)
     seed_everything(args.seed)
-    entry = get_model_entry(args.model)
     pre = entry.preprocessing
-    tmp = None
-    if args.smoke:
-        pre = replace(pre, size=32)
-        if args.data_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="qwt-smoke-")
-            args.data_dir = write_class_folders(tmp.name, classes=4, train_per_class=24, val_per_class=8)
-    if args.data_dir is None:
-        raise SystemExit("error: --data-dir is required (ImageNet with train/ and val/), or use --smoke")
-    ptq_cfg, qwt_cfg = ptq_config(args, entry.family), qwt_config(args)
-    loaders = make_loaders(args.data_dir, pre, args.calib_images, args.comp_images, args.batch_size, args.workers,
-                           args.seed, args.val_limit, rank, world)
-    val_set = loaders.val.dataset
-    num_classes = len(getattr(val_set, "dataset", val_set).classes)
+    data_dir = args.data_dir
+    with tempfile.TemporaryDirectory(prefix="qwt-smoke-") as tmp:
+        if args.smoke:
+            pre = replace(pre, size=32)
+            data_dir = data_dir or write_class_folders(tmp, classes=4, train_per_class=24, val_per_class=8)
+        if data_dir is None:
+            raise InputError("--data-dir is required (ImageNet with train/ and val/), or use --smoke")
+        loaders = make_loaders(data_dir, pre, args.calib_images, args.comp_images, args.batch_size, args.workers,
+                               args.seed, args.val_limit, rank, world, None if args.smoke else 1000)
+        rows = _run(args, entry, loaders, ptq_cfg, qwt_cfg, rank, world)
+    if world > 1:
+        dist.destroy_process_group()
+    return rows
+
+
+def _run(args: argparse.Namespace, entry: ModelEntry, loaders: QwTLoaders, ptq_cfg: PTQConfig,
+         qwt_cfg: QwTConfig, rank: int, world: int) -> list[dict[str, Any]]:
+    """FP → PTQ → QwT (→ QwT*) on checked inputs; the record is rewritten after every row."""
+    num_classes = len(loaders.classes)
+    if loaders.counts["comp"] < args.comp_images and rank == 0:
+        print(f"warning: --comp-images {args.comp_images}: only {loaders.counts['comp']} train images are used "
+              "(recorded in the run's data counts)", file=sys.stderr, flush=True)
     fp = entry.build(pretrained=True, checkpoint=args.checkpoint, smoke=args.smoke,
                      num_classes=num_classes if args.smoke else 1000).to(args.device)
+    check_qwt_config(qwt_cfg, compensated_blocks(entry.family.plan(fp)))
     progress = not args.no_progress and rank == 0
-    label = f"{args.model}-smoke" if args.smoke else args.model  # smoke rows never pass for real results
+    label = run_label(args)
+    env = environment(args.device)
+    rows: list[dict[str, Any]] = []
+
+    def record(complete: bool = False, blocks: Sequence[BlockReport] = ()) -> None:
+        if rank == 0:
+            details = {"blocks": [b.to_dict() for b in blocks], "ptq": ptq_cfg.to_dict()}
+            write_run(args.out, run_stem(args), rows, details, args, env, complete, loaders.counts)
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        record()
 
     def evaluate(model: nn.Module, desc: str) -> float:
         return _sharded_eval(model, loaders.val, args.device, world, desc, progress)
 
-    rows: list[dict[str, Any]] = []
     if not args.skip_fp:
-        rows.append({"model": label, "bits": "FP", "method": "fp", "top1": evaluate(fp, "FP"),
-                     "calib_seconds": 0.0})
+        add({"model": label, "bits": "FP", "method": "fp", "top1": evaluate(fp, "FP"), "calib_seconds": 0.0})
     comp = ((x.to(args.device), y) for x, y in loaders.comp)
     result = ptq_then_qwt(label, fp, loaders.calib.to(args.device), comp, evaluate, ptq_cfg, qwt_cfg,
-                          args.batch_size, progress)
-    rows.extend(result.rows)
+                          args.batch_size, progress, on_row=add)
     if rank == 0:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
         applied = sum(b.applied for b in result.blocks)
@@ -144,35 +196,18 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
                                             num_workers=args.workers, drop_last=True,
                                             generator=torch.Generator().manual_seed(args.seed + 1))
         finetune(star, fp, train, len(train), star_config, args.device, progress)
-        rows.append({**result.rows[-1], "method": "ptq+qwt*", "top1": evaluate(star, "PTQ+QwT*"),
-                     "calib_seconds": result.rows[-1]["calib_seconds"] + time.perf_counter() - start})
+        add({**result.rows[-1], "method": "ptq+qwt*", "top1": evaluate(star, "PTQ+QwT*"),
+             "calib_seconds": result.rows[-1]["calib_seconds"] + time.perf_counter() - start})
     if rank == 0:
-        _write(args, rows, result.blocks, ptq_cfg)
         if args.save:
             save_quantized(result.model, args.save, args.model, ptq_cfg,
                            {"smoke": args.smoke, "num_classes": num_classes} if args.smoke else {})
-    if tmp is not None:
-        tmp.cleanup()
-    if world > 1:
-        dist.destroy_process_group()
+        record(complete=True, blocks=result.blocks)
+        markdown = markdown_table(rows, label)
+        atomic_write(args.out / f"{run_stem(args)}.md", markdown + "\n")
+        print(markdown, flush=True)
     return rows
 
 
-def _write(args: argparse.Namespace, rows: list[dict[str, Any]], blocks, ptq_config: PTQConfig) -> None:
-    """``OUT/<model>_<bits>.json``: the result rows (summary.json schema + size_mb); details (per-block R²,
-    configuration) go to ``OUT/details/``; the markdown table to ``OUT/<model>_<bits>.md``."""
-    stem = f"{args.model}_{ptq_config.tag}{'_smoke' if args.smoke else ''}"
-    write_run(args.out, stem, rows, {"blocks": [b.to_dict() for b in blocks], "ptq": ptq_config.to_dict()}, args)
-    markdown = markdown_table(rows, rows[-1]["model"])
-    atomic_write(args.out / f"{stem}.md", markdown + "\n")
-    print(markdown, flush=True)
-
-
 def main(task: str, description: str, argv: list[str] | None = None) -> int:
-    args = build_parser(task, description).parse_args(argv)
-    try:
-        run(args, task)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, build_parser(task, description).parse_args(argv), task)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from ..cli import finite_float
 from ..compensation import QwTConfig
 from ..family import Family
 from ..ptq import PTQConfig
@@ -58,7 +59,8 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g.add_argument("--fp32-comp", dest="comp_precision", action="store_const", const="fp32",
                    help="same as --comp-precision fp32")
     g.add_argument("--start-block", type=int, default=0, help="blocks before this index get no compensation")
-    g.add_argument("--r2-threshold", type=float, default=0.0, help="compensate a block only if its R² exceeds this")
+    g.add_argument("--r2-threshold", type=finite_float, default=0.0,
+                   help="compensate a block only if its R² exceeds this")
     g.add_argument("--kernel-size", type=int, default=1, help="grouped-conv compensation kernel (CNNs)")
     g.add_argument("--channels-per-group", "--factor", type=int, default=64,
                    help="input channels per group of the conv compensation (CNNs; the authors' --factor)")

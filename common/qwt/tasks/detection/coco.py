@@ -6,6 +6,7 @@ one image per batch); compensation images are annotated train2017 images resized
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,4 +97,12 @@ def evaluate(model: nn.Module, data: DataLoader, desc: str = "eval", progress: b
     for batch in tqdm(data, desc=desc, disable=not progress, leave=False):
         evaluator.process(model.test_step(batch), batch)
     result = evaluator.evaluate(len(dataset))
-    return 100.0 * result["coco/bbox_mAP"], 100.0 * result["coco/segm_mAP"]
+    return _ap(result, "coco/bbox_mAP", desc), _ap(result, "coco/segm_mAP", desc)
+
+
+def _ap(result: dict[str, float], key: str, desc: str) -> float:
+    """AP in percent; mmdet returns no value when no image got a detection, which is AP 0, not a crash."""
+    if key not in result:
+        warnings.warn(f"{desc}: no detections on any image, {key} recorded as 0", RuntimeWarning, stacklevel=2)
+        return 0.0
+    return 100.0 * result[key]

@@ -6,20 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ...report import atomic_write
+from ...report import atomic_write, collect_records
 
 Row = dict[str, Any]
 METHODS = ("fp", "ptq", "ptq+qwt")
 _LABELS = {"fp": "FP", "ptq": "RepQ-ViT", "ptq+qwt": "RepQ-ViT+QwT"}
-
-
-def read_rows(folder: Path) -> list[Row]:
-    """Every result row in ``folder/*.json`` (the per-run files main.py writes; summary.json excluded)."""
-    rows: list[Row] = []
-    for path in sorted(Path(folder).glob("*.json")):
-        if path.name != "summary.json":
-            rows += json.loads(path.read_text())
-    return rows
 
 
 def _published(paper: dict[str, Any], row: Row) -> dict[str, float] | None:
@@ -46,14 +37,19 @@ def markdown(rows: Sequence[Row], paper: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\nPaper numbers: {paper['source']}\n"
 
 
-def write_table(folder: Path, paper_path: Path, title: str) -> str:
-    """Collect ``folder``'s rows into ``summary.json`` and ``table.md``; returns the markdown."""
-    rows = read_rows(folder)
+def write_table(folder: Path, stems: Sequence[str], config: str, paper_path: Path,
+                title: str) -> tuple[str, list[str]]:
+    """Collect the complete records ``folder/<stem>.json`` made with configuration hash ``config`` into
+    ``summary.json`` and ``table.md``; returns the markdown and the stems that have no such record."""
+    rows, environments, missing = collect_records(folder, stems, config)
     for r in rows:
-        missing = {"model", "bits", "method", "box_ap", "mask_ap", "calib_seconds"} - set(r)
-        if missing or r["method"] not in METHODS:
-            raise ValueError(f"malformed detection row {r}: missing {sorted(missing)} or method not in {METHODS}")
+        absent = {"model", "bits", "method", "box_ap", "mask_ap", "calib_seconds"} - set(r)
+        if absent or r["method"] not in METHODS:
+            raise ValueError(f"malformed detection row {r}: missing {sorted(absent)} or method not in {METHODS}")
     text = f"## {title}\n\n" + markdown(rows, json.loads(Path(paper_path).read_text()))
-    atomic_write(Path(folder) / "summary.json", json.dumps(rows, indent=2) + "\n")
+    if missing:
+        text += f"\nMissing runs (no complete record with configuration {config}): {', '.join(missing)}\n"
+    summary = {"config_hash": config, "environment": environments, "missing": missing, "rows": rows}
+    atomic_write(Path(folder) / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write(Path(folder) / "table.md", text)
-    return text
+    return text, missing

@@ -1,0 +1,98 @@
+"""Shared command-line plumbing: input checks made before any compute, and one exit code for input errors.
+
+Every entry point (the task ``main.py`` files, the table scripts, ``scripts/demo.py``) runs its work through
+:func:`run_cli`, so an input problem prints one ``error:`` line and exits with :data:`INPUT_ERROR` instead of a
+traceback, and SIGTERM unwinds like Ctrl-C (temporary folders removed, child runs stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+#: Exit status for every input error (argparse uses the same for bad flags).
+INPUT_ERROR = 2
+
+#: Errors that mean "fix your input": raised by the checks here, by file access and by config validation.
+_INPUT_ERRORS = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_cli(fn: Callable[..., Any], *args: Any) -> int:
+    """Call ``fn(*args)``; input errors → one line on stderr and exit status 2, SIGTERM/SIGINT → 130 after
+    ``finally`` blocks and context managers have cleaned up. Returns ``fn``'s int result, else 0."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = fn(*args)
+    except _INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return INPUT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: no record of the unfinished run is marked complete", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return result if isinstance(result, int) else 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (image counts, limits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (thresholds; NaN would silently disable every comparison)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def check_device(device: str) -> str:
+    """Refuse a CUDA device that this machine does not have, before anything is built."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"--device {device!r}: {err}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_writable_dir(path: Path, flag: str) -> Path:
+    """Make sure ``path`` is (or can become) a writable folder, so a run does not fail after its compute."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {existing} is not writable")
+    return path
