@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
-exec python3 scripts/reproduce_table.py vit "$@"
+exec python3 scripts/reproduce_table.py QwT-cls-RepQ-ViT "$@"

@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
-exec python3 QwT-det-RepQ-ViT/reproduce.py "$@"
+exec python3 scripts/reproduce_table.py QwT-det-RepQ-ViT "$@"

@@ -120,7 +120,7 @@ def test_det_swin_smoke_end_to_end(tmp_path):
                                                       for j in range(2)]
     assert any(b["applied"] for b in details["blocks"]) and details["qwt"]["fp16_eval"] is False
     table = (out / "table.md").read_text()
-    assert table.count("| cascade_mask_rcnn_swin_t-smoke |") == 5 and "RepQ-ViT+QwT" in table
+    assert table.count("| cascade_mask_rcnn_swin_t-smoke |") == 5 and "PTQ+QwT" in table
 
 
 def test_defaults_follow_the_authors_detection_code():

@@ -20,6 +20,7 @@ from qwt.data.synthetic import write_class_folders
 from qwt.errors import InputError
 from qwt.experiment import check_qwt_config
 from qwt.report import write_run
+from qwt.tasks.tables import Table, assemble
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -124,24 +125,23 @@ def test_assembly_reads_only_matching_complete_records(tmp_path, capsys):
     _record(tmp_path, "deit_tiny", True)
     _record(tmp_path, "deit_small", False)  # interrupted
     (tmp_path / "notes.json").write_text("[1, 2]")  # foreign JSON
-    paper = tmp_path / "paper.json"
-    paper.write_text(json.dumps({"models": {}, "source": "test"}))
-    assert assemble_table.main([str(tmp_path), str(paper)]) == 0
+    task = ROOT / "QwT-cls-RepQ-ViT"
+    assert assemble_table.main([str(task), str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["model"] for r in summary["rows"]} == {"deit_tiny"} and summary["environment"] == [{"cpu": "x"}]
     assert "deit_small_W4A4" in capsys.readouterr().err
     _record(tmp_path, "deit_base", True, seed=1)  # made with other settings
-    assert assemble_table.main([str(tmp_path), str(paper)]) == 2  # two configurations: which one?
+    assert assemble_table.main([str(task), str(tmp_path)]) == 2  # two configurations: which one?
     config = json.loads((tmp_path / "deit_tiny_W4A4.json").read_text())["config_hash"]
-    assert assemble_table.assemble(tmp_path, ["deit_tiny_W4A4", "deit_base_W4A4"], config, paper, "t") == 1
+    assert assemble(tmp_path, ["deit_tiny_W4A4", "deit_base_W4A4"], config, Table.load(task)) == 1
     assert json.loads((tmp_path / "summary.json").read_text())["missing"] == ["deit_base_W4A4"]
 
 
 def test_sigterm_stops_the_table_script_and_its_child(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "common"), "OMP_WAIT_POLICY": "PASSIVE"}
-    parent = subprocess.Popen([sys.executable, str(ROOT / "scripts/reproduce_table.py"), "resnet", "--smoke",
-                               "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, str(ROOT / "scripts/reproduce_table.py"), str(ROOT / "QwT-cls-ResNet"),
+                               "--smoke", "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     record = out / "resnet18_W4A4_smoke.json"
     deadline = time.monotonic() + 120
     while not record.exists() and time.monotonic() < deadline and parent.poll() is None:

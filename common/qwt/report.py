@@ -192,21 +192,3 @@ def write_report(rows: Sequence[Row], out_dir: str | Path, title: str, meta: dic
     atomic_write(out / "table.md", markdown)
     bar_chart(rows, out / "chart.png", title)
     return markdown
-
-
-def paper_comparison(rows: Sequence[Row], paper: dict[str, Any]) -> str:
-    """Markdown: our top-1 next to the published one for every (model, bits, method) either side has."""
-    ours = {(r["model"], r["bits"], r["method"]): r["top1"] for r in rows}
-    published = paper["models"]
-    lines = ["| model | bits | method | ours top-1 | paper top-1 | ours − paper |", "|---|---|---|---|---|---|"]
-    for model, entry in published.items():
-        keys = [("FP", "fp", entry.get("fp"))]
-        keys += [(bits, method, value) for bits, methods in entry.items() if bits != "fp"
-                 for method, value in methods.items()]
-        for bits, method, value in keys:
-            mine = ours.get((model, bits, method))
-            if mine is None and value is None:
-                continue
-            diff = "–" if mine is None or value is None else f"{mine - value:+.2f}"
-            lines.append(f"| {model} | {bits} | {method} | {_fmt(mine)} | {_fmt(value, 1)} | {diff} |")
-    return "\n".join(lines) + f"\n\nPaper numbers: {paper.get('source', '')}\n"
