@@ -1,0 +1,111 @@
+"""Calibration speed levers keep results bit-identical: each is compared with a plain re-statement of the maths."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qwt
+from qwt.quant import QuantLinear, UniformQuantizer, log_sqrt2_fake_quant
+from qwt.quant.quantizers import search_log_sqrt2
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns, so that −0 ≠ +0 and NaN payloads count."""
+    return t.contiguous().view(torch.int32)
+
+
+def _plain_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, levels: int, floor: float | None) -> torch.Tensor:
+    ratio = x / delta
+    if floor is not None:
+        ratio = torch.clamp_min(ratio, floor)
+    q_int = torch.round(-2.0 * torch.log2(ratio))
+    q = torch.clamp(q_int, 0, levels - 1)
+    odd = (q % 2) * (math.sqrt(2) - 1) + 1
+    return (2 ** (-1 * torch.ceil(q / 2)) * odd * delta).masked_fill(q_int >= levels, 0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_log_sqrt2_inference_path_matches_the_formula_bit_for_bit(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.cat([torch.rand(4000, generator=g).pow(4), torch.rand(100, generator=g) * 3,  # codes < 0 too
+                   torch.tensor([0.0, 1e-30, 1e-7, 0.4, 1.0, float("inf")])])
+    delta = torch.tensor(0.4)
+    for floor in (None, 1e-6):
+        assert torch.equal(_bits(log_sqrt2_fake_quant(x, delta, 2**bits, floor)),
+                           _bits(_plain_log_sqrt2(x, delta, 2**bits, floor)))
+
+
+def test_log_sqrt2_search_scores_as_the_formula():
+    flat = torch.rand(20_000, generator=torch.Generator().manual_seed(1)).pow(3)
+    delta = search_log_sqrt2(flat, 4, 1e-6)
+    candidates = torch.quantile(flat, torch.tensor([0.999, 0.9999, 0.99999]))
+    scores = [(flat - _plain_log_sqrt2(flat, c, 16, 1e-6)).pow(2).mean() for c in candidates]
+    assert torch.equal(delta, candidates[min(range(3), key=lambda i: (scores[i], i))])
+
+
+def _quant_linear(seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    layer = QuantLinear(nn.Linear(12, 7), UniformQuantizer(4), UniformQuantizer(4, channel_axis=0))
+    layer.set_quant_state(weight=True, act=True)
+    with torch.no_grad():
+        layer(torch.randn(16, 12))  # calibrate
+    return layer
+
+
+def _plain(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), layer.bias)
+
+
+def test_cached_weight_is_reused_and_equals_recomputing():
+    layer, x = _quant_linear(), torch.randn(5, 12)
+    with torch.no_grad():
+        first = layer.quantized_weight()
+        assert layer.quantized_weight() is first  # computed once
+        assert torch.equal(layer(x), _plain(layer, x))
+
+
+def test_weight_cache_follows_weight_and_quantiser_changes():
+    layer, x = _quant_linear(), torch.randn(5, 12)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(1.5)  # optimiser-style in-place edit
+        assert torch.equal(layer(x), _plain(layer, x)) and not torch.equal(layer(x), before)
+        layer.weight_quantizer.reset()  # as reparameterisation does: the next forward re-calibrates
+        assert torch.equal(layer(x), _plain(layer, x))
+        other = _quant_linear(seed=1)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+        layer.weight_quantizer.enabled = False
+        assert torch.equal(layer(x), F.linear(layer.input_quantizer(x), layer.weight, layer.bias))
+
+
+def test_gradients_reach_a_trainable_quantised_weight():
+    layer, x = _quant_linear(), torch.randn(5, 12)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    frozen = _quant_linear()
+    frozen.weight.requires_grad_(False)
+    x.requires_grad_(True)
+    with torch.inference_mode():
+        frozen(x.detach())  # an inference-mode cache must not leak into training
+    frozen(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_model_outputs_unchanged_by_the_cache():
+    torch.manual_seed(0)
+    model = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    qwt.quantize(model, images, qwt.PTQConfig(), "vit")
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, qwt.quant.QuantModule) and hasattr(module, "weight_quantizer"):
+            module.quantized_weight = lambda m=module: m.weight_quantizer(m.weight)
+    with torch.no_grad():
+        model(images)
+        assert torch.equal(model(images), plain(images))
