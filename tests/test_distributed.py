@@ -48,13 +48,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_ranks_solve_the_single_process_system(tmp_path):
+def _run_two_ranks(worker, out: str) -> dict:
+    """Spawn ``worker(rank, 2, port, out)`` on two gloo ranks; returns what rank 0 saved to ``out``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    got = torch.load(out, weights_only=True)
+    mp.spawn(worker, args=(2, port, out), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+def test_two_ranks_solve_the_single_process_system(tmp_path):
+    got = _run_two_ranks(_worker, str(tmp_path / "rank0.pt"))
     x, t, xc, tc = _data()
     linear, conv = _fits()
     linear.update(x, t)
@@ -130,12 +134,7 @@ def _star_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_qwt_star_data_parallel_equals_one_process_with_the_global_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "star.pt")
-    mp.spawn(_star_worker, args=(2, port, out), nprocs=2, join=True)
-    got = torch.load(out, weights_only=True)
+    got = _run_two_ranks(_star_worker, str(tmp_path / "star.pt"))
     model, fp, data = _star_setup()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses, trained = _star_train(model, fp, data, 0, 1)
