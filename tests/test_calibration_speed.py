@@ -101,7 +101,7 @@ def test_model_outputs_unchanged_by_the_cache():
     torch.manual_seed(0)
     model = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    qwt.quantize(model, images, qwt.PTQConfig(), "vit")
+    qwt.quantize(model, images, qwt.PTQConfig())
     plain = copy.deepcopy(model)
     for module in plain.modules():
         if isinstance(module, qwt.quant.QuantModule) and hasattr(module, "weight_quantizer"):
@@ -109,3 +109,78 @@ def test_model_outputs_unchanged_by_the_cache():
     with torch.no_grad():
         model(images)
         assert torch.equal(model(images), plain(images))
+
+
+def _plain_statistics(fit, batches):
+    """The normal-equation statistics as first written: FP32 design cast to FP64, sums with ``+``."""
+    gram = cross = None
+    t_sq = torch.zeros((), dtype=torch.float64)
+    for x, t in batches:
+        a, target = fit._design(x.float(), t.float())
+        a64, t64 = a.double(), target.double()
+        g, c = a64.transpose(1, 2) @ a64, a64.transpose(1, 2) @ t64
+        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+        t_sq = t_sq + t.double().pow(2).sum()
+    return gram, cross, t_sq
+
+
+@pytest.mark.parametrize("form", ["linear", "conv"])
+def test_streaming_statistics_are_unchanged(form):
+    from qwt.compensation import GroupedConvLeastSquares, LinearLeastSquares
+
+    g = torch.Generator().manual_seed(4)
+    if form == "linear":
+        batches = [(torch.randn(4, 9, 16, generator=g), torch.randn(4, 9, 8, generator=g)) for _ in range(3)]
+        fit = LinearLeastSquares()
+    else:
+        batches = [(torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 8, 3, 3, generator=g)) for _ in range(3)]
+        fit = GroupedConvLeastSquares(8, 8, 3, 2, 2)
+    for x, t in batches:
+        fit.update(x, t)
+    gram, cross, t_sq = _plain_statistics(fit, batches)
+    assert torch.equal(fit.gram, gram) and torch.equal(fit.cross, cross) and torch.equal(fit.t_sq, t_sq)
+
+
+def _plain_apply_qwt(model, plan, images, config):
+    """apply_qwt's procedure restated with plain lists (all batches' inputs, outputs and next inputs alive)."""
+    from qwt.compensation.blockwise import _fitter, _wrap
+    from qwt.quant.modules import quant_state, set_quant_state, swap_module
+
+    set_quant_state(model, weight=True, act=True)
+    feats, r2 = [plan.stem(b) for b in images.split(4)], []
+    for step in plan.steps:
+        module = model.get_submodule(step.path)
+        outputs, fit = [], None
+        for x in feats:
+            with quant_state(module, weight=False, act=False):
+                y_fp = module(x)
+            y_q = module(x)
+            if fit is None:
+                fit, meta = _fitter(plan.form, x, y_q, config)
+            fit.update(x, y_fp - y_q)
+            outputs.append(y_q)
+        result = fit.solve()
+        weight, bias = (result.weight, result.bias) if result.r2 > 0 else (
+            torch.zeros_like(result.weight), torch.zeros_like(result.bias))
+        wrapper = _wrap(plan.form, module, weight, bias, meta, config.fp16_eval)
+        swap_module(model, step.path, wrapper)
+        feats = [wrapper.add_fp32(y, x) for x, y in zip(feats, outputs)]
+        r2.append(result.r2)
+    return r2
+
+
+@pytest.mark.parametrize("name", ["deit_tiny", "resnet18"])
+def test_apply_qwt_is_bit_identical_to_the_plain_procedure(name):
+    entry = qwt.get_model_entry(name)
+    torch.manual_seed(0)
+    fp = qwt.create_model(name, smoke=True, num_classes=4)
+    g = torch.Generator().manual_seed(6)
+    calib, comp = torch.randn(8, 3, 32, 32, generator=g), torch.randn(12, 3, 32, 32, generator=g)
+    model = qwt.quantize(fp, calib, qwt.PTQConfig(method=entry.family.methods[0]))
+    plain = copy.deepcopy(model)
+    config = qwt.QwTConfig(feature_device="cpu", skip_degenerate=False)  # the plain loop fits every block
+    with torch.no_grad():
+        reports = qwt.apply_qwt(model, comp, config, batch_size=4, progress=False)
+        r2 = _plain_apply_qwt(plain, entry.family.plan(plain), comp, config)
+        assert [r.r2 for r in reports] == r2
+        assert torch.equal(model(comp), plain(comp))
