@@ -184,3 +184,23 @@ def test_apply_qwt_is_bit_identical_to_the_plain_procedure(name):
         r2 = _plain_apply_qwt(plain, entry.family.plan(plain), comp, config)
         assert [r.r2 for r in reports] == r2
         assert torch.equal(model(comp), plain(comp))
+
+
+def test_repq_vit_quantize_equals_a_second_calibration_forward():
+    """Re-fitting the reset weight quantisers directly gives what RepQ-ViT's second calibration pass gives."""
+    from qwt.ptq import calibrate, quantize_modules, reparameterize_model
+
+    torch.manual_seed(0)
+    fp = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    plain, family = copy.deepcopy(fp).eval(), qwt.get_model_entry("deit_tiny").family
+    quantize_modules(plain, family.layer_rule(plain, qwt.PTQConfig()))
+    calibrate(plain, images)
+    reparameterize_model(plain, family.norm_linear_pairs)
+    calibrate(plain, images)
+    model = qwt.quantize(fp, images, qwt.PTQConfig())
+    got, expected = model.state_dict(), plain.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    with torch.no_grad():
+        assert torch.equal(model(images), plain(images))
