@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--comp-images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--solver", choices=["streaming", "reference"], default="streaming")
+    p.add_argument("--feature-device", default=None,
+                   help="where QwT keeps block features between blocks (e.g. cpu for a GPU run); default: --device")
     p.add_argument("--smoke", action="store_true", help="the registry's reduced model on 32×32 images (tests)")
     return p.parse_args(argv)
 
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     memory = PeakMemory(device)
     memory.start()
     timer.restart()
-    apply_qwt(model, comp, QwTConfig(solver=args.solver), batch_size=args.batch_size, progress=False)
+    apply_qwt(model, comp, QwTConfig(solver=args.solver, feature_device=args.feature_device),
+              batch_size=args.batch_size, progress=False)
     qwt_s = timer("qwt")
     total = timer.total
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model + ("-smoke" if args.smoke else ""), "device": name, "threads": torch.get_num_threads(),
         "images": args.calib_images + args.comp_images, "calib_images": args.calib_images,
         "comp_images": args.comp_images, "bits": f"W{args.w_bits}A{args.a_bits}", "solver": args.solver,
+        "feature_device": args.feature_device or args.device,
         "calibrate_s": round(timer.phases["calibrate"], 3),
         "reparameterize_s": round(timer.phases.get("reparameterize+recalibrate", 0.0), 3),
         "fp_forward_s": round(fp_forward, 3), "ptq_s": round(ptq, 3), "qwt_s": round(qwt_s, 3),

@@ -204,3 +204,22 @@ def test_repq_vit_quantize_equals_a_second_calibration_forward():
     assert all(torch.equal(got[k], expected[k]) for k in got)
     with torch.no_grad():
         assert torch.equal(model(images), plain(images))
+
+
+def test_speed_benchmark_prints_its_figures_as_the_last_json_line(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "calibration_speed.py"
+    spec = importlib.util.spec_from_file_location("calibration_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "deit_tiny", "--smoke", "--calib-images", "4", "--comp-images", "8", "--batch-size", "4"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("model", "device", "threads", "images", "fp_forward_s", "ptq_s", "qwt_s", "total_s",
+                "ratio_to_fp_forward", "qwt_peak_mib"):
+        assert key in figures
+    assert figures["images"] == 12 and figures["device"] == "cpu"
+    assert figures["total_s"] == pytest.approx(figures["ptq_s"] + figures["qwt_s"], abs=2e-3)
+    assert figures["ratio_to_fp_forward"] == pytest.approx(figures["total_s"] / figures["fp_forward_s"], rel=0.02)
