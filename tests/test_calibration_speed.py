@@ -222,4 +222,5 @@ def test_speed_benchmark_prints_its_figures_as_the_last_json_line(capsys):
         assert key in figures
     assert figures["images"] == 12 and figures["device"] == "cpu"
     assert figures["total_s"] == pytest.approx(figures["ptq_s"] + figures["qwt_s"], abs=2e-3)
-    assert figures["ratio_to_fp_forward"] == pytest.approx(figures["total_s"] / figures["fp_forward_s"], rel=0.02)
+    fp = figures["fp_forward_s"]  # rounded to 1 ms, which is a lot for a tiny model: allow for it
+    assert figures["ratio_to_fp_forward"] == pytest.approx(figures["total_s"] / fp, rel=0.01 + 0.0005 / fp)
