@@ -48,13 +48,17 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_ranks_solve_the_single_process_system(tmp_path):
+def _run_two_ranks(worker, out: str) -> dict:
+    """Spawn ``worker(rank, 2, port, out)`` on two gloo ranks; returns what rank 0 saved to ``out``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    got = torch.load(out, weights_only=True)
+    mp.spawn(worker, args=(2, port, out), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+def test_two_ranks_solve_the_single_process_system(tmp_path):
+    got = _run_two_ranks(_worker, str(tmp_path / "rank0.pt"))
     x, t, xc, tc = _data()
     linear, conv = _fits()
     linear.update(x, t)
@@ -90,3 +94,52 @@ def test_torchrun_task_equals_single_process(tmp_path):
     assert [b["r2"] for b in multi] == pytest.approx([b["r2"] for b in single], abs=1e-6)
     rows = [json.loads((tmp_path / n / "deit_tiny_W4A4_smoke.json").read_text())["rows"] for n in ("multi", "single")]
     assert [r["top1"] for r in rows[0]] == [r["top1"] for r in rows[1]]
+
+
+def _star_setup():
+    """A compensated smoke DeiT, its FP teacher and a small labelled set, identical in every process."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    fp = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
+    gen = torch.Generator().manual_seed(5)
+    calib, comp = torch.randn(8, 3, 32, 32, generator=gen), torch.randn(16, 3, 32, 32, generator=gen)
+    model = qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig())
+    qwt.apply_qwt(model, comp, batch_size=8, progress=False)
+    data = TensorDataset(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 4, (32,), generator=gen))
+    return model, fp, data
+
+
+def _star_train(model, fp, data, rank: int, world: int):
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    from qwt.finetune import FinetuneConfig, ShardedBatches, finetune
+
+    gen = torch.Generator().manual_seed(1)
+    batches = ShardedBatches(BatchSampler(RandomSampler(data, generator=gen), 8, drop_last=True), rank, world)
+    losses = finetune(model, fp, DataLoader(data, batch_sampler=batches, generator=gen), len(batches),
+                      FinetuneConfig(lr=1e-3, label_weight=0.5), progress=False)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("comp_weight", "head.weight"))}
+    return losses, trained
+
+
+def _star_worker(rank: int, world: int, port: int, out: str) -> None:
+    model, fp, data = _star_setup()  # before joining: apply_qwt would all-reduce otherwise
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    losses, trained = _star_train(model, fp, data, rank, world)
+    if rank == 0:
+        torch.save({"losses": losses, "trained": trained}, out)
+    dist.destroy_process_group()
+
+
+def test_qwt_star_data_parallel_equals_one_process_with_the_global_batch(tmp_path):
+    got = _run_two_ranks(_star_worker, str(tmp_path / "star.pt"))
+    model, fp, data = _star_setup()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses, trained = _star_train(model, fp, data, 0, 1)
+    assert len(losses) == len(got["losses"]) == 4
+    assert got["losses"] == pytest.approx(losses, rel=1e-5)
+    for name, param in trained.items():
+        assert not torch.equal(param, before[name])  # it trained
+        assert torch.allclose(got["trained"][name], param, atol=1e-6), name

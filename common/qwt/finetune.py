@@ -9,12 +9,15 @@ training path.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, Sampler
 from tqdm.auto import tqdm
 
 from .compensation.modules import Compensated
@@ -49,11 +52,45 @@ def trainable_parameters(model: nn.Module, classifier: tuple[str, ...]) -> list[
     return chosen
 
 
+class ShardedBatches(Sampler[list[int]]):
+    """This rank's contiguous share of every global batch of ``batches``.
+
+    Data-parallel QwT* then trains on the global batches one process would draw (same shuffle, same drop_last):
+    with the gradients averaged by DistributedDataParallel, N ranks take the single-process steps.
+    """
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int) -> None:
+        if batches.batch_size % world_size:
+            raise ValueError(f"batch size {batches.batch_size} must be a multiple of the {world_size} ranks")
+        self.batches, self.rank, self.share = batches, rank, batches.batch_size // world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield batch[self.rank * self.share:(self.rank + 1) * self.share]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def finetune(model: nn.Module, teacher: nn.Module, batches: Iterable, steps_per_epoch: int,
              config: FinetuneConfig = FinetuneConfig(), device: str | torch.device = "cpu",
              progress: bool = True) -> list[float]:
-    """Train the compensation and head of ``model`` against ``teacher`` (the FP model); returns the losses."""
+    """Train the compensation and head of ``model`` against ``teacher`` (the FP model); returns the losses.
+
+    Under torch.distributed the step is data-parallel: ``batches`` must give each rank its share of the global
+    batch (:class:`ShardedBatches`); gradients are averaged over ranks, and the losses returned are the
+    global-batch means, as one process with the whole batch would report them.
+    """
     params = [p for _, p in trainable_parameters(model, family_of(model).classifier)]
+    world = _world_size()
+    device = torch.device(device)
+    # Only the trainable parameters take part; quantiser buffers are identical on every rank already.
+    student = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -75,7 +112,7 @@ def finetune(model: nn.Module, teacher: nn.Module, batches: Iterable, steps_per_
                 images, labels = images.to(device), labels.to(device)
                 with torch.no_grad():
                     soft = F.softmax(teacher(images) / t, dim=-1)
-                logits = model(images)
+                logits = student(images)
                 kd = F.kl_div(F.log_softmax(logits / t, dim=-1), soft, reduction="batchmean") * t * t
                 loss = (1 - config.label_weight) * kd + config.label_weight * F.cross_entropy(logits, labels)
                 if not torch.isfinite(loss):
@@ -86,9 +123,13 @@ def finetune(model: nn.Module, teacher: nn.Module, batches: Iterable, steps_per_
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 opt.step()
                 sched.step()
+                loss = loss.detach()
+                if world > 1:
+                    dist.all_reduce(loss)
+                    loss /= world
                 losses.append(loss.item())
                 bar.update()
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if len(losses) >= total:
                     break
             if len(losses) == before:

@@ -69,6 +69,7 @@ class QwTConfig:
     kernel_size: int = 1
     channels_per_group: int = 64
     skip_degenerate: bool = True  # False: fit degenerate systems anyway, as the authors' code would
+    feature_device: str | None = None  # where block features wait between blocks; None: the model's device
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -161,31 +162,37 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
     """Attach a fitted compensation to every block of ``plan`` (in place); returns one report per block.
 
     ``model`` must be quantised and calibrated. ``images`` is a tensor (split into ``batch_size`` batches) or
-    an iterable of batches, e.g. a DataLoader; features of all batches are kept on the model's device between
-    blocks. Most callers use :func:`qwt.apply_qwt`, which takes the plan from the model's family.
+    an iterable of batches, e.g. a DataLoader. Between blocks the features of all batches wait on
+    ``config.feature_device`` (e.g. ``"cpu"`` to keep GPU memory flat in the number of images; each batch is
+    copied to the model's device when used) and at most two copies exist: a block's input and its output. Most
+    callers use :func:`qwt.apply_qwt`, which takes the plan from the model's family.
     """
     model.eval()
     set_quant_state(model, weight=True, act=True)
     feats = [plan.stem(batch) for batch in _batches(images, batch_size)]
     if not feats:
         raise ValueError("no compensation images: pass at least one batch")
+    device = feats[0].device
+    store = torch.device(config.feature_device) if config.feature_device else device
+    feats = [x.to(store) for x in feats]
     reports: list[BlockReport] = []
     index = 0
     for step in tqdm(plan.steps, desc="QwT blocks", disable=not progress, leave=False):
         module = model.get_submodule(step.path)
         if not step.compensate:
-            feats = [step.run(module, x) for x in feats]
+            feats = [step.run(module, x.to(device)).to(store) for x in feats]
             continue
         start = time.perf_counter()
         outputs, fit, meta = [], None, {}
         for x in feats:
+            x = x.to(device)
             with quant_state(module, weight=False, act=False):
                 y_fp = step.run(module, x)
             y_q = step.run(module, x)
             if fit is None:
                 fit, meta = _fitter(plan.form, x, y_q, config)
             fit.update(x, y_fp - y_q)
-            outputs.append(y_q)
+            outputs.append(y_q.to(store))
         fit.reduce()
         result, reason = _solve(fit, step.path, config.skip_degenerate)
         if reason is not None:
@@ -195,7 +202,10 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))
         wrapper = _wrap(plan.form, module, weight, bias, meta, config.fp16_eval)
         swap_module(model, step.path, wrapper)
-        feats = [wrapper.add_fp32(y, x) for x, y in zip(feats, outputs)]
+        for k, (x, y) in enumerate(zip(feats, outputs)):  # batch k's input and output are freed as we go
+            feats[k] = wrapper.add_fp32(y.to(device), x.to(device)).to(store)
+            outputs[k] = None
+        del x, y
         reports.append(BlockReport(index, step.path, result.r2, applied, time.perf_counter() - start, meta))
         index += 1
     return reports

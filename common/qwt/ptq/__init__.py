@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.modules import set_quant_state
+from ..quant.modules import quant_modules, set_quant_state
 from .config import PTQConfig
 from .repq_vit import layernorm_linear_pairs, reparameterize, reparameterize_model
 from .surgery import LayerRule, act_quantizer, attention_matmuls, cnn_rule, quantize_modules, token_rule, weight_quantizer
@@ -21,8 +21,8 @@ PhaseHook = Callable[[str], None]
 #: Runs the model on calibration data; the default is ``model(data)``.
 CalibrationForward = Callable[[nn.Module, Any], Any]
 
-__all__ = ["PTQConfig", "LayerRule", "CalibrationForward", "calibrate", "apply_ptq", "quantize_modules",
-           "token_rule", "cnn_rule", "act_quantizer", "weight_quantizer", "attention_matmuls", "reparameterize",
+__all__ = ["PTQConfig", "LayerRule", "CalibrationForward", "calibrate", "calibrate_weights", "apply_ptq",
+           "quantize_modules", "token_rule", "cnn_rule", "act_quantizer", "weight_quantizer", "attention_matmuls", "reparameterize",
            "reparameterize_model", "layernorm_linear_pairs"]
 
 
@@ -40,13 +40,28 @@ def calibrate(model: nn.Module, data: Any, forward: CalibrationForward = _defaul
     forward(model, data)
 
 
+@torch.no_grad()
+def calibrate_weights(model: nn.Module) -> None:
+    """Fit every uncalibrated weight quantiser on its weight.
+
+    A weight quantiser's search reads only the weight, so after reparameterisation (which resets the weight
+    quantisers of the touched Linears) this gives the parameters a second calibration forward would, without
+    the forward.
+    """
+    for _, module in quant_modules(model):
+        for quantizer in module.weight_quantizers():
+            if not quantizer.calibrated:
+                quantizer.enabled = True
+                module.quantized_weight()
+
+
 def apply_ptq(model: nn.Module, data: Any, config: PTQConfig, rule: LayerRule,
               pairs: tuple[tuple[str, str], ...] = (), forward: CalibrationForward = _default_forward,
               on_phase: PhaseHook | None = None) -> list[str]:
     """Quantise ``model`` in place with ``rule`` and calibrate it on ``data``; returns the reparameterised norms.
 
-    RepQ-ViT: calibrate → reparameterise the LayerNorm → Linear ``pairs`` → calibrate again (only the reset
-    weight quantisers re-fit). Percentile: one calibration pass. ``on_phase`` is called after each phase.
+    RepQ-ViT: calibrate → reparameterise the LayerNorm → Linear ``pairs`` → re-fit the reset weight quantisers
+    on their weights. Percentile: one calibration pass. ``on_phase`` is called after each phase.
     Quantisation is left on.
     """
     model.eval()
@@ -57,7 +72,7 @@ def apply_ptq(model: nn.Module, data: Any, config: PTQConfig, rule: LayerRule,
     norms: list[str] = []
     if config.method == "repq_vit":
         norms = reparameterize_model(model, pairs)
-        calibrate(model, data, forward)
+        calibrate_weights(model)
         if on_phase:
             on_phase("reparameterize+recalibrate")
     return norms

@@ -16,8 +16,37 @@ from torch import nn
 from .quantizers import Quantizer
 
 
+def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int, int], ...]:
+    """Identity, storage and in-place version of each tensor: changes whenever one is replaced or edited."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+
 class QuantModule:
-    """Mixin: a module whose quantisers are toggled as one weight group and one activation group."""
+    """Mixin: a module whose quantisers are toggled as one weight group and one activation group.
+
+    The fake-quantised weight is computed once and reused while neither the weight nor its quantiser's
+    parameters change (replaced, re-calibrated, edited in place, loaded): every quantised forward otherwise
+    repeats the same elementwise passes over the whole weight. In-place edits through ``.data`` escape
+    version tracking; call :meth:`clear_weight_cache` after them.
+    """
+
+    _weight_cache: tuple[tuple, tuple[torch.Tensor, ...], torch.Tensor] | None = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """``weight_quantizer(weight)``, from the cache unless gradients must flow to the weight."""
+        weight, quantizer = self.weight, self.weight_quantizer
+        if not (quantizer.enabled and quantizer.calibrated) or (weight.requires_grad and torch.is_grad_enabled()):
+            return quantizer(weight)
+        sources = (weight, *quantizer.buffers(recurse=False))
+        key = (quantizer.n_bits, torch.is_inference_mode_enabled(), _fingerprint(sources))
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.no_grad():
+                # The sources are kept alive with the key so their ids cannot be reused by new tensors.
+                self._weight_cache = (key, sources, quantizer(weight))
+        return self._weight_cache[2]
+
+    def clear_weight_cache(self) -> None:
+        self._weight_cache = None
 
     def activation_quantizers(self) -> list[Quantizer]:
         return [self.input_quantizer]
@@ -40,7 +69,7 @@ class QuantLinear(nn.Linear, QuantModule):
         self.input_quantizer, self.weight_quantizer = input_quantizer, weight_quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 
 class QuantConv2d(nn.Conv2d, QuantModule):
@@ -61,7 +90,7 @@ class QuantConv2d(nn.Conv2d, QuantModule):
             from timm.layers import pad_same
 
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 class QuantMatMul(nn.Module, QuantModule):

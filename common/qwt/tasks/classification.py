@@ -23,16 +23,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from ..cli import check_device, check_writable_dir, positive_int, run_cli
 from ..compensation import BlockReport, QwTConfig
-from ..data.imagenet import QwTLoaders, make_loaders
+from ..data.imagenet import QwTLoaders, SeededSubset, make_loaders
 from ..data.synthetic import write_class_folders
 from ..environment import environment
 from ..errors import InputError
 from ..evaluate import top1_accuracy
 from ..experiment import check_qwt_config, compensated_blocks, ptq_then_qwt
-from ..finetune import FinetuneConfig, finetune
+from ..finetune import FinetuneConfig, ShardedBatches, finetune
 from ..models import ModelEntry, get_model_entry, list_models
 from ..models.checkpoint import check_checkpoint
 from ..ptq import PTQConfig
@@ -192,9 +193,14 @@ def _run(args: argparse.Namespace, entry: ModelEntry, loaders: QwTLoaders, ptq_c
                                      max_steps=args.star_max_steps)
         star = copy.deepcopy(result.model)
         start = time.perf_counter()
-        train = torch.utils.data.DataLoader(loaders.comp.dataset.dataset, batch_size=args.batch_size, shuffle=True,
-                                            num_workers=args.workers, drop_last=True,
-                                            generator=torch.Generator().manual_seed(args.seed + 1))
+        # The batches one process would draw (a DataLoader with shuffle and drop_last), each rank taking its share;
+        # augmentation seeded per image, so that it does not depend on which rank or worker loads the image.
+        train_set = loaders.comp.dataset.dataset
+        dataset = SeededSubset(train_set, range(len(train_set)), args.seed + 1)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        batches = BatchSampler(RandomSampler(dataset, generator=gen), args.batch_size, drop_last=True)
+        train = DataLoader(dataset, batch_sampler=ShardedBatches(batches, rank, world), num_workers=args.workers,
+                           generator=gen)
         finetune(star, fp, train, len(train), star_config, args.device, progress)
         add({**result.rows[-1], "method": "ptq+qwt*", "top1": evaluate(star, "PTQ+QwT*"),
              "calib_seconds": result.rows[-1]["calib_seconds"] + time.perf_counter() - start})

@@ -1,0 +1,146 @@
+"""How long PTQ + QwT calibration takes, measured against one FP forward over the same images on the same device.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/calibration_speed.py --model deit_small --threads 2
+    python benchmarks/calibration_speed.py --model deit_small --device cuda
+
+Random weights and synthetic images (no data loading). Phases: the first calibration pass, RepQ-ViT
+reparameterisation + re-calibration (ViTs only), QwT over every block, and for scale one FP32 forward of all the
+calibration + compensation images. ``qwt_peak_mib`` is what the QwT phase adds at its peak to the memory in use
+when it starts: resident set (Linux ``VmHWM`` after resetting it) on CPU, ``torch.cuda.max_memory_allocated`` on
+a GPU. ``feature_mib`` is the largest block boundary's features over all compensation images, the part that QwT
+has to hold somewhere and that grows with the image count; the rest should not. The last line printed is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qwt import PTQConfig, QwTConfig, apply_qwt, create_model, get_model_entry, quantize
+from qwt.utils import PhaseTimer
+
+_MIB = 2**20
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.M).group(1))
+
+
+class PeakMemory:
+    """Peak memory added by a phase: CUDA allocator statistics, or the process's resident set on Linux."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak resident set) to VmRSS
+            self.base = _status_kib("VmRSS") * 1024
+
+    def peak_mib(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / _MIB
+        return (_status_kib("VmHWM") * 1024 - self.base) / _MIB
+
+
+@torch.no_grad()
+def feature_mib(plan_fn: Callable, model: torch.nn.Module, image: torch.Tensor, count: int) -> float:
+    """MiB of the largest block-boundary feature tensor for ``count`` images, from one image's FP pass."""
+    plan = plan_fn(model)
+    x = plan.stem(image)
+    largest = x.numel()
+    for step in plan.steps:
+        x = step.run(model.get_submodule(step.path), x)
+        largest = max(largest, x.numel())
+    return largest * 4 * count / _MIB
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small", help="an ImageNet model of the registry (RGB 224×224 input)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--calib-images", type=int, default=32)
+    p.add_argument("--comp-images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--solver", choices=["streaming", "reference"], default="streaming")
+    p.add_argument("--feature-device", default=None,
+                   help="where QwT keeps block features between blocks (e.g. cpu for a GPU run); default: --device")
+    p.add_argument("--smoke", action="store_true", help="the registry's reduced model on 32×32 images (tests)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time every phase and return the figures (also the JSON line :func:`main` prints)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    entry = get_model_entry(args.model)
+    torch.manual_seed(0)
+    model = create_model(args.model, pretrained=False, **({"smoke": True} if args.smoke else {})).to(device).eval()
+    size = 32 if args.smoke else 224
+    gen = torch.Generator(device=device).manual_seed(0)
+    calib = torch.randn(args.calib_images, 3, size, size, device=device, generator=gen)
+    comp = torch.randn(args.comp_images, 3, size, size, device=device, generator=gen)
+    features = feature_mib(entry.family.plan, model, comp[:1], args.comp_images)
+
+    with torch.no_grad():
+        model(calib[:args.batch_size])  # warm-up
+        timer = PhaseTimer()
+        for images in (calib, comp):
+            for batch in images.split(args.batch_size):
+                model(batch)
+        fp_forward = timer("fp forward")
+
+    timer = PhaseTimer()
+    quantize(model, calib, PTQConfig(method=entry.family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits),
+             on_phase=timer)
+    ptq = timer.total
+    memory = PeakMemory(device)
+    memory.start()
+    timer.restart()
+    apply_qwt(model, comp, QwTConfig(solver=args.solver, feature_device=args.feature_device),
+              batch_size=args.batch_size, progress=False)
+    qwt_s = timer("qwt")
+    total = timer.total
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "model": args.model + ("-smoke" if args.smoke else ""), "device": name, "threads": torch.get_num_threads(),
+        "images": args.calib_images + args.comp_images, "calib_images": args.calib_images,
+        "comp_images": args.comp_images, "bits": f"W{args.w_bits}A{args.a_bits}", "solver": args.solver,
+        "feature_device": args.feature_device or args.device,
+        "calibrate_s": round(timer.phases["calibrate"], 3),
+        "reparameterize_s": round(timer.phases.get("reparameterize+recalibrate", 0.0), 3),
+        "fp_forward_s": round(fp_forward, 3), "ptq_s": round(ptq, 3), "qwt_s": round(qwt_s, 3),
+        "total_s": round(total, 3), "ratio_to_fp_forward": round(total / fp_forward, 2),
+        "qwt_peak_mib": round(memory.peak_mib(), 1), "feature_mib": round(features, 1),
+        "load_1min": round(os.getloadavg()[0], 2) if device.type == "cpu" else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    figures = run(parse_args(argv))
+    print(f"{figures['model']} {figures['bits']} on {figures['device']} ({figures['threads']} threads), "
+          f"{figures['calib_images']} calibration + {figures['comp_images']} compensation images")
+    for key in ("calibrate_s", "reparameterize_s", "qwt_s", "total_s", "fp_forward_s"):
+        print(f"  {key:18s} {figures[key]:9.3f}")
+    print(f"  {'QwT peak memory':18s} {figures['qwt_peak_mib']:9.1f} MiB (features {figures['feature_mib']:.1f} MiB)")
+    print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Calibration speed levers keep results bit-identical: each is compared with a plain re-statement of the maths."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qwt
+from qwt.quant import QuantLinear, UniformQuantizer, log_sqrt2_fake_quant
+from qwt.quant.quantizers import search_log_sqrt2
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns, so that −0 ≠ +0 and NaN payloads count."""
+    return t.contiguous().view(torch.int32)
+
+
+def _plain_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, levels: int, floor: float | None) -> torch.Tensor:
+    ratio = x / delta
+    if floor is not None:
+        ratio = torch.clamp_min(ratio, floor)
+    q_int = torch.round(-2.0 * torch.log2(ratio))
+    q = torch.clamp(q_int, 0, levels - 1)
+    odd = (q % 2) * (math.sqrt(2) - 1) + 1
+    return (2 ** (-1 * torch.ceil(q / 2)) * odd * delta).masked_fill(q_int >= levels, 0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_log_sqrt2_inference_path_matches_the_formula_bit_for_bit(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.cat([torch.rand(4000, generator=g).pow(4), torch.rand(100, generator=g) * 3,  # codes < 0 too
+                   torch.tensor([0.0, 1e-30, 1e-7, 0.4, 1.0, float("inf")])])
+    delta = torch.tensor(0.4)
+    for floor in (None, 1e-6):
+        assert torch.equal(_bits(log_sqrt2_fake_quant(x, delta, 2**bits, floor)),
+                           _bits(_plain_log_sqrt2(x, delta, 2**bits, floor)))
+
+
+def test_log_sqrt2_search_scores_as_the_formula():
+    flat = torch.rand(20_000, generator=torch.Generator().manual_seed(1)).pow(3)
+    delta = search_log_sqrt2(flat, 4, 1e-6)
+    candidates = torch.quantile(flat, torch.tensor([0.999, 0.9999, 0.99999]))
+    scores = [(flat - _plain_log_sqrt2(flat, c, 16, 1e-6)).pow(2).mean() for c in candidates]
+    assert torch.equal(delta, candidates[min(range(3), key=lambda i: (scores[i], i))])
+
+
+def _quant_linear(seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    layer = QuantLinear(nn.Linear(12, 7), UniformQuantizer(4), UniformQuantizer(4, channel_axis=0))
+    layer.set_quant_state(weight=True, act=True)
+    with torch.no_grad():
+        layer(torch.randn(16, 12))  # calibrate
+    return layer
+
+
+def _plain(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), layer.bias)
+
+
+def test_cached_weight_is_reused_and_equals_recomputing():
+    layer, x = _quant_linear(), torch.randn(5, 12)
+    with torch.no_grad():
+        first = layer.quantized_weight()
+        assert layer.quantized_weight() is first  # computed once
+        assert torch.equal(layer(x), _plain(layer, x))
+
+
+def test_weight_cache_follows_weight_and_quantiser_changes():
+    layer, x = _quant_linear(), torch.randn(5, 12)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(1.5)  # optimiser-style in-place edit
+        assert torch.equal(layer(x), _plain(layer, x)) and not torch.equal(layer(x), before)
+        layer.weight_quantizer.reset()  # as reparameterisation does: the next forward re-calibrates
+        assert torch.equal(layer(x), _plain(layer, x))
+        other = _quant_linear(seed=1)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+        layer.weight_quantizer.enabled = False
+        assert torch.equal(layer(x), F.linear(layer.input_quantizer(x), layer.weight, layer.bias))
+
+
+def test_gradients_reach_a_trainable_quantised_weight():
+    layer, x = _quant_linear(), torch.randn(5, 12)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    frozen = _quant_linear()
+    frozen.weight.requires_grad_(False)
+    x.requires_grad_(True)
+    with torch.inference_mode():
+        frozen(x.detach())  # an inference-mode cache must not leak into training
+    frozen(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_model_outputs_unchanged_by_the_cache():
+    torch.manual_seed(0)
+    model = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    qwt.quantize(model, images, qwt.PTQConfig())
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, qwt.quant.QuantModule) and hasattr(module, "weight_quantizer"):
+            module.quantized_weight = lambda m=module: m.weight_quantizer(m.weight)
+    with torch.no_grad():
+        model(images)
+        assert torch.equal(model(images), plain(images))
+
+
+def _plain_statistics(fit, batches):
+    """The normal-equation statistics as first written: FP32 design cast to FP64, sums with ``+``."""
+    gram = cross = None
+    t_sq = torch.zeros((), dtype=torch.float64)
+    for x, t in batches:
+        a, target = fit._design(x.float(), t.float())
+        a64, t64 = a.double(), target.double()
+        g, c = a64.transpose(1, 2) @ a64, a64.transpose(1, 2) @ t64
+        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+        t_sq = t_sq + t.double().pow(2).sum()
+    return gram, cross, t_sq
+
+
+@pytest.mark.parametrize("form", ["linear", "conv"])
+def test_streaming_statistics_are_unchanged(form):
+    from qwt.compensation import GroupedConvLeastSquares, LinearLeastSquares
+
+    g = torch.Generator().manual_seed(4)
+    if form == "linear":
+        batches = [(torch.randn(4, 9, 16, generator=g), torch.randn(4, 9, 8, generator=g)) for _ in range(3)]
+        fit = LinearLeastSquares()
+    else:
+        batches = [(torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 8, 3, 3, generator=g)) for _ in range(3)]
+        fit = GroupedConvLeastSquares(8, 8, 3, 2, 2)
+    for x, t in batches:
+        fit.update(x, t)
+    gram, cross, t_sq = _plain_statistics(fit, batches)
+    assert torch.equal(fit.gram, gram) and torch.equal(fit.cross, cross) and torch.equal(fit.t_sq, t_sq)
+
+
+def _plain_apply_qwt(model, plan, images, config):
+    """apply_qwt's procedure restated with plain lists (all batches' inputs, outputs and next inputs alive)."""
+    from qwt.compensation.blockwise import _fitter, _wrap
+    from qwt.quant.modules import quant_state, set_quant_state, swap_module
+
+    set_quant_state(model, weight=True, act=True)
+    feats, r2 = [plan.stem(b) for b in images.split(4)], []
+    for step in plan.steps:
+        module = model.get_submodule(step.path)
+        outputs, fit = [], None
+        for x in feats:
+            with quant_state(module, weight=False, act=False):
+                y_fp = module(x)
+            y_q = module(x)
+            if fit is None:
+                fit, meta = _fitter(plan.form, x, y_q, config)
+            fit.update(x, y_fp - y_q)
+            outputs.append(y_q)
+        result = fit.solve()
+        weight, bias = (result.weight, result.bias) if result.r2 > 0 else (
+            torch.zeros_like(result.weight), torch.zeros_like(result.bias))
+        wrapper = _wrap(plan.form, module, weight, bias, meta, config.fp16_eval)
+        swap_module(model, step.path, wrapper)
+        feats = [wrapper.add_fp32(y, x) for x, y in zip(feats, outputs)]
+        r2.append(result.r2)
+    return r2
+
+
+@pytest.mark.parametrize("name", ["deit_tiny", "resnet18"])
+def test_apply_qwt_is_bit_identical_to_the_plain_procedure(name):
+    entry = qwt.get_model_entry(name)
+    torch.manual_seed(0)
+    fp = qwt.create_model(name, smoke=True, num_classes=4)
+    g = torch.Generator().manual_seed(6)
+    calib, comp = torch.randn(8, 3, 32, 32, generator=g), torch.randn(12, 3, 32, 32, generator=g)
+    model = qwt.quantize(fp, calib, qwt.PTQConfig(method=entry.family.methods[0]))
+    plain = copy.deepcopy(model)
+    config = qwt.QwTConfig(feature_device="cpu", skip_degenerate=False)  # the plain loop fits every block
+    with torch.no_grad():
+        reports = qwt.apply_qwt(model, comp, config, batch_size=4, progress=False)
+        r2 = _plain_apply_qwt(plain, entry.family.plan(plain), comp, config)
+        assert [r.r2 for r in reports] == r2
+        assert torch.equal(model(comp), plain(comp))
+
+
+def test_repq_vit_quantize_equals_a_second_calibration_forward():
+    """Re-fitting the reset weight quantisers directly gives what RepQ-ViT's second calibration pass gives."""
+    from qwt.ptq import calibrate, quantize_modules, reparameterize_model
+
+    torch.manual_seed(0)
+    fp = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    plain, family = copy.deepcopy(fp).eval(), qwt.get_model_entry("deit_tiny").family
+    quantize_modules(plain, family.layer_rule(plain, qwt.PTQConfig()))
+    calibrate(plain, images)
+    reparameterize_model(plain, family.norm_linear_pairs)
+    calibrate(plain, images)
+    model = qwt.quantize(fp, images, qwt.PTQConfig())
+    got, expected = model.state_dict(), plain.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    with torch.no_grad():
+        assert torch.equal(model(images), plain(images))
+
+
+def test_speed_benchmark_prints_its_figures_as_the_last_json_line(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "calibration_speed.py"
+    spec = importlib.util.spec_from_file_location("calibration_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "deit_tiny", "--smoke", "--calib-images", "4", "--comp-images", "8", "--batch-size", "4"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("model", "device", "threads", "images", "fp_forward_s", "ptq_s", "qwt_s", "total_s",
+                "ratio_to_fp_forward", "qwt_peak_mib"):
+        assert key in figures
+    assert figures["images"] == 12 and figures["device"] == "cpu"
+    assert figures["total_s"] == pytest.approx(figures["ptq_s"] + figures["qwt_s"], abs=2e-3)
+    fp = figures["fp_forward_s"]  # rounded to 1 ms, which is a lot for a tiny model: allow for it
+    assert figures["ratio_to_fp_forward"] == pytest.approx(figures["total_s"] / fp, rel=0.01 + 0.0005 / fp)
