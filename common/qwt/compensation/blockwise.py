@@ -42,6 +42,17 @@ class Step:
         return module(x) if self.call is None else self.call(module, x)
 
 
+def stage_steps(stages: Iterable[nn.Module], prefix: str) -> list[Step]:
+    """Steps of a staged network (Swin, ConvNeXt): each stage's downsampling layer, when it has one, runs
+    quantised but uncompensated; then every block of the stage is compensated."""
+    steps: list[Step] = []
+    for s, stage in enumerate(stages):
+        if not isinstance(stage.downsample, nn.Identity):
+            steps.append(Step(f"{prefix}.{s}.downsample", compensate=False))
+        steps.extend(Step(f"{prefix}.{s}.blocks.{j}") for j in range(len(stage.blocks)))
+    return steps
+
+
 @dataclass
 class BlockPlan:
     """How QwT walks a model: ``stem`` maps images to the first block's input, then ``steps`` in order."""

@@ -12,7 +12,7 @@ from functools import partial
 import timm.models.convnext as timm_convnext
 from torch import nn
 
-from ..compensation.blockwise import BlockPlan, Step
+from ..compensation.blockwise import BlockPlan, stage_steps
 from ..data.imagenet import Preprocessing
 from ..family import Family, register_family
 from ..ptq.config import PTQConfig
@@ -26,12 +26,7 @@ def convnext_layer_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
 
 
 def convnext_plan(model: nn.Module) -> BlockPlan:
-    steps: list[Step] = []
-    for s, stage in enumerate(model.stages):
-        if not isinstance(stage.downsample, nn.Identity):
-            steps.append(Step(f"stages.{s}.downsample", compensate=False))
-        steps.extend(Step(f"stages.{s}.blocks.{j}") for j in range(len(stage.blocks)))
-    return BlockPlan(stem=model.stem, steps=steps, form="conv")
+    return BlockPlan(stem=model.stem, steps=stage_steps(model.stages, "stages"), form="conv")
 
 
 CONVNEXT = register_family(Family(

@@ -12,7 +12,7 @@ from functools import partial
 import timm.models.swin_transformer as timm_swin
 from torch import nn
 
-from ..compensation.blockwise import BlockPlan, Step
+from ..compensation.blockwise import BlockPlan, stage_steps
 from ..data.imagenet import Preprocessing
 from ..family import Family, register_family
 from ..ptq.config import PTQConfig
@@ -36,12 +36,7 @@ def swin_layer_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
 
 
 def timm_swin_plan(model: nn.Module) -> BlockPlan:
-    steps: list[Step] = []
-    for s, stage in enumerate(model.layers):
-        if not isinstance(stage.downsample, nn.Identity):
-            steps.append(Step(f"layers.{s}.downsample", compensate=False))
-        steps.extend(Step(f"layers.{s}.blocks.{j}") for j in range(len(stage.blocks)))
-    return BlockPlan(stem=model.patch_embed, steps=steps, form="linear")
+    return BlockPlan(stem=model.patch_embed, steps=stage_steps(model.layers, "layers"), form="linear")
 
 
 SWIN = register_family(Family(
