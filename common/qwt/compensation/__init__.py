@@ -4,6 +4,6 @@ from .blockwise import (BlockPlan, BlockReport, QwTConfig, Step, conv_groups, fi
 from .modules import Compensated, ConvCompensated, LinearCompensated
 from .solver import FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError
 
-__all__ = ["BlockPlan", "BlockReport", "QwTConfig", "Step", "fit_compensation", "stage_steps", "conv_groups", "infer_stride",
-           "Compensated", "ConvCompensated", "LinearCompensated", "FitResult", "GroupedConvLeastSquares",
+__all__ = ["BlockPlan", "BlockReport", "QwTConfig", "Step", "fit_compensation", "stage_steps", "conv_groups",
+           "infer_stride", "Compensated", "ConvCompensated", "LinearCompensated", "FitResult", "GroupedConvLeastSquares",
            "LinearLeastSquares", "SingularSystemError"]
