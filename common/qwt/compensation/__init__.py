@@ -5,5 +5,6 @@ from .modules import Compensated, ConvCompensated, LinearCompensated
 from .solver import FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError
 
 __all__ = ["BlockPlan", "BlockReport", "QwTConfig", "Step", "fit_compensation", "stage_steps", "conv_groups",
-           "infer_stride", "Compensated", "ConvCompensated", "LinearCompensated", "FitResult", "GroupedConvLeastSquares",
+           "infer_stride", "Compensated", "ConvCompensated", "LinearCompensated", "FitResult",
+           "GroupedConvLeastSquares",
            "LinearLeastSquares", "SingularSystemError"]

@@ -15,14 +15,16 @@ from torch import nn
 from ..quant.modules import quant_modules, set_quant_state
 from .config import PTQConfig
 from .repq_vit import layernorm_linear_pairs, reparameterize, reparameterize_model
-from .surgery import LayerRule, act_quantizer, attention_matmuls, cnn_rule, quantize_modules, token_rule, weight_quantizer
+from .surgery import (LayerRule, act_quantizer, attention_matmuls, cnn_rule, quantize_modules, token_rule,
+                      weight_quantizer)
 
 PhaseHook = Callable[[str], None]
 #: Runs the model on calibration data; the default is ``model(data)``.
 CalibrationForward = Callable[[nn.Module, Any], Any]
 
 __all__ = ["PTQConfig", "LayerRule", "CalibrationForward", "calibrate", "calibrate_weights", "apply_ptq",
-           "quantize_modules", "token_rule", "cnn_rule", "act_quantizer", "weight_quantizer", "attention_matmuls", "reparameterize",
+           "quantize_modules", "token_rule", "cnn_rule", "act_quantizer", "weight_quantizer", "attention_matmuls",
+           "reparameterize",
            "reparameterize_model", "layernorm_linear_pairs"]
 
 

@@ -80,7 +80,8 @@ def cnn_rule(config: PTQConfig, *, stem: str, classifier: NameTest) -> LayerRule
     def rule(name: str, module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Conv2d):
             first = name == stem
-            return QuantConv2d(module, act_quantizer(8 if first else conv_a), weight_quantizer(8 if first else config.w_bits))
+            return QuantConv2d(module, act_quantizer(8 if first else conv_a),
+                               weight_quantizer(8 if first else config.w_bits))
         if isinstance(module, nn.Linear):
             if classifier(name):
                 return QuantLinear(module, act_quantizer(8), weight_quantizer(8))

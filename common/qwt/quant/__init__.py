@@ -5,6 +5,6 @@ from .modules import (QuantConv2d, QuantLinear, QuantMatMul, QuantModule, quant_
 from .quantizers import (MAX_BITS, MIN_BITS, LogSqrt2Quantizer, Quantizer, UniformQuantizer, check_bits,
                          log_sqrt2_fake_quant, round_ste, uniform_fake_quant)
 
-__all__ = ["QuantAttention", "QuantWindowAttention", "QuantConv2d", "QuantLinear", "QuantMatMul", "QuantModule", "quant_modules",
-           "quant_state", "set_quant_state", "swap_module", "MAX_BITS", "MIN_BITS", "LogSqrt2Quantizer", "Quantizer",
+__all__ = ["QuantAttention", "QuantWindowAttention", "QuantConv2d", "QuantLinear", "QuantMatMul", "QuantModule",
+           "quant_modules", "quant_state", "set_quant_state", "swap_module", "MAX_BITS", "MIN_BITS", "LogSqrt2Quantizer", "Quantizer",
            "UniformQuantizer", "check_bits", "log_sqrt2_fake_quant", "round_ste", "uniform_fake_quant"]
