@@ -55,7 +55,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
     return path
 
 
+def _exp2(g, x):
+    """2^x as ONNX Pow (the log-√2 quantiser's decode; the TorchScript exporter has no rule for exp2)."""
+    return g.op("Pow", g.op("Constant", value_t=torch.tensor(2.0)), x)
+
+
 def _trace(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    torch.onnx.register_custom_op_symbolic("aten::exp2", _exp2, OPSET)
     torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=["images"],
                       output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
 
