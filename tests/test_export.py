@@ -11,6 +11,7 @@ import torchvision
 import qwt
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize
 from qwt.export import calibrate_w8a8, export_onnx, fold_batchnorm, integer_nodes, qdq_view, run, session
+from qwt.compensation.channelwise import fold_channelwise
 from qwt.quant.quantizers import search_uniform
 
 pytest.importorskip("onnxruntime")
@@ -156,3 +157,20 @@ def test_cli_exports_a_saved_model(tiny_vit, images, tmp_path):
     logits = run(session(tmp_path / "m.onnx"), images[:4])
     with torch.no_grad():
         assert logits.shape == tiny_vit(images[:4]).shape
+
+
+def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path):
+    fp = _resnet18()
+    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    plain = calibrate_w8a8(fp, "cnn", qwt.models.resnet_plan, calib)
+    compensated = copy.deepcopy(plain)
+    qwt.apply_qwt(compensated, qwt.models.resnet_plan(compensated), calib,
+                  qwt.QwTConfig(compensation="channelwise"), progress=False)
+    onnx = pytest.importorskip("onnx")
+    graphs = [onnx.load(str(export_onnx(m, calib[:1], tmp_path / f"{i}.onnx", mode="w8a8"))).graph
+              for i, m in enumerate((plain, compensated))]
+    assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
+    folded = copy.deepcopy(compensated)
+    assert fold_channelwise(folded) == 8  # one conv per BasicBlock (conv2, inside its output quantiser)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(calib), compensated(calib), rtol=1e-5, atol=1e-5)

@@ -81,8 +81,13 @@ class QwTConfig:
     channels_per_group: int = 64
     skip_degenerate: bool = True  # False: fit degenerate systems anyway, as the authors' code would
     feature_device: str | None = None  # where block features wait between blocks; None: the model's device
+    #: ``dense``: the authors' W x + b beside each block; ``channelwise``: a per-channel gain and bias on each
+    #: residual branch's last layer, folded into its weights at export (qwt.compensation.channelwise).
+    compensation: Literal["dense", "channelwise"] = "dense"
 
     def __post_init__(self) -> None:
+        if self.compensation not in ("dense", "channelwise"):
+            raise ValueError(f"unknown compensation {self.compensation!r}; choose 'dense' or 'channelwise'")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and ≥ 1, got {self.kernel_size}")
         if self.channels_per_group < 1:
@@ -178,6 +183,11 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
     copied to the model's device when used) and at most two copies exist: a block's input and its output. Most
     callers use :func:`qwt.apply_qwt`, which takes the plan from the model's family.
     """
+    if config.compensation == "channelwise":
+        from .channelwise import apply_channelwise
+
+        return apply_channelwise(model, plan, _batches(images, batch_size), config.r2_threshold,
+                                 config.start_block, progress)
     model.eval()
     set_quant_state(model, weight=True, act=True)
     feats = [plan.stem(batch) for batch in _batches(images, batch_size)]

@@ -8,6 +8,7 @@ integer kernels. The ONNX file is a protobuf: tensors and graph only, nothing ex
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compensation.channelwise import ChannelAffine, fold_channelwise
 from ._deps import require
 from .w8a8 import qdq_view
 
@@ -31,12 +33,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
                 compensation_half: bool = False) -> Path:
     """Export ``model`` (quantised, maybe compensated) to ``path`` with a dynamic batch axis.
 
+    Channel-wise compensation is folded into a copy of the model first, so it adds no node.
+
     ``compensation_half`` applies to ``w8a8`` only (simulation keeps the model's own setting): onnxruntime's
     CPU provider has no fast FP16 GEMM, so the compensation defaults to an FP32 MatMul/Conv there.
     """
     if mode not in ("simulate", "w8a8"):
         raise ValueError(f"unknown export mode {mode!r}; choose 'simulate' or 'w8a8'")
     onnx = require("onnx")
+    if any(isinstance(m, ChannelAffine) for m in model.modules()):
+        model = copy.deepcopy(model)
+        fold_channelwise(model)  # into the layers' weights, scales and biases: no extra node
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()

@@ -1,0 +1,141 @@
+"""Channel-wise affine compensation: per output channel ``z ← g·z + b`` on the last Linear/Conv of each residual
+branch, fitted in closed form; it folds into that layer's weight scale and bias, so it costs nothing at inference.
+
+The derivation is in docs/channelwise_compensation.md. Per block, in order: one FP pass records the FP outputs
+z_fp of the target layers; then, layer by layer, a quantised pass (with the layers already fitted corrected)
+gives z_q, and each channel's (g, b) minimises Σ (g·z_q + b − z_fp)² — a one-feature regression whose normal
+equations need only five running sums (FP64). A final quantised pass gives the next block's input.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.residual import residual_output_layers
+from ..ptq.layer_map import swap_module
+from ..quant.modules import quant_state, set_quant_state
+
+
+class ChannelAffine(nn.Module):
+    """``layer(x)·gain + bias`` per output channel (last axis for Linear, axis 1 for Conv2d)."""
+
+    def __init__(self, layer: nn.Module, gain: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.channel_axis = 1 if isinstance(layer, nn.Conv2d) else -1
+        self.register_buffer("gain", gain.detach().float().clone())
+        self.register_buffer("shift", bias.detach().float().clone())
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, 1, 1) if self.channel_axis == 1 else t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) * self._view(self.gain) + self._view(self.shift)
+
+
+class _AffineFit:
+    """Streaming per-channel simple regression z_fp ≈ g·z_q + b."""
+
+    def __init__(self, channel_axis: int) -> None:
+        self.axis = channel_axis
+        self.sums: torch.Tensor | None = None  # (6, C): n, Σq, Σf, Σq², Σqf, Σf²
+
+    def update(self, z_q: torch.Tensor, z_fp: torch.Tensor) -> None:
+        q = z_q.movedim(self.axis, -1).reshape(-1, z_q.shape[self.axis]).double()
+        f = z_fp.movedim(self.axis, -1).reshape(-1, z_fp.shape[self.axis]).double()
+        sums = torch.stack([torch.full_like(q[0], q.shape[0]), q.sum(0), f.sum(0), (q * q).sum(0),
+                            (q * f).sum(0), (f * f).sum(0)])
+        self.sums = sums if self.sums is None else self.sums + sums
+
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(gain, bias, R²): R² = 1 − SSE(fit)/SSE(uncorrected) of the error z_fp − z_q, pooled over channels."""
+        n, sq, sf, sqq, sqf, sff = self.sums
+        var_q = sqq - sq * sq / n
+        gain = (sqf - sq * sf / n) / var_q.clamp_min(1e-30)
+        # A constant or anti-correlated channel has no usable gain: correct its mean only.
+        gain = torch.where((var_q > 1e-12 * sqq.clamp_min(1e-30)) & (gain > 0), gain, torch.ones_like(gain))
+        bias = (sf - gain * sq) / n
+        sse_before = (sff - 2 * sqf + sqq).sum()
+        sse_after = (sff + gain**2 * sqq + n * bias**2 - 2 * gain * sqf - 2 * bias * sf + 2 * gain * bias * sq).sum()
+        r2 = float(1 - sse_after / sse_before) if sse_before > 0 else 0.0
+        return gain.float(), bias.float(), r2
+
+
+def _record(block: nn.Module, names: list[str], run: Callable[[], torch.Tensor]
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``run`` with forward hooks on ``names``; returns its output and the recorded layer outputs."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [block.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o))
+             for n in names]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+@torch.no_grad()
+def apply_channelwise(model: nn.Module, plan, images: Iterable[torch.Tensor], r2_threshold: float = 0.0,
+                      start_block: int = 0, progress: bool = True) -> list:
+    """Fit and attach channel-wise compensation to every block of ``plan`` (in place); one report per block.
+
+    ``images`` are batches (already split). A layer is corrected only when its fit's R² > ``r2_threshold``.
+    """
+    from .blockwise import BlockReport  # blockwise dispatches here: import on use
+
+    model.eval()
+    set_quant_state(model, weight=True, act=True)
+    feats = [plan.stem(batch) for batch in images]
+    if not feats:
+        raise ValueError("no compensation images: pass at least one batch")
+    reports, index = [], 0
+    for step in tqdm(plan.steps, desc="channel-wise blocks", disable=not progress, leave=False):
+        module = model.get_submodule(step.path)
+        if not step.compensate:
+            feats = [step.run(module, x) for x in feats]
+            continue
+        start = time.perf_counter()
+        names = residual_output_layers(module)
+        with quant_state(module, weight=False, act=False):
+            targets = [_record(module, names, lambda x=x: step.run(module, x))[1] for x in feats]
+        r2s = {}
+        for name in names:
+            layer = module.get_submodule(name)
+            fit = _AffineFit(1 if isinstance(layer, nn.Conv2d) else -1)
+            for x, target in zip(feats, targets):
+                fit.update(_record(module, [name], lambda x=x: step.run(module, x))[1][name], target[name])
+            gain, bias, r2s[name] = fit.solve()
+            if r2s[name] > r2_threshold and index >= start_block:
+                swap_module(module, name, ChannelAffine(layer, gain, bias))
+        feats = [step.run(module, x) for x in feats]
+        applied = any(isinstance(module.get_submodule(n), ChannelAffine) for n in names)
+        reports.append(BlockReport(index, step.path, min(r2s.values()), applied, time.perf_counter() - start,
+                                   {"form": "channelwise", "r2_per_layer": r2s}))
+        index += 1
+    return reports
+
+
+@torch.no_grad()
+def fold_channelwise(model: nn.Module) -> int:
+    """Fold every :class:`ChannelAffine` into its layer (in place): weight and per-channel weight scale × g,
+    bias → g·bias + b. The integer weight codes are unchanged, so the exported graph has no extra op.
+    Returns the number of layers folded."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, ChannelAffine)]
+    for name, affine in found:
+        layer, gain = affine.layer, affine.gain
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        q = getattr(layer, "weight_quantizer", None)
+        if q is not None and q.calibrated:
+            if q.delta.numel() != gain.numel():
+                raise ValueError(f"{name}: a per-tensor weight scale cannot absorb a per-channel gain")
+            q.delta = q.delta * gain.reshape(q.delta.shape)
+        layer.weight.mul_(gain.reshape(shape))
+        bias = affine.shift if layer.bias is None else layer.bias * gain + affine.shift
+        layer.bias = nn.Parameter(bias)
+        swap_module(model, name, layer)
+    return len(found)
