@@ -88,17 +88,15 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
 
 def variants(work: Workload) -> list[tuple[str, str, str, nn.Module]]:
     """(format, compensation, export mode, model) for every row of one workload."""
-    entry = qwt.get_model_entry(work.entry)
-    w8a8 = calibrate_w8a8(work.fp, entry.family, entry.plan, work.calib)
+    w8a8 = calibrate_w8a8(work.fp, work.calib)
     dense = copy.deepcopy(w8a8)
-    qwt.apply_qwt(dense, entry.plan(dense), work.comp, qwt.QwTConfig(half=False), progress=False)
+    qwt.apply_qwt(dense, work.comp, qwt.QwTConfig(fp16_eval=False), progress=False)
     channelwise = copy.deepcopy(w8a8)
-    qwt.apply_qwt(channelwise, entry.plan(channelwise), work.comp, qwt.QwTConfig(compensation="channelwise"),
-                  progress=False)
+    qwt.apply_qwt(channelwise, work.comp, qwt.QwTConfig(compensation="channelwise"), progress=False)
     w4a4 = copy.deepcopy(work.fp)
-    qwt.quantize(w4a4, work.calib, qwt.PTQConfig(method=work.method, w_bits=4, a_bits=4), entry.family)
+    qwt.quantize(w4a4, work.calib, qwt.PTQConfig(method=work.method, w_bits=4, a_bits=4))
     w4a4_qwt = copy.deepcopy(w4a4)
-    qwt.apply_qwt(w4a4_qwt, entry.plan(w4a4_qwt), work.comp, qwt.QwTConfig(), progress=False)
+    qwt.apply_qwt(w4a4_qwt, work.comp, qwt.QwTConfig(), progress=False)
     return [("FP32", "none", "simulate", work.fp), ("W8A8", "none", "w8a8", w8a8),
             ("W8A8", "QwT (dense)", "w8a8", dense), ("W8A8", "channel-wise", "w8a8", channelwise),
             ("W4A4 sim", "none", "simulate", w4a4), ("W4A4 sim", "QwT (dense)", "simulate", w4a4_qwt)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ def vit_w4a4() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     train, _ = load_fashion_mnist("train")
     calib, comp = normalize(train[:32]), normalize(train[32:160])
     model = qwt.create_model("vit_fmnist")
-    qwt.quantize(model, calib, qwt.PTQConfig(w_bits=4, a_bits=4), family="vit")
+    qwt.quantize(model, calib, qwt.PTQConfig(w_bits=4, a_bits=4))
     return model, comp, normalize(train[1000:1200])
 
 
@@ -37,8 +38,7 @@ def test_affine_fit_recovers_gain_and_bias():
 def test_channelwise_targets_residual_branch_layers_and_reduces_their_error(vit_w4a4):
     model, comp, _ = vit_w4a4
     model = copy.deepcopy(model)
-    reports = qwt.apply_qwt(model, qwt.models.vit_plan(model), comp, qwt.QwTConfig(compensation="channelwise"),
-                            progress=False)
+    reports = qwt.apply_qwt(model, comp, qwt.QwTConfig(compensation="channelwise"), progress=False)
     assert len(reports) == 6
     for report in reports:
         assert set(report.extra["r2_per_layer"]) == {"attn.proj", "mlp.fc2"}
@@ -52,8 +52,7 @@ def test_folding_gives_the_same_output_and_no_extra_parameters(vit_w4a4):
     model, comp, test = vit_w4a4
     plain = copy.deepcopy(model)
     model = copy.deepcopy(model)
-    qwt.apply_qwt(model, qwt.models.vit_plan(model), comp, qwt.QwTConfig(compensation="channelwise"),
-                  progress=False)
+    qwt.apply_qwt(model, comp, qwt.QwTConfig(compensation="channelwise"), progress=False)
     with torch.no_grad():
         before = model(test)
         assert fold_channelwise(model) == 12
@@ -68,3 +67,15 @@ def test_folding_gives_the_same_output_and_no_extra_parameters(vit_w4a4):
 def test_config_rejects_unknown_compensation():
     with pytest.raises(ValueError, match="channelwise"):
         qwt.QwTConfig(compensation="diagonal")
+
+
+def test_channelwise_needs_the_family_residual_branches(vit_w4a4):
+    model, comp, _ = vit_w4a4
+    model = copy.deepcopy(model)
+    silent = dataclasses.replace(qwt.family_of(model), residual_branches=None)
+    with pytest.raises(ValueError, match="residual branches"):
+        qwt.apply_qwt(model, comp, qwt.QwTConfig(compensation="channelwise"), family=silent, progress=False)
+    with pytest.raises(ValueError, match="residual_branches"):
+        qwt.compensation.fit_compensation(model, qwt.family_of(model).plan(model), comp,
+                                          qwt.QwTConfig(compensation="channelwise"), progress=False)
+    assert not any(isinstance(m, ChannelAffine) for m in model.modules())

@@ -55,10 +55,9 @@ def test_simulation_export_reproduces_repq_vit_w4a4(fmnist, tmp_path, compensati
     """Trained vit_fmnist, RepQ-ViT W4A4: log-√2 softmax, fractional zero points, with or without QwT."""
     calib, comp, test = fmnist
     model = qwt.create_model("vit_fmnist")
-    qwt.quantize(model, calib, qwt.PTQConfig(w_bits=4, a_bits=4), family="vit")
+    qwt.quantize(model, calib, qwt.PTQConfig(w_bits=4, a_bits=4))
     if compensation:
-        qwt.apply_qwt(model, qwt.models.vit_plan(model), comp, qwt.QwTConfig(half=compensation == "fp16"),
-                      progress=False)
+        qwt.apply_qwt(model, comp, qwt.QwTConfig(fp16_eval=compensation == "fp16"), progress=False)
     logits, reference, _ = _compare(model, test, tmp_path)
     agree = (logits.argmax(1) == reference.argmax(1)).float().mean()
     error = (logits - reference).abs()
@@ -76,15 +75,15 @@ def test_simulation_export_reproduces_percentile_cnn(tmp_path):
     """Random-weight ResNet-18 (per-channel weights, affine activations whose z may lie outside 0..L−1)."""
     model = _resnet18()
     calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    qwt.quantize(model, calib, qwt.PTQConfig(method="percentile", w_bits=6, a_bits=6), family="cnn")
+    qwt.quantize(model, calib, qwt.PTQConfig(method="percentile", w_bits=6, a_bits=6))
     logits, reference, _ = _compare(model, calib, tmp_path)
     assert ((logits - reference).abs() <= 1e-3).float().mean() >= 0.9
 
 
 def test_w8a8_vit_runs_on_integer_matmuls(fmnist, tmp_path):
     calib, comp, test = fmnist
-    model = calibrate_w8a8(qwt.create_model("vit_fmnist"), "vit", qwt.models.vit_plan, calib)
-    qwt.apply_qwt(model, qwt.models.vit_plan(model), comp, qwt.QwTConfig(), progress=False)
+    model = calibrate_w8a8(qwt.create_model("vit_fmnist"), calib)
+    qwt.apply_qwt(model, comp, qwt.QwTConfig(), progress=False)
     logits, reference, optimized = _compare(model, test, tmp_path, "w8a8")
     nodes = integer_nodes(optimized)
     # qkv, proj, fc1, fc2 and the two attention products of all 6 blocks run on integers.
@@ -96,7 +95,7 @@ def test_w8a8_vit_runs_on_integer_matmuls(fmnist, tmp_path):
 def test_w8a8_cnn_runs_on_integer_convs(tmp_path):
     fp = _resnet18()
     calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    model = calibrate_w8a8(fp, "cnn", qwt.models.resnet_plan, calib)
+    model = calibrate_w8a8(fp, calib)
     logits, reference, optimized = _compare(model, calib, tmp_path, "w8a8")
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     # Every conv but the stem (its output goes through MaxPool before any quantiser) is a QLinearConv.
@@ -105,7 +104,7 @@ def test_w8a8_cnn_runs_on_integer_convs(tmp_path):
 
 
 def test_w8a8_export_refuses_simulation_only_quantizers(tiny_vit, images, tmp_path):
-    qwt.quantize(tiny_vit, images, qwt.PTQConfig(w_bits=8, a_bits=8), family="vit")  # log-√2, fractional z
+    qwt.quantize(tiny_vit, images, qwt.PTQConfig(w_bits=8, a_bits=8))  # log-√2, fractional z
     before = copy.deepcopy(tiny_vit.state_dict())
     with pytest.raises(ValueError, match="calibrate_w8a8"):
         export_onnx(tiny_vit, images[:1], tmp_path / "x.onnx", mode="w8a8")
@@ -151,8 +150,9 @@ def test_cli_exports_a_saved_model(tiny_vit, images, tmp_path):
     from qwt.export.__main__ import main
 
     config = qwt.PTQConfig(w_bits=4, a_bits=4)
-    qwt.quantize(tiny_vit, images, config, family="vit")
-    qwt.save_quantized(tiny_vit, tmp_path / "saved", "deit_tiny", config, build_kwargs={"smoke": True, "num_classes": 10})
+    qwt.quantize(tiny_vit, images, config)
+    qwt.save_quantized(tiny_vit, tmp_path / "saved", "deit_tiny", config,
+                       build_kwargs={"smoke": True, "num_classes": 10})
     main([str(tmp_path / "saved"), str(tmp_path / "m.onnx"), "--input-shape", "3", "32", "32"])
     logits = run(session(tmp_path / "m.onnx"), images[:4])
     with torch.no_grad():
@@ -162,10 +162,9 @@ def test_cli_exports_a_saved_model(tiny_vit, images, tmp_path):
 def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path):
     fp = _resnet18()
     calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    plain = calibrate_w8a8(fp, "cnn", qwt.models.resnet_plan, calib)
+    plain = calibrate_w8a8(fp, calib)
     compensated = copy.deepcopy(plain)
-    qwt.apply_qwt(compensated, qwt.models.resnet_plan(compensated), calib,
-                  qwt.QwTConfig(compensation="channelwise"), progress=False)
+    qwt.apply_qwt(compensated, calib, qwt.QwTConfig(compensation="channelwise"), progress=False)
     onnx = pytest.importorskip("onnx")
     graphs = [onnx.load(str(export_onnx(m, calib[:1], tmp_path / f"{i}.onnx", mode="w8a8"))).graph
               for i, m in enumerate((plain, compensated))]

@@ -1,23 +1,20 @@
 """Channel-wise affine compensation: per output channel ``z ← g·z + b`` on the last Linear/Conv of each residual
 branch, fitted in closed form; it folds into that layer's weight scale and bias, so it costs nothing at inference.
 
-The derivation is in docs/channelwise_compensation.md. Per block, in order: one FP pass records the FP outputs
-z_fp of the target layers; then, layer by layer, a quantised pass (with the layers already fitted corrected)
+The derivation is in docs/channelwise_compensation.md. The target layers are the family's ``residual_branches``;
+the walk over the plan is :func:`qwt.compensation.fit_compensation`'s. Per block: one FP pass records the FP
+outputs z_fp of the target layers; then, layer by layer, a quantised pass (with the layers already fitted corrected)
 gives z_q, and each channel's (g, b) minimises Σ (g·z_q + b − z_fp)² — a one-feature regression whose normal
 equations need only five running sums (FP64). A final quantised pass gives the next block's input.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..models.residual import residual_output_layers
-from ..ptq.layer_map import swap_module
-from ..quant.modules import quant_state, set_quant_state
+from ..quant.modules import quant_state, swap_module
 
 
 class ChannelAffine(nn.Module):
@@ -51,6 +48,13 @@ class _AffineFit:
                             (q * f).sum(0), (f * f).sum(0)])
         self.sums = sums if self.sums is None else self.sums + sums
 
+    def reduce(self) -> None:
+        """Sum the running sums over processes (torch.distributed), as the dense solver does."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+
     def solve(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(gain, bias, R²): R² = 1 − SSE(fit)/SSE(uncorrected) of the error z_fp − z_q, pooled over channels."""
         n, sq, sf, sqq, sqf, sff = self.sums
@@ -79,45 +83,51 @@ def _record(block: nn.Module, names: list[str], run: Callable[[], torch.Tensor]
     return out, seen
 
 
-@torch.no_grad()
-def apply_channelwise(model: nn.Module, plan, images: Iterable[torch.Tensor], r2_threshold: float = 0.0,
-                      start_block: int = 0, progress: bool = True) -> list:
-    """Fit and attach channel-wise compensation to every block of ``plan`` (in place); one report per block.
+def _target(block: nn.Module, name: str) -> str:
+    """``name``, or the Linear/Conv2d that a wrapper at ``name`` holds as ``layer`` (a W8A8 output quantiser:
+    the correction goes inside it, so the quantiser sees the corrected output)."""
+    module = block.get_submodule(name)
+    while not isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(getattr(module, "layer", None), nn.Module):
+        name, module = f"{name}.layer", module.layer
+    return name
 
-    ``images`` are batches (already split). A layer is corrected only when its fit's R² > ``r2_threshold``.
+
+def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str]], r2_threshold: float = 0.0,
+                          start_block: int = 0) -> Callable:
+    """The channel-wise form as a per-block fit for :func:`qwt.compensation.fit_compensation` (its ``BlockFit``).
+
+    ``residual_branches(model, block_path)`` names the target layers (the family's). A layer is corrected only
+    when its fit's R² > ``r2_threshold`` and the block index ≥ ``start_block``; the block's R² is the smallest of
+    its layers'.
     """
-    from .blockwise import BlockReport  # blockwise dispatches here: import on use
 
-    model.eval()
-    set_quant_state(model, weight=True, act=True)
-    feats = [plan.stem(batch) for batch in images]
-    if not feats:
-        raise ValueError("no compensation images: pass at least one batch")
-    reports, index = [], 0
-    for step in tqdm(plan.steps, desc="channel-wise blocks", disable=not progress, leave=False):
+    def fit_block(model: nn.Module, step, feats: list[torch.Tensor], index: int, device: torch.device):
         module = model.get_submodule(step.path)
-        if not step.compensate:
-            feats = [step.run(module, x) for x in feats]
-            continue
-        start = time.perf_counter()
-        names = residual_output_layers(module)
+        names = [_target(module, name) for name in residual_branches(model, step.path)]
+
+        def record(names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+            outputs = _record(module, names, lambda: step.run(module, x.to(device)))[1]
+            return {name: z.to(x.device) for name, z in outputs.items()}  # kept where the features wait
+
         with quant_state(module, weight=False, act=False):
-            targets = [_record(module, names, lambda x=x: step.run(module, x))[1] for x in feats]
+            targets = [record(names, x) for x in feats]
         r2s = {}
         for name in names:
             layer = module.get_submodule(name)
             fit = _AffineFit(1 if isinstance(layer, nn.Conv2d) else -1)
             for x, target in zip(feats, targets):
-                fit.update(_record(module, [name], lambda x=x: step.run(module, x))[1][name], target[name])
+                fit.update(record([name], x)[name].to(device), target[name].to(device))
+            fit.reduce()
             gain, bias, r2s[name] = fit.solve()
             if r2s[name] > r2_threshold and index >= start_block:
                 swap_module(module, name, ChannelAffine(layer, gain, bias))
-        feats = [step.run(module, x) for x in feats]
+        del targets
+        for k, x in enumerate(feats):
+            feats[k] = step.run(module, x.to(device)).to(x.device)
         applied = any(isinstance(module.get_submodule(n), ChannelAffine) for n in names)
-        reports.append(BlockReport(index, step.path, min(r2s.values()), applied, time.perf_counter() - start,
-                                   {"form": "channelwise", "r2_per_layer": r2s}))
-        index += 1
-    return reports
+        return min(r2s.values()), applied, {"form": "channelwise", "r2_per_layer": r2s}
+
+    return fit_block
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """ONNX export of quantised (and compensated) models; onnx and onnxruntime are imported only when used.
 
-    model = qwt.export.calibrate_w8a8(fp_model, "vit", entry.plan, calib_images)   # integer-kernel W8A8
+    model = qwt.export.calibrate_w8a8(fp_model, calib_images)                    # integer-kernel W8A8
     qwt.export.export_onnx(model, example, "model.onnx", mode="w8a8")
     qwt.export.export_onnx(any_fake_quant_model, example, "sim.onnx")              # any bits, simulated
 """

@@ -11,18 +11,17 @@ DequantizeLinear pairs.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from ..compensation.blockwise import BlockPlan
 from ..compensation.modules import Compensated
-from ..models.residual import residual_output_layers
+from ..family import Family, family_of, get_family
 from ..ptq import PTQConfig, calibrate
-from ..ptq.layer_map import act_quantizer, quantize_cnn_modules, quantize_vit_modules, swap_module
-from ..quant.modules import QuantConv2d, QuantModule, quant_modules
+from ..ptq.surgery import act_quantizer, quantize_modules
+from ..quant.modules import QuantConv2d, QuantModule, quant_modules, swap_module
 from ..quant.quantizers import Quantizer, UniformQuantizer
 
 W8A8 = PTQConfig(method="percentile", w_bits=8, a_bits=8)
@@ -65,13 +64,18 @@ def fold_batchnorm(model: nn.Module) -> int:
     return len(pairs)
 
 
-def _quantize_residual_outputs(model: nn.Module, plan: BlockPlan) -> None:
+def _quantize_residual_outputs(model: nn.Module, family: Family) -> None:
     """Give each CNN block's residual-branch convs (main branch and shortcut) an 8-bit output quantiser."""
-    for step in plan.steps:
+    if family.residual_branches is None:
+        raise ValueError(f"the {family.name} family does not name its residual branches (Family.residual_branches): "
+                         "W8A8 export cannot tell which conv outputs feed a residual add")
+    for step in family.plan(model).steps:
+        if not step.compensate:
+            continue  # a transition (downsampling), not a residual block
         block = model.get_submodule(step.path)
         if not getattr(block, "has_skip", True):
             continue  # no residual add: the next block's input quantiser follows directly
-        names = residual_output_layers(block)
+        names = family.residual_branches(model, step.path)
         names += [n for n, m in block.named_modules() if n.startswith("downsample") and isinstance(m, nn.Conv2d)]
         for name in names:
             swap_module(block, name, OutputQuantized(block.get_submodule(name), act_quantizer(8)))
@@ -91,22 +95,22 @@ def set_integer_grids(model: nn.Module) -> None:
             q.reset()
 
 
-def calibrate_w8a8(fp_model: nn.Module, family: str, plan: Callable[[nn.Module], BlockPlan],
-                   calib_images: torch.Tensor) -> nn.Module:
+def calibrate_w8a8(fp_model: nn.Module, calib_images: torch.Tensor, *, family: Family | str | None = None) -> nn.Module:
     """A W8A8 copy of ``fp_model`` laid out and calibrated for integer kernels (percentile search).
 
-    CNNs get BatchNorm folded and quantised residual-branch outputs; the copy is returned with quantisation on,
-    ready for :func:`qwt.apply_qwt` and for ``export_onnx(..., mode="w8a8")``.
+    The layer rule comes from the model's family (recognised from the model unless given). CNNs (families whose
+    compensation form is ``conv``) get BatchNorm folded and quantised residual-branch outputs. The copy is
+    returned with quantisation on, ready for :func:`qwt.apply_qwt` and for ``export_onnx(..., mode="w8a8")``.
     """
     model = copy.deepcopy(fp_model).eval()
-    if family == "cnn":
+    fam = family_of(model) if family is None else get_family(family) if isinstance(family, str) else family
+    fam.check_method(W8A8)
+    cnn = fam.plan(model).form == "conv"
+    if cnn:
         fold_batchnorm(model)
-        quantize_cnn_modules(model, W8A8)
-        _quantize_residual_outputs(model, plan(model))
-    elif family == "vit":
-        quantize_vit_modules(model, W8A8)
-    else:
-        raise ValueError(f"unknown model family {family!r}; choose 'vit' or 'cnn'")
+    quantize_modules(model, fam.layer_rule(model, W8A8))
+    if cnn:
+        _quantize_residual_outputs(model, fam)
     set_integer_grids(model)
     calibrate(model, calib_images)
     return model
@@ -166,7 +170,7 @@ def qdq_view(model: nn.Module, compensation_half: bool = False) -> Iterator[nn.M
     """Swap every quantiser for its QDQ equivalent (and set the compensation precision) while inside."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     moved_pads: list[QuantConv2d] = []
-    halves = [(m, m.half) for m in model.modules() if isinstance(m, Compensated)]
+    halves = [(m, m.fp16_eval) for m in model.modules() if isinstance(m, Compensated)]
     try:
         for name, module in list(quant_modules(model)):
             weights = {id(q) for q in module.weight_quantizers()}
@@ -182,12 +186,12 @@ def qdq_view(model: nn.Module, compensation_half: bool = False) -> Iterator[nn.M
                 setattr(module, attr, qdq)
                 swapped.append((module, attr, q))
         for m, _ in halves:
-            m.half = compensation_half
+            m.fp16_eval = compensation_half
         yield model
     finally:
         for module, attr, q in swapped:
             setattr(module, attr, q)
         for m, half in halves:
-            m.half = half
+            m.fp16_eval = half
         for conv in moved_pads:
             conv.same_pad = True
