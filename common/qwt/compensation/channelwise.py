@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..quant.modules import quant_state, swap_module
+from ..quant.modules import QuantModule, quant_state, swap_module
 
 
 class ChannelAffine(nn.Module):
@@ -147,5 +147,7 @@ def fold_channelwise(model: nn.Module) -> int:
         layer.weight.mul_(gain.reshape(shape))
         bias = affine.shift if layer.bias is None else layer.bias * gain + affine.shift
         layer.bias = nn.Parameter(bias)
+        if isinstance(layer, QuantModule):
+            layer.clear_weight_cache()  # the edits above already invalidate it; do not rely on that
         swap_module(model, name, layer)
     return len(found)

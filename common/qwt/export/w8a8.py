@@ -126,6 +126,10 @@ class _ActivationQDQ(nn.Module):
 
 
 class _WeightQDQ(nn.Module):
+    #: Read by ``QuantModule.quantized_weight``: "not calibrated" keeps it from caching the QDQ weight, so the
+    #: tracer records the QuantizeLinear/DequantizeLinear pair on every export.
+    enabled, calibrated = True, False
+
     def __init__(self, q: UniformQuantizer) -> None:
         super().__init__()
         self.axis = q.channel_axis % q.delta.dim()
