@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..compensation.channelwise import ChannelAffine, fold_channelwise
+from ..quant.modules import quant_modules
 from ._deps import require
 from .w8a8 import qdq_view
 
@@ -67,10 +68,22 @@ def _exp2(g, x):
     return g.op("Pow", g.op("Constant", value_t=torch.tensor(2.0)), x)
 
 
+def _clear_weight_caches(model: nn.Module) -> None:
+    for _, module in quant_modules(model):
+        module.clear_weight_cache()
+
+
 def _trace(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Trace to ONNX. The quantised modules' fake-quantised weight caches are emptied first, so the weight
+    quantisers are always traced as ops (not as whichever cached tensor a previous forward left), and after,
+    so no tensor made while tracing is reused."""
     torch.onnx.register_custom_op_symbolic("aten::exp2", _exp2, OPSET)
-    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=["images"],
-                      output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    _clear_weight_caches(model)
+    try:
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    finally:
+        _clear_weight_caches(model)
 
 
 def _store_int8_weights(proto) -> None:
