@@ -57,3 +57,20 @@ def test_registered_model_honours_the_family_contract(name, tmp_path):
     qwt.save_quantized(model, tmp_path / name, name, config, entry.reduced)
     with torch.no_grad():
         assert torch.equal(qwt.load_quantized(tmp_path / name)(images), logits)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_residual_branches_name_the_last_layer_of_each_branch(name):
+    """Where a family names its residual branches (channel-wise compensation, W8A8 conv outputs), every
+    compensated block has those layers, and each is a Linear or Conv2d."""
+    entry = _REGISTRY[name]
+    if entry.family.residual_branches is None:
+        pytest.skip(f"the {entry.family.name} family does not name residual branches")
+    model = _build(entry)
+    for step in entry.family.plan(model).steps:
+        if step.compensate:
+            block = model.get_submodule(step.path)
+            names = entry.family.residual_branches(model, step.path)
+            assert names, step.path
+            for layer in names:
+                assert isinstance(block.get_submodule(layer), (torch.nn.Linear, torch.nn.Conv2d)), (step.path, layer)

@@ -38,7 +38,16 @@ def apply_qwt(model: nn.Module, images: torch.Tensor | Iterable, config: QwTConf
     """Fit and attach QwT's compensation to every block of a quantised, calibrated ``model`` (in place).
 
     ``images`` is a tensor (split into ``batch_size`` batches) or an iterable of batches such as a DataLoader.
-    The block plan comes from the model's family unless given. Returns one report per compensated block.
+    The block plan comes from the model's family unless given; so do the residual branches that
+    ``QwTConfig(compensation="channelwise")`` corrects. Returns one report per compensated block.
     """
-    plan = plan if plan is not None else _resolve(model, family).plan(model)
-    return fit_compensation(model, plan, images, config, batch_size=batch_size, progress=progress)
+    branches = None
+    if plan is None or config.compensation == "channelwise":
+        fam = _resolve(model, family)
+        plan = plan if plan is not None else fam.plan(model)
+        branches = fam.residual_branches
+        if config.compensation == "channelwise" and branches is None:
+            raise ValueError(f"the {fam.name} family does not name its residual branches (Family.residual_branches): "
+                             "channel-wise compensation cannot tell which layers to correct")
+    return fit_compensation(model, plan, images, config, batch_size=batch_size, progress=progress,
+                            residual_branches=branches)

@@ -2,8 +2,10 @@
 
 A family says how to recognise its models, which layers get which quantisers (its layer rule), which
 LayerNorm → Linear pairs RepQ-ViT reparameterises, how QwT walks the model (stem, blocks, compensation form),
-which PTQ methods apply, and which modules form the classifier (trained by QwT*). Each family is defined and
-registered in its model file (``qwt/models/<family>.py``), as timm keeps a model's config next to its code.
+which PTQ methods apply, which modules form the classifier (trained by QwT*), and which layer ends each residual
+branch of a block (where channel-wise compensation acts and where a W8A8 conv output is quantised). Each family
+is defined and registered in its model file (``qwt/models/<family>.py``), as timm keeps a model's config next to
+its code.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ class Family:
     methods: tuple[Method, ...]
     norm_linear_pairs: NormLinearPairs = ()
     classifier: tuple[str, ...] = ()  # module paths of the classifier head(s)
+    #: (model, block path) → the last Linear/Conv of each residual branch of that block, relative to it (the
+    #: shortcut excluded); None if the family does not say (channel-wise compensation then refuses it).
+    residual_branches: Callable[[nn.Module, str], list[str]] | None = None
 
     def check_method(self, config: PTQConfig) -> None:
         if config.method not in self.methods:

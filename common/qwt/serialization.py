@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .compensation.channelwise import ChannelAffine
 from .compensation.modules import Compensated, ConvCompensated, LinearCompensated
 from .errors import InputError
 from .models import get_model_entry
@@ -177,6 +178,10 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     a disagreement (e.g. a W6A6 model with a W4A4 config, or another architecture) is refused, not saved.
     """
     directory = check_save_target(directory)
+    affine = next((name for name, m in model.named_modules() if isinstance(m, ChannelAffine)), None)
+    if affine is not None:
+        raise InputError(f"{affine} carries channel-wise compensation, which the saved format does not describe; "
+                         "export the model to ONNX instead (qwt.export folds it into the weights)")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     description = {
         "format_version": FORMAT_VERSION,

@@ -1,10 +1,11 @@
 """QwT: closed-form linear compensation of quantised blocks."""
-from .blockwise import (BlockPlan, BlockReport, QwTConfig, Step, conv_groups, fit_compensation, infer_stride,
-                        stage_steps)
+from .blockwise import (BlockFit, BlockPlan, BlockReport, QwTConfig, Step, conv_groups, dense_block_fit,
+                        fit_compensation, infer_stride, stage_steps)
+from .channelwise import ChannelAffine, channelwise_block_fit, fold_channelwise
 from .modules import Compensated, ConvCompensated, LinearCompensated
 from .solver import FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError
 
-__all__ = ["BlockPlan", "BlockReport", "QwTConfig", "Step", "fit_compensation", "stage_steps", "conv_groups",
+__all__ = ["BlockFit", "BlockPlan", "BlockReport", "QwTConfig", "Step", "fit_compensation", "dense_block_fit",
+           "channelwise_block_fit", "ChannelAffine", "fold_channelwise", "stage_steps", "conv_groups",
            "infer_stride", "Compensated", "ConvCompensated", "LinearCompensated", "FitResult",
-           "GroupedConvLeastSquares",
-           "LinearLeastSquares", "SingularSystemError"]
+           "GroupedConvLeastSquares", "LinearLeastSquares", "SingularSystemError"]

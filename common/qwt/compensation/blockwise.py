@@ -5,6 +5,9 @@ quantised-block(X_i); the fit is closed form; R² ≤ threshold or i < start_blo
 X_{i+1} is the compensated quantised output, computed as the authors do: with the FP32 compensation in their
 summation order (the FP16 product is for evaluation only). Each block runs twice per batch (FP and quantised):
 the quantised output is kept and the compensation added once solved, instead of a third forward.
+
+One loop walks the plan for both compensation forms; a form is the per-block fit it plugs in (:data:`BlockFit`):
+the authors' dense form here, the channel-wise form in :mod:`qwt.compensation.channelwise`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..quant.modules import quant_state, set_quant_state, swap_module
+from .channelwise import channelwise_block_fit
 from .modules import Compensated, ConvCompensated, LinearCompensated
 from .solver import FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError, SolverMode
 
@@ -81,8 +85,13 @@ class QwTConfig:
     channels_per_group: int = 64
     skip_degenerate: bool = True  # False: fit degenerate systems anyway, as the authors' code would
     feature_device: str | None = None  # where block features wait between blocks; None: the model's device
+    #: ``dense``: the authors' W x + b beside each block; ``channelwise``: a per-channel gain and bias on each
+    #: residual branch's last layer, folded into its weights at export (qwt.compensation.channelwise).
+    compensation: Literal["dense", "channelwise"] = "dense"
 
     def __post_init__(self) -> None:
+        if self.compensation not in ("dense", "channelwise"):
+            raise ValueError(f"unknown compensation {self.compensation!r}; choose 'dense' or 'channelwise'")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and ≥ 1, got {self.kernel_size}")
         if self.channels_per_group < 1:
@@ -167,17 +176,68 @@ def _solve(fit: LinearLeastSquares | GroupedConvLeastSquares, name: str,
     return fit.zero_result(), reason
 
 
+#: Fits one block's compensation and attaches it in place: (model, step, features, block index, device) →
+#: (R², applied, report extras). ``features`` holds the block's input batches where they wait between blocks;
+#: each batch is moved to ``device`` when used, and the fit replaces ``features[k]`` by the next step's input
+#: (moved back where it was) as soon as batch k is done, so at most two copies exist. One per compensation form.
+BlockFit = Callable[[nn.Module, Step, list[torch.Tensor], int, torch.device], tuple[float, bool, dict]]
+#: (model, block path) → the last layer of each residual branch of that block (see :class:`qwt.Family`).
+ResidualBranches = Callable[[nn.Module, str], list[str]]
+
+
+def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
+    """The authors' form: ``out = block_q(x) + W x + b`` beside the block, fitted on FP-block(x) − block_q(x)."""
+
+    def fit_block(model: nn.Module, step: Step, feats: list[torch.Tensor], index: int, device: torch.device):
+        module = model.get_submodule(step.path)
+        outputs, fit, meta = [], None, {}
+        for x in feats:
+            store, x = x.device, x.to(device)
+            with quant_state(module, weight=False, act=False):
+                y_fp = step.run(module, x)
+            y_q = step.run(module, x)
+            if fit is None:
+                fit, meta = _fitter(form, x, y_q, config)
+            fit.update(x, y_fp - y_q)
+            outputs.append(y_q.to(store))
+        fit.reduce()
+        result, reason = _solve(fit, step.path, config.skip_degenerate)
+        if reason is not None:
+            meta = {**meta, "skipped": reason}
+        applied = reason is None and result.r2 > config.r2_threshold and index >= config.start_block
+        weight, bias = (result.weight, result.bias) if applied else (
+            torch.zeros_like(result.weight), torch.zeros_like(result.bias))
+        wrapper = _wrap(form, module, weight, bias, meta, config.fp16_eval)
+        swap_module(model, step.path, wrapper)
+        for k, (x, y) in enumerate(zip(feats, outputs)):  # batch k's input and output are freed as we go
+            feats[k] = wrapper.add_fp32(y.to(device), x.to(device)).to(x.device)
+            outputs[k] = None
+        del x, y
+        return result.r2, applied, meta
+
+    return fit_block
+
+
 @torch.no_grad()
 def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable,
-                     config: QwTConfig = QwTConfig(), batch_size: int = 32, progress: bool = True) -> list[BlockReport]:
+                     config: QwTConfig = QwTConfig(), batch_size: int = 32, progress: bool = True, *,
+                     residual_branches: ResidualBranches | None = None) -> list[BlockReport]:
     """Attach a fitted compensation to every block of ``plan`` (in place); returns one report per block.
 
     ``model`` must be quantised and calibrated. ``images`` is a tensor (split into ``batch_size`` batches) or
     an iterable of batches, e.g. a DataLoader. Between blocks the features of all batches wait on
     ``config.feature_device`` (e.g. ``"cpu"`` to keep GPU memory flat in the number of images; each batch is
-    copied to the model's device when used) and at most two copies exist: a block's input and its output. Most
-    callers use :func:`qwt.apply_qwt`, which takes the plan from the model's family.
+    copied to the model's device when used) and at most two copies exist: a block's input and its output.
+    ``config.compensation == "channelwise"`` needs ``residual_branches`` (the family's). Most callers use
+    :func:`qwt.apply_qwt`, which takes the plan and the residual branches from the model's family.
     """
+    if config.compensation == "channelwise":
+        if residual_branches is None:
+            raise ValueError("channel-wise compensation needs residual_branches: which layer ends each residual "
+                             "branch of a block (qwt.apply_qwt takes it from the model's family)")
+        fit_block = channelwise_block_fit(residual_branches, config.r2_threshold, config.start_block)
+    else:
+        fit_block = dense_block_fit(plan.form, config)
     model.eval()
     set_quant_state(model, weight=True, act=True)
     feats = [plan.stem(batch) for batch in _batches(images, batch_size)]
@@ -189,34 +249,12 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
     reports: list[BlockReport] = []
     index = 0
     for step in tqdm(plan.steps, desc="QwT blocks", disable=not progress, leave=False):
-        module = model.get_submodule(step.path)
         if not step.compensate:
+            module = model.get_submodule(step.path)
             feats = [step.run(module, x.to(device)).to(store) for x in feats]
             continue
         start = time.perf_counter()
-        outputs, fit, meta = [], None, {}
-        for x in feats:
-            x = x.to(device)
-            with quant_state(module, weight=False, act=False):
-                y_fp = step.run(module, x)
-            y_q = step.run(module, x)
-            if fit is None:
-                fit, meta = _fitter(plan.form, x, y_q, config)
-            fit.update(x, y_fp - y_q)
-            outputs.append(y_q.to(store))
-        fit.reduce()
-        result, reason = _solve(fit, step.path, config.skip_degenerate)
-        if reason is not None:
-            meta = {**meta, "skipped": reason}
-        applied = reason is None and result.r2 > config.r2_threshold and index >= config.start_block
-        weight, bias = (result.weight, result.bias) if applied else (
-            torch.zeros_like(result.weight), torch.zeros_like(result.bias))
-        wrapper = _wrap(plan.form, module, weight, bias, meta, config.fp16_eval)
-        swap_module(model, step.path, wrapper)
-        for k, (x, y) in enumerate(zip(feats, outputs)):  # batch k's input and output are freed as we go
-            feats[k] = wrapper.add_fp32(y.to(device), x.to(device)).to(store)
-            outputs[k] = None
-        del x, y
-        reports.append(BlockReport(index, step.path, result.r2, applied, time.perf_counter() - start, meta))
+        r2, applied, meta = fit_block(model, step, feats, index, device)
+        reports.append(BlockReport(index, step.path, r2, applied, time.perf_counter() - start, meta))
         index += 1
     return reports

@@ -29,9 +29,15 @@ def convnext_plan(model: nn.Module) -> BlockPlan:
     return BlockPlan(stem=model.stem, steps=stage_steps(model.stages, "stages"), form="conv")
 
 
+def convnext_residual_branches(model: nn.Module, path: str) -> list[str]:
+    """The block's MLP ends in ``mlp.fc2`` (a Linear on NHWC maps, or a 1×1 conv with ``conv_mlp``)."""
+    return ["mlp.fc2"]
+
+
 CONVNEXT = register_family(Family(
     name="convnext", matches=lambda m: isinstance(m, timm_convnext.ConvNeXt), layer_rule=convnext_layer_rule,
-    plan=convnext_plan, methods=("percentile",), classifier=("head.fc",)))
+    plan=convnext_plan, methods=("percentile",), classifier=("head.fc",),
+    residual_branches=convnext_residual_branches))
 
 register_model(ModelEntry(
     "convnext_atto", CONVNEXT,

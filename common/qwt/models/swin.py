@@ -19,6 +19,7 @@ from ..ptq.config import PTQConfig
 from ..ptq.surgery import LayerRule, token_rule
 from ..quant.attention import QuantWindowAttention
 from .checkpoint import build_timm
+from .vit import transformer_residual_branches
 from .registry import ModelEntry, register_model
 
 NORM_LINEAR_PAIRS = (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"), ("norm", "reduction"))
@@ -42,7 +43,7 @@ def timm_swin_plan(model: nn.Module) -> BlockPlan:
 SWIN = register_family(Family(
     name="swin", matches=lambda m: isinstance(m, timm_swin.SwinTransformer), layer_rule=swin_layer_rule,
     plan=timm_swin_plan, methods=("repq_vit", "percentile"), norm_linear_pairs=NORM_LINEAR_PAIRS,
-    classifier=CLASSIFIER))
+    classifier=CLASSIFIER, residual_branches=transformer_residual_branches))
 
 PREPROCESSING = Preprocessing(0.9)
 SMOKE_KWARGS = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2, 2), num_heads=(2, 2, 2))

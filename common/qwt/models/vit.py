@@ -34,6 +34,11 @@ def vit_layer_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
                       post_norm=lambda name: name.endswith((".attn.qkv", ".mlp.fc1")))
 
 
+def transformer_residual_branches(model: nn.Module, path: str) -> list[str]:
+    """A timm transformer block (ViT, DeiT, Swin) writes its two residual adds through these layers."""
+    return ["attn.proj", "mlp.fc2"]
+
+
 def vit_plan(model: nn.Module) -> BlockPlan:
     """Stem = patch-embed, class/dist tokens, position embedding (timm 1.x ``_pos_embed``), pre-norm."""
 
@@ -47,7 +52,8 @@ def vit_plan(model: nn.Module) -> BlockPlan:
 
 VIT = register_family(Family(
     name="vit", matches=lambda m: isinstance(m, timm_vit.VisionTransformer), layer_rule=vit_layer_rule,
-    plan=vit_plan, methods=("repq_vit", "percentile"), norm_linear_pairs=NORM_LINEAR_PAIRS, classifier=CLASSIFIER))
+    plan=vit_plan, methods=("repq_vit", "percentile"), norm_linear_pairs=NORM_LINEAR_PAIRS, classifier=CLASSIFIER,
+    residual_branches=transformer_residual_branches))
 
 #: DeiT: crop 0.875, ImageNet statistics; augreg ViT: crop 0.9, mean = std = 0.5.
 DEIT_PREPROCESSING = Preprocessing(0.875)

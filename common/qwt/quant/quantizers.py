@@ -8,7 +8,7 @@ frozen quantisers.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -16,6 +16,12 @@ from torch import nn
 from .percentile import PERCENTILES, row_quantiles
 
 MIN_BITS, MAX_BITS = 2, 8
+
+#: Grid family a uniform quantiser searches over: ``affine`` is the authors' (any offset, possibly outside the
+#: code range); ``zero_included`` keeps 0 on the grid so z is a valid unsigned integer zero point (integer
+#: kernels); ``symmetric`` fixes z at L/2 so the codes are signed integers with zero point 0 (INT8 weights).
+Grid = Literal["affine", "zero_included", "symmetric"]
+GRIDS = ("affine", "zero_included", "symmetric")
 
 #: The reference search starts from this score and keeps a candidate only on strict improvement.
 _INITIAL_SCORE = 1e10
@@ -105,7 +111,7 @@ def _require_finite_calibration(x: torch.Tensor, what: str) -> None:
         )
 
 
-def search_uniform(rows: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def search_uniform(rows: torch.Tensor, n_bits: int, grid: Grid = "affine") -> tuple[torch.Tensor, torch.Tensor]:
     """Percentile-MSE search of (Δ, z) for every row at once; returns two (rows,) tensors."""
     levels = 2**n_bits
     quantiles = row_quantiles(rows, [1.0 - p for p in PERCENTILES] + list(PERCENTILES))
@@ -115,12 +121,17 @@ def search_uniform(rows: torch.Tensor, n_bits: int) -> tuple[torch.Tensor, torch
     best_zero = torch.zeros_like(best_score)
     for i in range(k):
         lo, hi = quantiles[:, i], quantiles[:, k + i]
+        if grid == "symmetric":
+            hi = torch.maximum(lo.abs(), hi.abs())
+            lo = -hi * (levels // 2) / (levels // 2 - 1)  # codes −L/2..L/2−1, Δ = max|x| / (L/2 − 1)
+        elif grid == "zero_included":
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         delta = (hi - lo) / (levels - 1)
         # A constant row has hi == lo; the reference divides by zero. Pick the grid that represents it exactly.
         degenerate = delta <= 0
         if degenerate.any():
             delta = torch.where(degenerate, lo.abs().clamp_min(1e-8) / (levels - 1), delta)
-        zero = torch.round(-lo / delta)
+        zero = torch.full_like(delta, levels // 2) if grid == "symmetric" else torch.round(-lo / delta)
         # (x̂ − x)² equals (x − x̂)² bit for bit; computed on x̂'s buffer to spare two temporaries.
         score = uniform_fake_quant(rows, delta[:, None], zero[:, None], levels).sub_(rows).pow_(2).mean(dim=1)
         better = score < best_score
@@ -191,13 +202,16 @@ class Quantizer(nn.Module):
 class UniformQuantizer(Quantizer):
     """Asymmetric uniform quantiser, per tensor (``channel_axis=None``) or per channel along one axis."""
 
-    def __init__(self, n_bits: int, channel_axis: int | None = None) -> None:
+    def __init__(self, n_bits: int, channel_axis: int | None = None, grid: Grid = "affine") -> None:
         super().__init__(n_bits)
+        if grid not in GRIDS:
+            raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
         self.channel_axis = channel_axis
+        self.grid = grid
         self.register_buffer("zero_point", torch.empty(0))
 
     def calibrate(self, x: torch.Tensor) -> None:
-        delta, zero = search_uniform(_to_rows(x, self.channel_axis), self.n_bits)
+        delta, zero = search_uniform(_to_rows(x, self.channel_axis), self.n_bits, self.grid)
         shape = _param_shape(x, self.channel_axis)
         self.set_params(delta.reshape(shape), zero.reshape(shape))
 
@@ -214,7 +228,7 @@ class UniformQuantizer(Quantizer):
             self.channel_axis = None
 
     def extra_repr(self) -> str:
-        return f"n_bits={self.n_bits}, channel_axis={self.channel_axis}, enabled={self.enabled}"
+        return f"n_bits={self.n_bits}, channel_axis={self.channel_axis}, grid={self.grid}, enabled={self.enabled}"
 
 
 class LogSqrt2Quantizer(Quantizer):

@@ -1,0 +1,153 @@
+"""Channel-wise affine compensation: per output channel ``z ← g·z + b`` on the last Linear/Conv of each residual
+branch, fitted in closed form; it folds into that layer's weight scale and bias, so it costs nothing at inference.
+
+The derivation is in docs/channelwise_compensation.md. The target layers are the family's ``residual_branches``;
+the walk over the plan is :func:`qwt.compensation.fit_compensation`'s. Per block: one FP pass records the FP
+outputs z_fp of the target layers; then, layer by layer, a quantised pass (with the layers already fitted corrected)
+gives z_q, and each channel's (g, b) minimises Σ (g·z_q + b − z_fp)² — a one-feature regression whose normal
+equations need only five running sums (FP64). A final quantised pass gives the next block's input.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..quant.modules import QuantModule, quant_state, swap_module
+
+
+class ChannelAffine(nn.Module):
+    """``layer(x)·gain + bias`` per output channel (last axis for Linear, axis 1 for Conv2d)."""
+
+    def __init__(self, layer: nn.Module, gain: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.channel_axis = 1 if isinstance(layer, nn.Conv2d) else -1
+        self.register_buffer("gain", gain.detach().float().clone())
+        self.register_buffer("shift", bias.detach().float().clone())
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, 1, 1) if self.channel_axis == 1 else t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) * self._view(self.gain) + self._view(self.shift)
+
+
+class _AffineFit:
+    """Streaming per-channel simple regression z_fp ≈ g·z_q + b."""
+
+    def __init__(self, channel_axis: int) -> None:
+        self.axis = channel_axis
+        self.sums: torch.Tensor | None = None  # (6, C): n, Σq, Σf, Σq², Σqf, Σf²
+
+    def update(self, z_q: torch.Tensor, z_fp: torch.Tensor) -> None:
+        q = z_q.movedim(self.axis, -1).reshape(-1, z_q.shape[self.axis]).double()
+        f = z_fp.movedim(self.axis, -1).reshape(-1, z_fp.shape[self.axis]).double()
+        sums = torch.stack([torch.full_like(q[0], q.shape[0]), q.sum(0), f.sum(0), (q * q).sum(0),
+                            (q * f).sum(0), (f * f).sum(0)])
+        self.sums = sums if self.sums is None else self.sums + sums
+
+    def reduce(self) -> None:
+        """Sum the running sums over processes (torch.distributed), as the dense solver does."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(gain, bias, R²): R² = 1 − SSE(fit)/SSE(uncorrected) of the error z_fp − z_q, pooled over channels."""
+        n, sq, sf, sqq, sqf, sff = self.sums
+        var_q = sqq - sq * sq / n
+        gain = (sqf - sq * sf / n) / var_q.clamp_min(1e-30)
+        # A constant or anti-correlated channel has no usable gain: correct its mean only.
+        gain = torch.where((var_q > 1e-12 * sqq.clamp_min(1e-30)) & (gain > 0), gain, torch.ones_like(gain))
+        bias = (sf - gain * sq) / n
+        sse_before = (sff - 2 * sqf + sqq).sum()
+        sse_after = (sff + gain**2 * sqq + n * bias**2 - 2 * gain * sqf - 2 * bias * sf + 2 * gain * bias * sq).sum()
+        r2 = float(1 - sse_after / sse_before) if sse_before > 0 else 0.0
+        return gain.float(), bias.float(), r2
+
+
+def _record(block: nn.Module, names: list[str], run: Callable[[], torch.Tensor]
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``run`` with forward hooks on ``names``; returns its output and the recorded layer outputs."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [block.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o))
+             for n in names]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+def _target(block: nn.Module, name: str) -> str:
+    """``name``, or the Linear/Conv2d that a wrapper at ``name`` holds as ``layer`` (a W8A8 output quantiser:
+    the correction goes inside it, so the quantiser sees the corrected output)."""
+    module = block.get_submodule(name)
+    while not isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(getattr(module, "layer", None), nn.Module):
+        name, module = f"{name}.layer", module.layer
+    return name
+
+
+def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str]], r2_threshold: float = 0.0,
+                          start_block: int = 0) -> Callable:
+    """The channel-wise form as a per-block fit for :func:`qwt.compensation.fit_compensation` (its ``BlockFit``).
+
+    ``residual_branches(model, block_path)`` names the target layers (the family's). A layer is corrected only
+    when its fit's R² > ``r2_threshold`` and the block index ≥ ``start_block``; the block's R² is the smallest of
+    its layers'.
+    """
+
+    def fit_block(model: nn.Module, step, feats: list[torch.Tensor], index: int, device: torch.device):
+        module = model.get_submodule(step.path)
+        names = [_target(module, name) for name in residual_branches(model, step.path)]
+
+        def record(names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+            outputs = _record(module, names, lambda: step.run(module, x.to(device)))[1]
+            return {name: z.to(x.device) for name, z in outputs.items()}  # kept where the features wait
+
+        with quant_state(module, weight=False, act=False):
+            targets = [record(names, x) for x in feats]
+        r2s = {}
+        for name in names:
+            layer = module.get_submodule(name)
+            fit = _AffineFit(1 if isinstance(layer, nn.Conv2d) else -1)
+            for x, target in zip(feats, targets):
+                fit.update(record([name], x)[name].to(device), target[name].to(device))
+            fit.reduce()
+            gain, bias, r2s[name] = fit.solve()
+            if r2s[name] > r2_threshold and index >= start_block:
+                swap_module(module, name, ChannelAffine(layer, gain, bias))
+        del targets
+        for k, x in enumerate(feats):
+            feats[k] = step.run(module, x.to(device)).to(x.device)
+        applied = any(isinstance(module.get_submodule(n), ChannelAffine) for n in names)
+        return min(r2s.values()), applied, {"form": "channelwise", "r2_per_layer": r2s}
+
+    return fit_block
+
+
+@torch.no_grad()
+def fold_channelwise(model: nn.Module) -> int:
+    """Fold every :class:`ChannelAffine` into its layer (in place): weight and per-channel weight scale × g,
+    bias → g·bias + b. The integer weight codes are unchanged, so the exported graph has no extra op.
+    Returns the number of layers folded."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, ChannelAffine)]
+    for name, affine in found:
+        layer, gain = affine.layer, affine.gain
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        q = getattr(layer, "weight_quantizer", None)
+        if q is not None and q.calibrated:
+            if q.delta.numel() != gain.numel():
+                raise ValueError(f"{name}: a per-tensor weight scale cannot absorb a per-channel gain")
+            q.delta = q.delta * gain.reshape(q.delta.shape)
+        layer.weight.mul_(gain.reshape(shape))
+        bias = affine.shift if layer.bias is None else layer.bias * gain + affine.shift
+        layer.bias = nn.Parameter(bias)
+        if isinstance(layer, QuantModule):
+            layer.clear_weight_cache()  # the edits above already invalidate it; do not rely on that
+        swap_module(model, name, layer)
+    return len(found)

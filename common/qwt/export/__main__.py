@@ -1,0 +1,38 @@
+"""CLI: export a model saved by ``qwt.save_quantized`` to ONNX.
+
+    python -m qwt.export results/vit_w4a4 vit_w4a4.onnx --input-shape 1 28 28
+    python -m qwt.export results/vit_w8a8 vit_w8a8.onnx --input-shape 1 28 28 --mode w8a8
+
+``simulate`` works for any saved model. ``w8a8`` needs a model calibrated for integer kernels
+(``qwt.export.calibrate_w8a8``); a CNN calibrated that way has BatchNorm folded, which ``load_quantized`` does
+not rebuild, so CNN deployment exports go through the Python API (see scripts/deploy.py).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..serialization import load_quantized
+from .writer import export_onnx
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m qwt.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("saved", type=Path, help="folder written by qwt.save_quantized")
+    p.add_argument("out", type=Path, help="ONNX file to write")
+    p.add_argument("--input-shape", type=int, nargs=3, required=True, metavar=("C", "H", "W"),
+                   help="one image's shape (the batch axis is dynamic)")
+    p.add_argument("--mode", choices=["simulate", "w8a8"], default="simulate")
+    p.add_argument("--fp16-compensation", action="store_true",
+                   help="w8a8 only: keep the QwT product in FP16 (default FP32, faster on CPUs)")
+    args = p.parse_args(argv)
+    model = load_quantized(args.saved)
+    path = export_onnx(model, torch.zeros(1, *args.input_shape), args.out, args.mode, args.fp16_compensation)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, {args.mode})")
+
+
+if __name__ == "__main__":
+    main()

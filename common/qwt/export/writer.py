@@ -1,0 +1,145 @@
+"""Write ONNX files and run them in onnxruntime.
+
+Two formats. ``simulate`` traces the fake-quant model as it is: every quantiser becomes standard elementwise
+ops (Div, Round, Add, Clip, Sub, Mul; Log, Pow, Where for log-√2), which reproduce any bit width, fractional
+zero points and the log-√2 grid, but compute in FP32. ``w8a8`` traces the model's QDQ view (see
+:mod:`qwt.export.w8a8`) and stores the weights as INT8 initializers, so onnxruntime fuses the pairs into
+integer kernels. The ONNX file is a protobuf: tensors and graph only, nothing executable, no pickle.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..compensation.channelwise import ChannelAffine, fold_channelwise
+from ..quant.modules import quant_modules
+from ._deps import require
+from .w8a8 import qdq_view
+
+Mode = Literal["simulate", "w8a8"]
+OPSET = 17
+#: Nodes that mean a MatMul/Conv runs on integers in onnxruntime's optimised graph.
+INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv", "ConvInteger",
+               "QGemm", "DynamicQuantizeMatMul")
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode: Mode = "simulate",
+                compensation_half: bool = False) -> Path:
+    """Export ``model`` (quantised, maybe compensated) to ``path`` with a dynamic batch axis.
+
+    Channel-wise compensation is folded into a copy of the model first, so it adds no node.
+
+    ``compensation_half`` applies to ``w8a8`` only (simulation keeps the model's own setting): onnxruntime's
+    CPU provider has no fast FP16 GEMM, so the compensation defaults to an FP32 MatMul/Conv there.
+    """
+    if mode not in ("simulate", "w8a8"):
+        raise ValueError(f"unknown export mode {mode!r}; choose 'simulate' or 'w8a8'")
+    onnx = require("onnx")
+    if any(isinstance(m, ChannelAffine) for m in model.modules()):
+        model = copy.deepcopy(model)
+        fold_channelwise(model)  # into the layers' weights, scales and biases: no extra node
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation chatter
+        if mode == "w8a8":
+            with qdq_view(model, compensation_half):
+                _trace(model, example, path)
+        else:
+            _trace(model, example, path)
+    proto = onnx.load(str(path))
+    if mode == "w8a8":
+        _store_int8_weights(proto)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _exp2(g, x):
+    """2^x as ONNX Pow (the log-√2 quantiser's decode; the TorchScript exporter has no rule for exp2)."""
+    return g.op("Pow", g.op("Constant", value_t=torch.tensor(2.0)), x)
+
+
+def _clear_weight_caches(model: nn.Module) -> None:
+    for _, module in quant_modules(model):
+        module.clear_weight_cache()
+
+
+def _trace(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Trace to ONNX. The quantised modules' fake-quantised weight caches are emptied first, so the weight
+    quantisers are always traced as ops (not as whichever cached tensor a previous forward left), and after,
+    so no tensor made while tracing is reused."""
+    torch.onnx.register_custom_op_symbolic("aten::exp2", _exp2, OPSET)
+    _clear_weight_caches(model)
+    try:
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    finally:
+        _clear_weight_caches(model)
+
+
+def _store_int8_weights(proto) -> None:
+    """Replace QuantizeLinear(FP32 constant) by the INT8 initializer it computes (ONNX rounding: half to even)."""
+    numpy_helper = require("onnx").numpy_helper
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {n.output[0]: n for n in graph.node if n.op_type in ("Constant", "Identity")}
+
+    def value(name: str) -> np.ndarray | None:
+        """The constant behind ``name`` (an initializer, a Constant node, or an Identity of either)."""
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producers.get(name)
+        if node is None:
+            return None
+        return numpy_helper.to_array(node.attribute[0].t) if node.op_type == "Constant" else value(node.input[0])
+
+    folded = [n for n in graph.node if n.op_type == "QuantizeLinear" and value(n.input[0]) is not None]
+    for node in folded:
+        w, scale, zero = (value(i) for i in node.input[:3])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.ndim == 1:
+            shape[axis] = -1
+        info = np.iinfo(zero.dtype)
+        codes = np.rint(w / scale.reshape(shape)) + zero.reshape(shape).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(np.clip(codes, info.min, info.max).astype(zero.dtype),
+                                                         node.output[0]))
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+
+
+def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
+    """An onnxruntime CPU session (all graph optimisations); ``optimized_path`` saves the optimised graph."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """Logits of ``images`` through an onnxruntime session, batch by batch."""
+    name = sess.get_inputs()[0].name
+    return torch.cat([torch.from_numpy(sess.run(None, {name: x.numpy()})[0]) for x in images.split(batch_size)])
+
+
+def integer_nodes(optimized_path: str | Path) -> Counter:
+    """Count the integer MatMul/Conv nodes of an optimised graph written by :func:`session`."""
+    onnx = require("onnx")
+    graph = onnx.load(str(optimized_path)).graph
+    return Counter(n.op_type for n in graph.node if n.op_type in INTEGER_OPS)

@@ -1,0 +1,227 @@
+"""Deployment counterpart of the main job: ONNX exports run in onnxruntime on CPU.
+
+For each model: FP32, W8A8 (integer kernels), W8A8 + QwT (FP32 compensation beside each block), W8A8 +
+channel-wise compensation (folded into the weights), and simulation exports of W4A4 PTQ and PTQ + QwT. Top-1
+(onnxruntime, and the torch model it was exported from) where test data exists, latency at batch 1 and 32,
+file size. ``vit_fmnist`` and ``efficientnet_lite0`` are the main job's models on Fashion-MNIST; DeiT-S and
+ResNet-50 have random weights (latency only; their calibration images are Gaussian noise).
+
+Writes ``summary.json`` (rows + environment), ``table.md`` and ``chart.png`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import qwt  # noqa: E402
+from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
+from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
+from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, run, session  # noqa: E402
+from qwt.utils import seed_everything  # noqa: E402
+
+
+@dataclass
+class Workload:
+    name: str
+    entry: str
+    fp: nn.Module
+    calib: torch.Tensor
+    comp: torch.Tensor
+    test: tuple[torch.Tensor, torch.Tensor] | None
+    method: str  # PTQ method of the W4A4 simulation rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("results/deploy"))
+    p.add_argument("--models", nargs="+", default=["vit_fmnist", "efficientnet_lite0", "deit_small", "resnet50"],
+                   choices=["vit_fmnist", "efficientnet_lite0", "deit_small", "resnet50"])
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime intra-op threads")
+    p.add_argument("--b1-runs", type=int, default=20, help="timed runs at batch 1 (median reported)")
+    p.add_argument("--b32-runs", type=int, default=3, help="timed runs at batch 32 (median reported)")
+    p.add_argument("--comp-images", type=int, default=512, help="QwT images for the Fashion-MNIST models")
+    p.add_argument("--random-comp-images", type=int, default=64, help="QwT images for DeiT-S / ResNet-50")
+    p.add_argument("--cnn-test-images", type=int, default=2000, help="EfficientNet test subset, as the main job")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    out = []
+    needs_fmnist = {"vit_fmnist", "efficientnet_lite0"} & set(args.models)
+    if needs_fmnist:
+        train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    if "vit_fmnist" in args.models:
+        calib, comp = disjoint_subsets(len(train[0]), (32, args.comp_images), args.seed)
+        out.append(Workload("vit_fmnist", "vit_fmnist", qwt.create_model("vit_fmnist"), normalize(train[0][calib]),
+                            normalize(train[0][comp]), (normalize(test[0]), test[1]), "repq_vit"))
+    if "efficientnet_lite0" in args.models:
+        probe, calib, comp = disjoint_subsets(len(train[0]), (6000, 32, args.comp_images), args.seed + 1)
+        fp = qwt.create_model("efficientnet_lite0", num_classes=10)
+        fp.classifier = fit_linear_probe(fp, cnn_input(train[0][probe], 64), train[1][probe], 250)
+        n = args.cnn_test_images
+        out.append(Workload("efficientnet_lite0@64px", "efficientnet_lite0", fp, cnn_input(train[0][calib], 64),
+                            cnn_input(train[0][comp], 64), (cnn_input(test[0][:n], 64), test[1][:n]), "percentile"))
+    noise = torch.Generator().manual_seed(args.seed)
+    for name, method in (("deit_small", "repq_vit"), ("resnet50", "percentile")):
+        if name in args.models:
+            torch.manual_seed(args.seed)
+            images = torch.randn(32 + args.random_comp_images, 3, 224, 224, generator=noise)
+            out.append(Workload(f"{name} (random weights)", name, qwt.create_model(name, pretrained=False),
+                                images[:32], images[32:], None, method))
+    return out
+
+
+def variants(work: Workload) -> list[tuple[str, str, str, nn.Module]]:
+    """(format, compensation, export mode, model) for every row of one workload."""
+    w8a8 = calibrate_w8a8(work.fp, work.calib)
+    dense = copy.deepcopy(w8a8)
+    qwt.apply_qwt(dense, work.comp, qwt.QwTConfig(fp16_eval=False), progress=False)
+    channelwise = copy.deepcopy(w8a8)
+    qwt.apply_qwt(channelwise, work.comp, qwt.QwTConfig(compensation="channelwise"), progress=False)
+    w4a4 = copy.deepcopy(work.fp)
+    qwt.quantize(w4a4, work.calib, qwt.PTQConfig(method=work.method, w_bits=4, a_bits=4))
+    w4a4_qwt = copy.deepcopy(w4a4)
+    qwt.apply_qwt(w4a4_qwt, work.comp, qwt.QwTConfig(), progress=False)
+    return [("FP32", "none", "simulate", work.fp), ("W8A8", "none", "w8a8", w8a8),
+            ("W8A8", "QwT (dense)", "w8a8", dense), ("W8A8", "channel-wise", "w8a8", channelwise),
+            ("W4A4 sim", "none", "simulate", w4a4), ("W4A4 sim", "QwT (dense)", "simulate", w4a4_qwt)]
+
+
+def latency_ms(sess, example: torch.Tensor, batch: int, runs: int) -> float:
+    name = sess.get_inputs()[0].name
+    x = example[:1].expand(batch, *example.shape[1:]).contiguous().numpy()
+    sess.run(None, {name: x})  # warm-up (allocations, kernel selection)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+@torch.no_grad()
+def torch_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    logits = torch.cat([model(x) for x in images.split(250)])
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+
+
+def measure(args: argparse.Namespace, work: Workload, folder: Path) -> list[dict]:
+    rows = []
+    for fmt, comp, mode, model in variants(work):
+        path = folder / f"{work.entry}_{fmt}_{comp}.onnx".replace(" ", "_").replace("(", "").replace(")", "")
+        export_onnx(model, work.calib[:1], path, mode=mode)
+        optimized = path.with_suffix(".opt.onnx")
+        sess = session(path, args.threads, optimized)
+        row = {"model": work.name, "format": fmt, "compensation": comp, "export": mode,
+               "size_mb": path.stat().st_size / 1e6, "integer_nodes": sum(integer_nodes(optimized).values())}
+        if work.test is not None:
+            images, labels = work.test
+            row["top1"] = 100.0 * (run(sess, images).argmax(1) == labels).float().mean().item()
+            row["top1_torch"] = torch_top1(model, images, labels)
+        else:
+            row["top1"] = row["top1_torch"] = None
+        row["latency_ms_b1"] = latency_ms(sess, work.calib, 1, args.b1_runs)
+        row["latency_ms_b32"] = latency_ms(sess, work.calib, 32, args.b32_runs)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def environment(args: argparse.Namespace) -> dict:
+    import onnx
+    import onnxruntime
+    import timm
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "ort_threads": args.threads, "python": platform.python_version(),
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "timm": timm.__version__, "platform": platform.platform()}
+
+
+def _cell(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | format | compensation | top1 | top1 (torch) | latency_ms_b1 | latency_ms_b32 | size_mb |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['format']} | {r['compensation']} | {_cell(r['top1'])} | "
+                     f"{_cell(r['top1_torch'])} | {_cell(r['latency_ms_b1'])} | {_cell(r['latency_ms_b32'], 0)} | "
+                     f"{_cell(r['size_mb'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows if r["top1"] is not None))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in (r for r in rows if r["model"] == model):
+            label = f"{r['format']} {'' if r['compensation'] == 'none' else '+ ' + r['compensation']}"
+            ax.scatter(r["latency_ms_b32"], r["top1"], s=40)
+            ax.annotate(label, (r["latency_ms_b32"], r["top1"]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("onnxruntime CPU latency, batch 32 (ms, log)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    start, load_start = time.perf_counter(), os.getloadavg()
+    try:
+        works = workloads(args)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for work in works:
+            rows.extend(measure(args, work, Path(tmp)))
+    env = environment(args)
+    env["load_average_start"], env["load_average_end"] = load_start, os.getloadavg()
+    env["seconds"] = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    table = markdown(rows)
+    (args.out / "table.md").write_text(table)
+    chart(rows, args.out / "chart.png")
+    print("\n" + table)
+    print(f"environment: {json.dumps(env)}")
+    print(f"wrote {args.out}/summary.json, table.md, chart.png ({env['seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
