@@ -173,12 +173,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def chart(rows: list[dict], path: Path) -> None:
+    """Accuracy against latency, one panel per model with test data (random-weight models have none)."""
+    models = list(dict.fromkeys(r["model"] for r in rows if r["top1"] is not None))
+    if not models:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(r["model"] for r in rows if r["top1"] is not None))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         for r in (r for r in rows if r["model"] == model):

@@ -44,7 +44,7 @@ def test_ptq_config_refuses_a_bad_log_floor(kwargs):
     ({"solver": "magic"}, "unknown solver"), ({"start_block": 6}, "past the last block"),
 ])
 def test_qwt_config_is_checked_against_the_plan(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # bad settings: QwTConfig itself; start_block: against the plan
         check_qwt_config(QwTConfig(**kwargs), blocks=6)
     check_qwt_config(QwTConfig(start_block=5), blocks=6)
 

@@ -90,6 +90,16 @@ class QwTConfig:
     compensation: Literal["dense", "channelwise"] = "dense"
 
     def __post_init__(self) -> None:
+        # Settings that would make QwT silently do nothing or something undefined are refused here; a start
+        # block past the model's last block is checked where the plan is known (qwt.experiment.check_qwt_config).
+        if not math.isfinite(self.r2_threshold):
+            raise ValueError(f"r2_threshold must be a finite number, got {self.r2_threshold}")
+        if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"ridge must be ≥ 0 (or None for the authors' default), got {self.ridge}")
+        if self.solver not in ("streaming", "reference"):
+            raise ValueError(f"unknown solver {self.solver!r}; choose 'streaming' or 'reference'")
+        if self.start_block < 0:
+            raise ValueError(f"start_block must be ≥ 0, got {self.start_block}")
         if self.compensation not in ("dense", "channelwise"):
             raise ValueError(f"unknown compensation {self.compensation!r}; choose 'dense' or 'channelwise'")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
