@@ -92,8 +92,8 @@ class QwTConfig:
     def __post_init__(self) -> None:
         # Settings that would make QwT silently do nothing or something undefined are refused here; a start
         # block past the model's last block is checked where the plan is known (qwt.experiment.check_qwt_config).
-        if not math.isfinite(self.r2_threshold):
-            raise ValueError(f"r2_threshold must be a finite number, got {self.r2_threshold}")
+        if math.isnan(self.r2_threshold):  # every comparison with NaN is false: no block would ever be applied
+            raise ValueError("r2_threshold must be a number, got NaN")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge >= 0):
             raise ValueError(f"ridge must be ≥ 0 (or None for the authors' default), got {self.ridge}")
         if self.solver not in ("streaming", "reference"):
