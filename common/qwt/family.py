@@ -18,6 +18,7 @@ from .compensation.blockwise import BlockPlan
 from .ptq.config import Method, PTQConfig
 from .ptq.repq_vit import NormLinearPairs
 from .ptq.surgery import LayerRule
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -39,21 +40,15 @@ class Family:
                              f"not {config.method!r}")
 
 
-_FAMILIES: dict[str, Family] = {}
+_FAMILIES: Registry[Family] = Registry("model family")
 
 
 def register_family(family: Family) -> Family:
-    if family.name in _FAMILIES:
-        raise ValueError(f"model family {family.name!r} is already registered")
-    _FAMILIES[family.name] = family
-    return family
+    return _FAMILIES.add(family.name, family)
 
 
 def get_family(name: str) -> Family:
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; registered: {', '.join(sorted(_FAMILIES))}") from None
+    return _FAMILIES.lookup(name)
 
 
 def list_families() -> list[str]:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +99,18 @@ def _build(description: dict[str, Any]) -> nn.Module:
     return model
 
 
+def _one_sided(expected: Iterable[str], actual: Iterable[str], absent: str, extra: str) -> list[str]:
+    """Names found on one side only, as messages: ``absent`` / ``extra`` are formats with ``{}`` for the name."""
+    expected, actual = list(expected), list(actual)
+    exp, act = set(expected), set(actual)
+    return [absent.format(k) for k in expected if k not in act] + [extra.format(k) for k in actual if k not in exp]
+
+
 def _quantizer_differences(expected: nn.Module, actual: dict[str, dict[str, Any]]) -> list[str]:
     """How the quantisers a config builds differ from the model's (reparameterisation may turn a channel-wise
     input quantiser into a per-tensor one; that is not a difference)."""
     built = {name: q for name, q in expected.named_modules() if isinstance(q, Quantizer)}
-    diffs = [f"{name}: the model has no such quantiser" for name in built if name not in actual]
-    diffs += [f"{name}: the config does not quantise it" for name in actual if name not in built]
+    diffs = _one_sided(built, actual, "{}: the model has no such quantiser", "{}: the config does not quantise it")
     for name, spec in actual.items():
         q = built.get(name)
         if q is None:
@@ -132,8 +139,7 @@ def _quantizer_buffer(key: str, quantizers: dict[str, Any]) -> str | None:
 def _check_tensors(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
                    quantizers: dict[str, dict[str, Any]], where: str) -> None:
     """Every tensor has the dtype and shape the structure implies and finite values; refuse otherwise."""
-    problems = [f"missing {k}" for k in reference if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in reference]
+    problems = _one_sided(reference, state, "missing {}", "unexpected {}")
     for key, tensor in state.items():
         ref = reference.get(key)
         if ref is None:

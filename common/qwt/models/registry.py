@@ -8,6 +8,7 @@ from torch import nn
 
 from ..data.imagenet import Preprocessing
 from ..family import Family
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -20,14 +21,11 @@ class ModelEntry:
     reduced: dict = field(default_factory=lambda: {"smoke": True})  # build kwargs of a CPU-sized variant
     reduced_input: tuple[int, int, int] = (3, 32, 32)  # one image of that variant
 
-_REGISTRY: dict[str, ModelEntry] = {}
+_REGISTRY: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(entry: ModelEntry) -> ModelEntry:
-    if entry.name in _REGISTRY:
-        raise ValueError(f"model {entry.name!r} is already registered")
-    _REGISTRY[entry.name] = entry
-    return entry
+    return _REGISTRY.add(entry.name, entry)
 
 
 def list_models() -> list[str]:
@@ -35,10 +33,7 @@ def list_models() -> list[str]:
 
 
 def get_model_entry(name: str) -> ModelEntry:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; supported: {', '.join(list_models())}") from None
+    return _REGISTRY.lookup(name)
 
 
 def create_model(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
