@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
