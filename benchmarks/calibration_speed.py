@@ -5,7 +5,8 @@
 
 Random weights and synthetic images (no data loading). Phases: the first calibration pass, RepQ-ViT
 reparameterisation + re-calibration (ViTs only), QwT over every block, and for scale one FP32 forward of all the
-calibration + compensation images. ``qwt_peak_mib`` is what the QwT phase adds at its peak to the memory in use
+calibration + compensation images, all under the same allocator setting (``freed_memory_retained``, see
+qwt.allocator). ``qwt_peak_mib`` is what the QwT phase adds at its peak to the memory in use
 when it starts: resident set (Linux ``VmHWM`` after resetting it) on CPU, ``torch.cuda.max_memory_allocated`` on
 a GPU. ``feature_mib`` is the largest block boundary's features over all compensation images, the part that QwT
 has to hold somewhere and that grows with the image count; the rest should not. The last line printed is JSON.
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from qwt import PTQConfig, QwTConfig, apply_qwt, create_model, get_model_entry, quantize
+from qwt.allocator import freed_memory_retained, release_freed_memory, retain_freed_memory
 from qwt.utils import PhaseTimer
 
 _MIB = 2**20
@@ -80,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-device", default=None,
                    help="where QwT keeps block features between blocks (e.g. cpu for a GPU run); default: --device")
     p.add_argument("--smoke", action="store_true", help="the registry's reduced model on 32×32 images (tests)")
+    p.add_argument("--fresh-pages", action="store_true",
+                   help="leave glibc's allocator as it is (every large tensor faults in fresh pages) instead of "
+                        "qwt.allocator.retain_freed_memory(), which the command-line tools use")
     return p.parse_args(argv)
 
 
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace) -> dict:
     """Time every phase and return the figures (also the JSON line :func:`main` prints)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.fresh_pages:
+        retain_freed_memory()  # before the FP forward too: every phase runs with the same allocator
     device = torch.device(args.device)
     entry = get_model_entry(args.model)
     torch.manual_seed(0)
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
              on_phase=timer)
     ptq = timer.total
     memory = PeakMemory(device)
+    release_freed_memory()  # the baseline is the memory in use, not what earlier phases left for reuse
     memory.start()
     timer.restart()
     apply_qwt(model, comp, QwTConfig(solver=args.solver, feature_device=args.feature_device),
@@ -128,6 +136,7 @@ def run(args: argparse.Namespace) -> dict:
         "total_s": round(total, 3), "ratio_to_fp_forward": round(total / fp_forward, 2),
         "qwt_peak_mib": round(memory.peak_mib(), 1), "feature_mib": round(features, 1),
         "load_1min": round(os.getloadavg()[0], 2) if device.type == "cpu" else None,
+        "freed_memory_retained": freed_memory_retained(),
     }
 
 

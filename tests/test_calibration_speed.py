@@ -13,8 +13,9 @@ from qwt.quant.quantizers import search_log_sqrt2
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit patterns, so that −0 ≠ +0 and NaN payloads count."""
-    return t.contiguous().view(torch.int32)
+    """The raw bit patterns, so that −0 ≠ +0; every NaN as one pattern (torch's own kernels give a NaN different
+    payloads in their vectorised and scalar loops, so a payload carries no meaning)."""
+    return t.nan_to_num(nan=math.nan, posinf=math.inf, neginf=-math.inf).contiguous().view(torch.int32)
 
 
 def _plain_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, levels: int, floor: float | None) -> torch.Tensor:
@@ -29,13 +30,19 @@ def _plain_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, levels: int, floor: f
 
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
 def test_log_sqrt2_inference_path_matches_the_formula_bit_for_bit(bits):
+    """The inference path decodes a table of the L codes and looks elements up: every code (8-bit codes reach
+    subnormal outputs), overflow, zero, infinity, negative and NaN inputs give the formula's bits."""
     g = torch.Generator().manual_seed(bits)
-    x = torch.cat([torch.rand(4000, generator=g).pow(4), torch.rand(100, generator=g) * 3,  # codes < 0 too
-                   torch.tensor([0.0, 1e-30, 1e-7, 0.4, 1.0, float("inf")])])
     delta = torch.tensor(0.4)
+    codes = torch.arange(2**bits + 4, dtype=torch.float32)
+    every_code = delta * torch.exp2(-codes / 2) * (1 + 0.2 * (torch.rand(50, codes.numel(), generator=g) - 0.5))
+    x = torch.cat([torch.rand(4000, generator=g).pow(4), torch.rand(100, generator=g) * 3,  # codes < 0 too
+                   every_code.reshape(-1),
+                   torch.tensor([0.0, -0.0, 1e-30, 1e-7, 0.4, 1.0, float("inf"), -0.3, float("nan")])])
     for floor in (None, 1e-6):
-        assert torch.equal(_bits(log_sqrt2_fake_quant(x, delta, 2**bits, floor)),
-                           _bits(_plain_log_sqrt2(x, delta, 2**bits, floor)))
+        for values in (x, x.flip(0)[3:]):  # each value at other vector-lane positions too
+            assert torch.equal(_bits(log_sqrt2_fake_quant(values, delta, 2**bits, floor)),
+                               _bits(_plain_log_sqrt2(values, delta, 2**bits, floor)))
 
 
 def test_log_sqrt2_search_scores_as_the_formula():
@@ -111,12 +118,25 @@ def test_model_outputs_unchanged_by_the_cache():
         assert torch.equal(model(images), plain(images))
 
 
+def _plain_design(fit, x, t):
+    """The design as first written: unfold (or flatten the tokens), split the groups, concatenate a ones column."""
+    if x.dim() == 3:
+        x = x.reshape(-1, x.shape[-1])
+        return torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)[None], t.reshape(1, -1, t.shape[-1])
+    g, k = fit.groups, fit.kernel_size
+    patches = F.unfold(x, k, padding=k // 2, stride=fit.stride)
+    b, _, length = patches.shape
+    patches = patches.reshape(b, g, -1, length).permute(1, 0, 3, 2).reshape(g, b * length, -1)
+    a = torch.cat([patches, torch.ones(g, b * length, 1)], dim=2)
+    return a, t.reshape(b, g, -1, length).permute(1, 0, 3, 2).reshape(g, b * length, -1)
+
+
 def _plain_statistics(fit, batches):
     """The normal-equation statistics as first written: FP32 design cast to FP64, sums with ``+``."""
     gram = cross = None
     t_sq = torch.zeros((), dtype=torch.float64)
     for x, t in batches:
-        a, target = fit._design(x.float(), t.float())
+        a, target = _plain_design(fit, x.float(), t.float())
         a64, t64 = a.double(), target.double()
         g, c = a64.transpose(1, 2) @ a64, a64.transpose(1, 2) @ t64
         gram, cross = (g, c) if gram is None else (gram + g, cross + c)
@@ -124,7 +144,7 @@ def _plain_statistics(fit, batches):
     return gram, cross, t_sq
 
 
-@pytest.mark.parametrize("form", ["linear", "conv"])
+@pytest.mark.parametrize("form", ["linear", (3, 2), (1, 1), (1, 2)])
 def test_streaming_statistics_are_unchanged(form):
     from qwt.compensation import GroupedConvLeastSquares, LinearLeastSquares
 
@@ -132,9 +152,11 @@ def test_streaming_statistics_are_unchanged(form):
     if form == "linear":
         batches = [(torch.randn(4, 9, 16, generator=g), torch.randn(4, 9, 8, generator=g)) for _ in range(3)]
         fit = LinearLeastSquares()
-    else:
-        batches = [(torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 8, 3, 3, generator=g)) for _ in range(3)]
-        fit = GroupedConvLeastSquares(8, 8, 3, 2, 2)
+    else:  # k = 1 takes a strided view instead of unfold; both must give the unfolded patches
+        kernel, stride = form
+        out = (7 - 1) // stride + 1
+        batches = [(torch.randn(2, 8, 7, 7, generator=g), torch.randn(2, 8, out, out, generator=g)) for _ in range(3)]
+        fit = GroupedConvLeastSquares(8, 8, kernel, stride, 2)
     for x, t in batches:
         fit.update(x, t)
     gram, cross, t_sq = _plain_statistics(fit, batches)

@@ -89,6 +89,30 @@ def test_row_quantiles_match_torch_quantile(n):
     assert torch.equal(row_quantiles(rows, qs), expected)
 
 
+def _long_rows() -> dict[str, torch.Tensor]:
+    """Single rows long enough for the pre-filtered tail selection, with ties and unhelpful sub-samples."""
+    g = torch.Generator().manual_seed(3)
+    n = 200_003
+    normal = torch.randn(n, generator=g)
+    spiky = normal.clone()
+    spiky[::16] = -1e6  # every sampled value is the minimum: the bound is useless, all values survive
+    return {"normal": normal, "integer ties": torch.randint(-3, 4, (n,), generator=g).float(),
+            "ascending": normal.sort().values, "descending": normal.sort(descending=True).values,
+            "spiky sample": spiky, "signed zeros": torch.where(normal > 0, normal, -0.0 * normal.abs())}
+
+
+@pytest.mark.parametrize("kind", list(_long_rows()))
+def test_long_single_rows_match_torch_quantile(kind):
+    row = _long_rows()[kind]
+    qs = [1 - p for p in PERCENTILES] + list(PERCENTILES)
+    expected = torch.stack([torch.quantile(row, q) for q in qs]).unsqueeze(0)
+    assert torch.equal(row_quantiles(row.unsqueeze(0), qs), expected)
+    for largest in (True, False):
+        k = 300
+        assert torch.equal(pct_mod._tail(row.unsqueeze(0), k, largest),
+                           torch.topk(row.unsqueeze(0), k, largest=largest, sorted=True).values)
+
+
 def _legacy_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """What older torch releases compute: float32 rank arithmetic, inputs above 2**24 values refused."""
     if x.numel() > pct_mod.LEGACY_QUANTILE_MAX_NUMEL:

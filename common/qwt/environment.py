@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .allocator import freed_memory_retained
+
 
 @lru_cache(maxsize=1)
 def cpu_model() -> str:
@@ -21,11 +23,13 @@ def cpu_model() -> str:
 
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """CPU model, torch thread count, library versions and the device: stored with every result record."""
+    """CPU model, torch thread count, library versions, the device and the allocator setting (timings depend on
+    it, see :mod:`qwt.allocator`): stored with every result record."""
     import timm
 
     env: dict[str, Any] = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "timm": timm.__version__, "python": platform.python_version(), "device": str(device)}
+                           "timm": timm.__version__, "python": platform.python_version(), "device": str(device),
+                           "freed_memory_retained": freed_memory_retained()}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env

@@ -208,7 +208,8 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
             y_q = step.run(module, x)
             if fit is None:
                 fit, meta = _fitter(form, x, y_q, config)
-            fit.update(x, y_fp - y_q)
+            shared = y_fp.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            fit.update(x, y_fp - y_q if shared else y_fp.sub_(y_q))  # in the FP output's buffer unless that is x
             outputs.append(y_q.to(store))
         fit.reduce()
         result, reason = _solve(fit, step.path, config.skip_degenerate)

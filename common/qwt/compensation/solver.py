@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..utils import all_finite
+
 SolverMode = Literal["streaming", "reference"]
 
 
@@ -39,8 +41,11 @@ class SingularSystemError(RuntimeError):
 _INTERPOLATION_R2 = 1 - 1e-4
 
 
+_INPUTS, _TARGETS = "inputs (block input features)", "targets (FP block output − quantised block output)"
+
+
 def _require_finite_features(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise ValueError(
             f"non-finite values (NaN/Inf) in the compensation {what}; the quantised block diverged or the inputs "
             "are corrupt. Check the calibration images and the PTQ calibration (e.g. with fewer bits disabled)."
@@ -50,10 +55,10 @@ def _require_finite_features(t: torch.Tensor, what: str) -> None:
 class _LeastSquares:
     """Per-group normal equations with R² statistics. Subclasses turn (x, t) into (A, T) of shape (G, rows, ·)."""
 
-    def __init__(self, groups: int, ridge: float, mode: SolverMode, stats_dtype: torch.dtype) -> None:
+    def __init__(self, groups: int, ridge: float, mode: SolverMode) -> None:
         if mode not in ("streaming", "reference"):
             raise ValueError(f"unknown solver mode {mode!r}; choose 'streaming' or 'reference'")
-        self.groups, self.ridge, self.mode, self.dtype = groups, ridge, mode, stats_dtype
+        self.groups, self.ridge, self.mode = groups, ridge, mode
         self.gram: torch.Tensor | None = None  # (G, d, d)
         self.cross: torch.Tensor | None = None  # (G, d, o)
         self.t_sq = torch.zeros((), dtype=torch.float64)
@@ -64,7 +69,8 @@ class _LeastSquares:
         self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- subclass hooks --------------------------------------------------------------------------------------
-    def _design(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _design(self, x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, T) in ``dtype``, each written in one pass (the conversion is exact: FP32 values fit FP64)."""
         raise NotImplementedError
 
     def _mean_axis_sum(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -85,25 +91,29 @@ class _LeastSquares:
     # -- accumulation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        _require_finite_features(x, "inputs (block input features)")
-        _require_finite_features(t, "targets (FP block output − quantised block output)")
         rows, unknowns, outputs = self._system(x, t)
-        self.rows += rows
-        self.shape = (unknowns, outputs)
         if self.mode == "reference":
+            _require_finite_features(x, _INPUTS)
+            _require_finite_features(t, _TARGETS)
+            self.rows += rows
+            self.shape = (unknowns, outputs)
             self.chunks.append((x.float(), t.float()))
             return
-        t64 = t.to(torch.float64)
+        t64 = t.to(torch.float64, copy=True)  # a copy: squared in place below
         t_sum, count = self._mean_axis_sum(t64)
+        a, target = self._design(x, t64, torch.float64)
+        at = a.transpose(1, 2)
+        gram, cross = at @ a, at @ target
+        t_sq = t64.pow_(2).sum()  # after the products: the linear target is a view of t64
+        # The finiteness checks read the FP64 sums instead of the features: AᵀA's diagonal holds Σx² and t_sq
+        # holds Σt², which no finite FP32 value can overflow in FP64, so each is finite exactly when its input is.
+        _require_finite_features(gram, _INPUTS)
+        _require_finite_features(t_sq, _TARGETS)
+        self.rows += rows
+        self.shape = (unknowns, outputs)
         self.t_sum = t_sum if self.t_sum is None else self.t_sum + t_sum
         self.t_count += count
-        self.t_sq = self.t_sq.to(t.device) + t64.pow(2).sum()
-        # Casting to FP32 and then to the statistics dtype is exact, and so are unfolding and concatenating: the
-        # design is built in the statistics dtype directly, without an FP32 copy (same values, less traffic).
-        reuse = t.dtype == torch.float32 and self.dtype == torch.float64
-        a, target = self._design(x.float().to(self.dtype), t64 if reuse else t.float().to(self.dtype))
-        at = a.transpose(1, 2)
-        gram, cross = (at @ a).to(torch.float64), (at @ target).to(torch.float64)
+        self.t_sq = self.t_sq.to(t.device) + t_sq
         if self.gram is None:
             self.gram, self.cross = gram, cross
         else:  # in place: the same sums as gram + Δgram, without a new (G, d, d) tensor per batch
@@ -149,7 +159,7 @@ class _LeastSquares:
     def _reference_gram(self) -> torch.Tensor:
         gram = None
         for x, t in self.chunks:
-            a = self._design(x, t)[0].double()
+            a = self._design(x, t, torch.float64)[0]
             g = a.transpose(1, 2) @ a
             gram = g if gram is None else gram + g
         return gram
@@ -226,14 +236,15 @@ def _reference_r2(t: torch.Tensor, prediction: torch.Tensor) -> float:
 class LinearLeastSquares(_LeastSquares):
     """Token-wise fit: x (..., C_in), t (..., C_out); pooled R² with the mean over all rows (docs/algorithm.md#r2)."""
 
-    def __init__(self, ridge: float = 0.0, mode: SolverMode = "streaming",
-                 stats_dtype: torch.dtype = torch.float64) -> None:
-        super().__init__(1, ridge, mode, stats_dtype)
+    def __init__(self, ridge: float = 0.0, mode: SolverMode = "streaming") -> None:
+        super().__init__(1, ridge, mode)
 
-    def _design(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _design(self, x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.reshape(-1, x.shape[-1])
-        a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        return a.unsqueeze(0), t.reshape(1, -1, t.shape[-1])
+        a = x.new_empty((1, x.shape[0], x.shape[1] + 1), dtype=dtype)
+        a[0, :, :-1].copy_(x)
+        a[0, :, -1] = 1
+        return a, t.reshape(1, -1, t.shape[-1]).to(dtype)
 
     def _mean_axis_sum(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         rows = t.reshape(-1, t.shape[-1])
@@ -262,23 +273,32 @@ class GroupedConvLeastSquares(_LeastSquares):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
-                 ridge: float = 1e-3, mode: SolverMode = "streaming",
-                 stats_dtype: torch.dtype = torch.float64) -> None:
+                 ridge: float = 1e-3, mode: SolverMode = "streaming") -> None:
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide both channel counts ({in_channels}, {out_channels})")
-        super().__init__(groups, ridge, mode, stats_dtype)
+        super().__init__(groups, ridge, mode)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = kernel_size, stride
 
-    def _design(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g, k = self.groups, self.kernel_size
-        patches = F.unfold(x, k, padding=k // 2, stride=self.stride)  # (B, C_in·k², L)
-        b, _, length = patches.shape
-        patches = patches.reshape(b, g, -1, length).permute(1, 0, 3, 2).reshape(g, b * length, -1)
-        a = torch.cat([patches, patches.new_ones(g, b * length, 1)], dim=2)
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.unfold(x, k, padding=k // 2, stride)`` as (B, C_in·k², L); for k = 1 that is a strided view of x."""
+        k, s = self.kernel_size, self.stride
+        if k == 1:
+            return x[:, :, ::s, ::s].reshape(x.shape[0], x.shape[1], -1)
+        return F.unfold(x, k, padding=k // 2, stride=s)
+
+    def _design(self, x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.groups
+        patches = self._patches(x)
+        b, columns, length = patches.shape
         if t.shape[-2] * t.shape[-1] != length:
             raise ValueError(f"target spatial size {tuple(t.shape[-2:])} does not match stride {self.stride}")
-        target = t.reshape(b, g, -1, length).permute(1, 0, 3, 2).reshape(g, b * length, -1)
+        # Group-major rows (group, image, position): (G, B·L, C_in·k²/G + 1) with a ones column.
+        a = x.new_empty((g, b * length, columns // g + 1), dtype=dtype)
+        a[:, :, :-1].view(g, b, length, -1).copy_(patches.reshape(b, g, -1, length).permute(1, 0, 3, 2))
+        a[:, :, -1] = 1
+        target = t.new_empty((g, b * length, t.shape[1] // g), dtype=dtype)
+        target.view(g, b, length, -1).copy_(t.reshape(b, g, -1, length).permute(1, 0, 3, 2))
         return a, target
 
     def _mean_axis_sum(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -51,6 +51,32 @@ def _ranks(q: torch.Tensor, n: int, rank: RankArithmetic) -> tuple[torch.Tensor,
     return below.long(), ranks.ceil().long(), weights
 
 
+#: Rows at least this long, with a tail at most this fraction of them, take the pre-filtered tail selection.
+_FILTER_MIN_LENGTH, _FILTER_MAX_TAIL = 1 << 16, 1 / 64
+#: Stride of the sub-sample whose k-th value bounds the tail; larger: a cheaper sub-sample, more survivors.
+_FILTER_STRIDE = 16
+
+
+def _tail(rows: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The k largest (or smallest) values of each row, sorted from the extreme inwards, as ``torch.topk``.
+
+    ``topk`` works on one row per thread, so a per-tensor quantiser's single row of millions of values runs on
+    one core. For such a row the tail is pre-filtered: the k-th value of a strided sub-sample is a bound that
+    at least k values of the row reach (the sub-sample's own top k), so every value of the row's top k reaches
+    it too, and ``topk`` of the values that do returns exactly the same values. A sub-sample that is no bound
+    (NaN, or too few survivors) falls back to ``topk`` of the whole row.
+    """
+    n = rows.shape[1]
+    if rows.shape[0] == 1 and n >= _FILTER_MIN_LENGTH and k <= n * _FILTER_MAX_TAIL:
+        sample = rows[0, ::_FILTER_STRIDE]
+        bound = torch.topk(sample, k, largest=largest, sorted=False).values
+        bound = bound.min() if largest else bound.max()
+        survivors = rows[0][rows[0] >= bound] if largest else rows[0][rows[0] <= bound]
+        if survivors.numel() >= k:
+            return torch.topk(survivors, k, largest=largest, sorted=True).values.unsqueeze(0)
+    return torch.topk(rows, k, dim=1, largest=largest, sorted=True).values
+
+
 def _torch_style(rows: torch.Tensor, qs: Sequence[float], rank: RankArithmetic) -> torch.Tensor:
     """Quantiles of each row with torch.quantile's arithmetic, reading only the tails that ``qs`` need."""
     n = rows.shape[1]
@@ -59,10 +85,9 @@ def _torch_style(rows: torch.Tensor, qs: Sequence[float], rank: RankArithmetic) 
     needed = torch.cat([below, above]).tolist()
     low_needed = [r for r in needed if r < n // 2]
     high_needed = [r for r in needed if r >= n // 2]
-    low_count = (max(low_needed) + 1) if low_needed else 1
-    high_start = min(high_needed) if high_needed else n - 1
-    low = torch.topk(rows, min(low_count, n), dim=1, largest=False, sorted=True).values
-    high = torch.topk(rows, n - high_start, dim=1, largest=True, sorted=True).values.flip(1)
+    low = _tail(rows, max(low_needed) + 1, largest=False) if low_needed else None
+    high_start = min(high_needed) if high_needed else n
+    high = _tail(rows, n - high_start, largest=True).flip(1) if high_needed else None
 
     def gather(idx: torch.Tensor) -> torch.Tensor:
         return torch.stack([low[:, r] if r < n // 2 else high[:, r - high_start] for r in idx.tolist()], dim=1)

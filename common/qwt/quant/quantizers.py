@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..utils import all_finite
 from .percentile import PERCENTILES, row_quantiles
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -76,16 +77,28 @@ def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, levels: int, floo
         q = torch.clamp(q_int, 0, levels - 1)
         odd = (q % 2) * (math.sqrt(2) - 1) + 1
         return (2 ** (-1 * torch.ceil(q / 2)) * odd * delta).masked_fill(overflow, 0)
-    # Inference: the same values on one buffer plus the parity (bit-identical). For the integer codes
-    # q ∈ [0, L−1], q % 2 == 2·(⌈q/2⌉ − q/2) exactly, and costs a quarter of a float remainder on CPU.
+    # Inference: the same values with in-place ops.
     q = x / delta
     if floor is not None:
         q.clamp_min_(floor)
     q.log2_().mul_(-2.0).round_()
-    overflow = q >= levels
-    half = q.clamp_(0, levels - 1).div_(2)
+    if torch.jit.is_tracing():  # the ONNX simulation export writes the decoding as elementwise ops
+        overflow = q >= levels
+        return _decode_log_sqrt2(q.clamp_(0, levels - 1), delta).masked_fill_(overflow, 0)
+    # Every element is one of L codes, 0 (code ≥ L) or NaN (a NaN or negative input): decode the L codes once,
+    # with the same elementwise ops, and look each element up.
+    codes = torch.arange(levels, dtype=q.dtype, device=q.device)
+    table = torch.cat([_decode_log_sqrt2(codes, delta), q.new_tensor([0.0, math.nan])])
+    index = q.clamp_(0, levels).nan_to_num_(levels + 1).to(torch.int32)
+    return table.index_select(0, index.reshape(-1)).reshape(x.shape)
+
+
+def _decode_log_sqrt2(q: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Δ·2^(−⌈q/2⌉)·(√2 if q is odd else 1), in place on integer codes q ∈ [0, L−1]. For these codes
+    q % 2 == 2·(⌈q/2⌉ − q/2) exactly, which costs a quarter of a float remainder on CPU."""
+    half = q.div_(2)
     odd = torch.ceil(half).sub_(half).mul_(2).mul_(math.sqrt(2) - 1).add_(1)
-    return half.ceil_().mul_(-1).exp2_().mul_(odd).mul_(delta).masked_fill_(overflow, 0)
+    return half.ceil_().mul_(-1).exp2_().mul_(odd).mul_(delta)
 
 
 def _to_rows(x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
@@ -104,7 +117,7 @@ def _param_shape(x: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
 
 
 def _require_finite_calibration(x: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(
             f"{what}: calibration tensor contains NaN or Inf; check the input images and the FP model "
             "(a NaN upstream poisons every quantiser after it)"
