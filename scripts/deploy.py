@@ -6,6 +6,9 @@ channel-wise compensation (folded into the weights), and simulation exports of W
 file size. ``vit_fmnist`` and ``efficientnet_lite0`` are the main job's models on Fashion-MNIST; DeiT-S and
 ResNet-50 have random weights (latency only; their calibration images are Gaussian noise).
 
+W8A8 weights are stored as UINT8 unless ``--weight-dtype int8`` (see :mod:`qwt.export.w8a8`); the choice and
+the CPU's integer-kernel flags are recorded with the results.
+
 Writes ``summary.json`` (rows + environment), ``table.md`` and ``chart.png`` to ``--out``.
 """
 from __future__ import annotations
@@ -31,7 +34,12 @@ import qwt  # noqa: E402
 from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, run, session  # noqa: E402
+from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
+
+
+#: x86 flags that decide which integer GEMM onnxruntime runs (recorded with the results).
+INT8_CPU_FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni")
 
 
 @dataclass
@@ -56,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--comp-images", type=int, default=512, help="QwT images for the Fashion-MNIST models")
     p.add_argument("--random-comp-images", type=int, default=64, help="QwT images for DeiT-S / ResNet-50")
     p.add_argument("--cnn-test-images", type=int, default=2000, help="EfficientNet test subset, as the main job")
+    p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="uint8",
+                   help="how W8A8 exports store weights: uint8 runs onnxruntime's exact UINT8×UINT8 kernels on any "
+                        "CPU; int8 its faster UINT8×INT8 ones, which saturate on x86 CPUs without VNNI")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -124,10 +135,11 @@ def measure(args: argparse.Namespace, work: Workload, folder: Path) -> list[dict
     rows = []
     for fmt, comp, mode, model in variants(work):
         path = folder / f"{work.entry}_{fmt}_{comp}.onnx".replace(" ", "_").replace("(", "").replace(")", "")
-        export_onnx(model, work.calib[:1], path, mode=mode)
+        export_onnx(model, work.calib[:1], path, mode=mode, weight_dtype=args.weight_dtype)
         optimized = path.with_suffix(".opt.onnx")
         sess = session(path, args.threads, optimized)
         row = {"model": work.name, "format": fmt, "compensation": comp, "export": mode,
+               "weight_dtype": args.weight_dtype if mode == "w8a8" else None,
                "size_mb": path.stat().st_size / 1e6, "integer_nodes": sum(integer_nodes(optimized).values())}
         if work.test is not None:
             images, labels = work.test
@@ -147,13 +159,17 @@ def environment(args: argparse.Namespace) -> dict:
     import onnxruntime
     import timm
 
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), None
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in info if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "ort_threads": args.threads, "python": platform.python_version(),
+    # Whether INT8 weights would saturate in onnxruntime's x86 kernels (AVX2 / AVX-512 BW without VNNI do).
+    int8_flags = None if flags is None else [f for f in INT8_CPU_FLAGS if f in flags]
+    return {"cpu": cpu, "cpu_int8_flags": int8_flags, "cpu_count": os.cpu_count(), "ort_threads": args.threads,
+            "w8a8_weight_dtype": args.weight_dtype, "python": platform.python_version(),
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "timm": timm.__version__, "platform": platform.platform()}
 

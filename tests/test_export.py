@@ -10,8 +10,13 @@ import torchvision
 
 import qwt
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize
-from qwt.export import calibrate_w8a8, export_onnx, fold_batchnorm, integer_nodes, qdq_view, run, session
+from qwt.export import (OutputQuantized, calibrate_w8a8, export_onnx, fold_batchnorm, integer_nodes, qdq_view, run,
+                        session)
+from qwt.export.w8a8 import set_integer_grids
 from qwt.compensation.channelwise import fold_channelwise
+from qwt.ptq import calibrate
+from qwt.ptq.surgery import act_quantizer, weight_quantizer
+from qwt.quant.modules import QuantConv2d
 from qwt.quant.quantizers import search_uniform
 
 pytest.importorskip("onnxruntime")
@@ -101,6 +106,50 @@ def test_w8a8_cnn_runs_on_integer_convs(tmp_path):
     # Every conv but the stem (its output goes through MaxPool before any quantiser) is a QLinearConv.
     assert integer_nodes(optimized)["QLinearConv"] >= convs - 1
     assert (logits - reference).abs().mean() <= 0.05 * reference.std()
+
+
+def _saturating_conv(images: torch.Tensor) -> OutputQuantized:
+    """One quantised 3×3 conv (16 → 8 channels) whose activation codes (128..255) and weight codes (64..127) are
+    both large and positive: each pair of products exceeds 32767, the 16-bit limit of the UINT8×INT8 kernels'
+    pair sums on x86 without VNNI."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 8, 3, padding=1)
+    conv.weight.data.uniform_(0.5, 1.0)
+    model = OutputQuantized(QuantConv2d(conv, act_quantizer(8), weight_quantizer(8)), act_quantizer(8)).eval()
+    set_integer_grids(model)
+    with torch.no_grad():
+        calibrate(model, images)
+    return model
+
+
+def test_w8a8_integer_conv_computes_the_qdq_view_without_saturating(tmp_path):
+    """onnxruntime's fused QLinearConv gives the torch QDQ output: equal codes, or one output step apart where
+    the requantisation rounds a tie differently. With INT8 weights on this project's AVX2 CPU (no VNNI) not one
+    output matched, and the worst was 46 steps off."""
+    images = torch.empty(8, 16, 12, 12).uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(1))
+    model = _saturating_conv(images)
+    logits, reference, optimized = _compare(model, images, tmp_path, "w8a8")
+    assert integer_nodes(optimized)["QLinearConv"] == 1
+    step = float(model.output_quantizer.delta)
+    error = (logits - reference).abs()
+    assert error.max() <= 1.01 * step
+    assert (error <= 1e-4 * step).float().mean() >= 0.99
+    onnx = pytest.importorskip("onnx")
+    weight = next(t for t in onnx.load(str(tmp_path / "w8a8.onnx")).graph.initializer if len(t.dims) == 4)
+    assert weight.data_type == onnx.TensorProto.UINT8
+
+
+def test_weight_dtype_changes_storage_not_values():
+    images = torch.empty(4, 16, 6, 6).uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(2))
+    model = _saturating_conv(images)
+    with torch.no_grad():
+        outputs = []
+        for dtype in ("uint8", "int8"):
+            with qdq_view(model, weight_dtype=dtype):
+                outputs.append(model(images))
+        assert torch.equal(*outputs)
+        with pytest.raises(ValueError, match="unknown weight_dtype"), qdq_view(model, weight_dtype="int4"):
+            pass
 
 
 def test_w8a8_export_refuses_simulation_only_quantizers(tiny_vit, images, tmp_path):

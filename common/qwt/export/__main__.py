@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..serialization import load_quantized
+from .w8a8 import WEIGHT_DTYPES
 from .writer import export_onnx
 
 
@@ -28,9 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", choices=["simulate", "w8a8"], default="simulate")
     p.add_argument("--fp16-compensation", action="store_true",
                    help="w8a8 only: keep the QwT product in FP16 (default FP32, faster on CPUs)")
+    p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="uint8",
+                   help="w8a8 only: store weights as UINT8 (exact on any CPU) or INT8 (faster kernels, but they "
+                        "saturate on x86 CPUs without VNNI)")
     args = p.parse_args(argv)
     model = load_quantized(args.saved)
-    path = export_onnx(model, torch.zeros(1, *args.input_shape), args.out, args.mode, args.fp16_compensation)
+    path = export_onnx(model, torch.zeros(1, *args.input_shape), args.out, args.mode, args.fp16_compensation,
+                       args.weight_dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, {args.mode})")
 
 

@@ -1,18 +1,28 @@
 """W8A8 for integer kernels: calibration for the target and the QDQ view of a quantised model.
 
-An integer kernel needs what the library's default quantisers do not guarantee: INT8 weights with zero point 0
+An integer kernel needs what the library's default quantisers do not guarantee: symmetric 8-bit weights
 (per output channel), activations per tensor with an integer zero point inside the UINT8 range, a uniform
 post-softmax quantiser, BatchNorm folded into the conv before it, and a quantised conv output where that
 output goes to a residual add (onnxruntime only fuses a conv whose output is quantised). :func:`calibrate_w8a8`
 builds such a model with the library's percentile search restricted to those grids; :func:`qdq_view`
 temporarily swaps every quantiser for ``torch.fake_quantize_*`` calls that export as ONNX QuantizeLinear /
 DequantizeLinear pairs.
+
+The symmetric weight codes −128..127 can be stored two ways (:data:`WEIGHT_DTYPES`), which select different
+onnxruntime CPU kernels for the same arithmetic. ``int8`` selects the UINT8×INT8 kernels; on x86 CPUs without
+VNNI they multiply with ``vpmaddubsw``, which adds each pair of products into a saturating 16-bit integer, and
+2·255·127 > 32767: large activation codes times large weight codes come out clipped. ``uint8`` (codes + 128,
+zero point 128) selects the UINT8×UINT8 kernels, which widen both operands to 16 bits before multiplying and
+so do not saturate (checked on AVX2), at some cost in speed. The default is ``uint8``, so onnxruntime
+computes what the QDQ view computes without depending on the CPU's instruction set; ``int8`` is for CPUs with
+VNNI, whose instruction adds the products in 32 bits.
 """
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,7 +35,10 @@ from ..quant.modules import QuantConv2d, QuantModule, quant_modules, swap_module
 from ..quant.quantizers import Quantizer, UniformQuantizer
 
 W8A8 = PTQConfig(method="percentile", w_bits=8, a_bits=8)
-_ACT_RANGE, _WEIGHT_RANGE = (0, 255), (-128, 127)
+_ACT_RANGE = (0, 255)
+WeightDtype = Literal["uint8", "int8"]
+#: Storage of the symmetric 8-bit weight codes: (code range, zero point). Same values, different kernels.
+WEIGHT_DTYPES: dict[str, tuple[tuple[int, int], int]] = {"uint8": ((0, 255), 128), "int8": ((-128, 127), 0)}
 
 
 class OutputQuantized(nn.Module, QuantModule):
@@ -130,14 +143,15 @@ class _WeightQDQ(nn.Module):
     #: tracer records the QuantizeLinear/DequantizeLinear pair on every export.
     enabled, calibrated = True, False
 
-    def __init__(self, q: UniformQuantizer) -> None:
+    def __init__(self, q: UniformQuantizer, dtype: WeightDtype) -> None:
         super().__init__()
         self.axis = q.channel_axis % q.delta.dim()
+        self.code_range, zero_point = WEIGHT_DTYPES[dtype]
         self.register_buffer("scale", q.delta.reshape(-1).float().clone())
-        self.register_buffer("zero_point", torch.zeros(self.scale.numel(), dtype=torch.int32))
+        self.register_buffer("zero_point", torch.full((self.scale.numel(),), zero_point, dtype=torch.int32))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, self.axis, *_WEIGHT_RANGE)
+        return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, self.axis, *self.code_range)
 
 
 class _SamePadThenQDQ(nn.Module):
@@ -170,8 +184,15 @@ def _check(q: Quantizer, where: str, weight: bool) -> None:
 
 
 @contextmanager
-def qdq_view(model: nn.Module, compensation_half: bool = False) -> Iterator[nn.Module]:
-    """Swap every quantiser for its QDQ equivalent (and set the compensation precision) while inside."""
+def qdq_view(model: nn.Module, compensation_half: bool = False,
+             weight_dtype: WeightDtype = "uint8") -> Iterator[nn.Module]:
+    """Swap every quantiser for its QDQ equivalent (and set the compensation precision) while inside.
+
+    ``weight_dtype`` only chooses how the weight codes are stored (see the module docstring): the view
+    computes the same values with either.
+    """
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     moved_pads: list[QuantConv2d] = []
     halves = [(m, m.fp16_eval) for m in model.modules() if isinstance(m, Compensated)]
@@ -183,7 +204,7 @@ def qdq_view(model: nn.Module, compensation_half: bool = False) -> Iterator[nn.M
                     continue
                 is_weight = id(q) in weights
                 _check(q, f"{name}.{attr}", is_weight)
-                qdq = _WeightQDQ(q) if is_weight else _ActivationQDQ(q)
+                qdq = _WeightQDQ(q, weight_dtype) if is_weight else _ActivationQDQ(q)
                 if attr == "input_quantizer" and getattr(module, "same_pad", False):
                     qdq, module.same_pad = _SamePadThenQDQ(module, qdq), False
                     moved_pads.append(module)

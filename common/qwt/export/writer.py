@@ -3,8 +3,9 @@
 Two formats. ``simulate`` traces the fake-quant model as it is: every quantiser becomes standard elementwise
 ops (Div, Round, Add, Clip, Sub, Mul; Log, Pow, Where for log-√2), which reproduce any bit width, fractional
 zero points and the log-√2 grid, but compute in FP32. ``w8a8`` traces the model's QDQ view (see
-:mod:`qwt.export.w8a8`) and stores the weights as INT8 initializers, so onnxruntime fuses the pairs into
-integer kernels. The ONNX file is a protobuf: tensors and graph only, nothing executable, no pickle.
+:mod:`qwt.export.w8a8`) and stores the weights as 8-bit integer initializers (UINT8 by default, INT8 on
+request), so onnxruntime fuses the pairs into integer kernels. The ONNX file is a protobuf: tensors and graph
+only, nothing executable, no pickle.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import nn
 from ..compensation.channelwise import ChannelAffine, fold_channelwise
 from ..quant.modules import quant_modules
 from ._deps import require
-from .w8a8 import qdq_view
+from .w8a8 import WeightDtype, qdq_view
 
 Mode = Literal["simulate", "w8a8"]
 OPSET = 17
@@ -31,13 +32,15 @@ INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QLinea
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode: Mode = "simulate",
-                compensation_half: bool = False) -> Path:
+                compensation_half: bool = False, weight_dtype: WeightDtype = "uint8") -> Path:
     """Export ``model`` (quantised, maybe compensated) to ``path`` with a dynamic batch axis.
 
     Channel-wise compensation is folded into a copy of the model first, so it adds no node.
 
-    ``compensation_half`` applies to ``w8a8`` only (simulation keeps the model's own setting): onnxruntime's
-    CPU provider has no fast FP16 GEMM, so the compensation defaults to an FP32 MatMul/Conv there.
+    ``compensation_half`` and ``weight_dtype`` apply to ``w8a8`` only (simulation keeps the model's own
+    setting): onnxruntime's CPU provider has no fast FP16 GEMM, so the compensation defaults to an FP32
+    MatMul/Conv there. ``weight_dtype="int8"`` selects onnxruntime's faster UINT8×INT8 kernels, which saturate
+    on x86 CPUs without VNNI (see :mod:`qwt.export.w8a8`); the default ``uint8`` does not.
     """
     if mode not in ("simulate", "w8a8"):
         raise ValueError(f"unknown export mode {mode!r}; choose 'simulate' or 'w8a8'")
@@ -51,13 +54,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation chatter
         if mode == "w8a8":
-            with qdq_view(model, compensation_half):
+            with qdq_view(model, compensation_half, weight_dtype):
                 _trace(model, example, path)
         else:
             _trace(model, example, path)
     proto = onnx.load(str(path))
     if mode == "w8a8":
-        _store_int8_weights(proto)
+        _store_integer_weights(proto)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
@@ -86,8 +89,9 @@ def _trace(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         _clear_weight_caches(model)
 
 
-def _store_int8_weights(proto) -> None:
-    """Replace QuantizeLinear(FP32 constant) by the INT8 initializer it computes (ONNX rounding: half to even)."""
+def _store_integer_weights(proto) -> None:
+    """Replace QuantizeLinear(FP32 constant) by the integer initializer it computes, in its zero point's type
+    (ONNX rounding: half to even)."""
     numpy_helper = require("onnx").numpy_helper
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
