@@ -237,12 +237,29 @@ def test_speed_benchmark_prints_its_figures_as_the_last_json_line(capsys):
     spec = importlib.util.spec_from_file_location("calibration_speed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--model", "deit_tiny", "--smoke", "--calib-images", "4", "--comp-images", "8", "--batch-size", "4"])
+    bench.main(["--model", "deit_tiny", "--smoke", "--calib-images", "4", "--comp-images", "8", "--batch-size", "4",
+                "--fresh-pages"])  # leaves this process's allocator alone
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("model", "device", "threads", "images", "fp_forward_s", "ptq_s", "qwt_s", "total_s",
                 "ratio_to_fp_forward", "qwt_peak_mib"):
         assert key in figures
-    assert figures["images"] == 12 and figures["device"] == "cpu"
+    assert figures["images"] == 12 and figures["device"] == "cpu" and figures["freed_memory_retained"] is False
+    assert figures["fp_forward_s"] == pytest.approx(sum(figures["fp_forward_runs_s"]) / 2, abs=2e-3)
     assert figures["total_s"] == pytest.approx(figures["ptq_s"] + figures["qwt_s"], abs=2e-3)
     fp = figures["fp_forward_s"]  # rounded to 1 ms, which is a lot for a tiny model: allow for it
     assert figures["ratio_to_fp_forward"] == pytest.approx(figures["total_s"] / fp, rel=0.01 + 0.0005 / fp)
+
+
+def test_retained_freed_memory_is_switched_on_once_and_recorded():
+    """In a child process, so this test session's allocator stays as it is."""
+    import platform
+    import subprocess
+    import sys
+
+    code = ("from qwt.allocator import retain_freed_memory, freed_memory_retained\n"
+            "from qwt.environment import environment\n"
+            "before = freed_memory_retained()\n"
+            "print(before, retain_freed_memory(), retain_freed_memory(), environment()['freed_memory_retained'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out == ["False", str(glibc), str(glibc), str(glibc)]
