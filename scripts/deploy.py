@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["vit_fmnist", "efficientnet_lite0", "deit_small", "resnet50"])
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime intra-op threads")
     p.add_argument("--b1-runs", type=int, default=20, help="timed runs at batch 1 (median reported)")
-    p.add_argument("--b32-runs", type=int, default=3, help="timed runs at batch 32 (median reported)")
+    p.add_argument("--b32-runs", type=int, default=5, help="timed runs at batch 32 (median reported)")
     p.add_argument("--comp-images", type=int, default=512, help="QwT images for the Fashion-MNIST models")
     p.add_argument("--random-comp-images", type=int, default=64, help="QwT images for DeiT-S / ResNet-50")
     p.add_argument("--cnn-test-images", type=int, default=2000, help="EfficientNet test subset, as the main job")
@@ -113,16 +113,20 @@ def variants(work: Workload) -> list[tuple[str, str, str, nn.Module]]:
             ("W4A4 sim", "none", "simulate", w4a4), ("W4A4 sim", "QwT (dense)", "simulate", w4a4_qwt)]
 
 
-def latency_ms(sess, example: torch.Tensor, batch: int, runs: int) -> float:
-    name = sess.get_inputs()[0].name
+def latency_ms(sessions: list, example: torch.Tensor, batch: int, runs: int) -> list[float]:
+    """Median latency (ms) of each session at ``batch``, timed round-robin: run r of every session before run r+1
+    of any, so a drift of the machine's speed (frequent on shared machines) hits every format of a model alike."""
     x = example[:1].expand(batch, *example.shape[1:]).contiguous().numpy()
-    sess.run(None, {name: x})  # warm-up (allocations, kernel selection)
-    times = []
+    feeds = [{sess.get_inputs()[0].name: x} for sess in sessions]
+    for sess, feed in zip(sessions, feeds):
+        sess.run(None, feed)  # warm-up (allocations, kernel selection)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        for sess, feed, samples in zip(sessions, feeds, times):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            samples.append(time.perf_counter() - start)
+    return [1000.0 * statistics.median(samples) for samples in times]
 
 
 @torch.no_grad()
@@ -132,12 +136,12 @@ def torch_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def measure(args: argparse.Namespace, work: Workload, folder: Path) -> list[dict]:
-    rows = []
+    rows, sessions = [], []
     for fmt, comp, mode, model in variants(work):
         path = folder / f"{work.entry}_{fmt}_{comp}.onnx".replace(" ", "_").replace("(", "").replace(")", "")
         export_onnx(model, work.calib[:1], path, mode=mode, weight_dtype=args.weight_dtype)
         optimized = path.with_suffix(".opt.onnx")
-        sess = session(path, args.threads, optimized)
+        sess = session(path, args.threads, optimized, spin=False)  # timed in turn with the other formats
         row = {"model": work.name, "format": fmt, "compensation": comp, "export": mode,
                "weight_dtype": args.weight_dtype if mode == "w8a8" else None,
                "size_mb": path.stat().st_size / 1e6, "integer_nodes": sum(integer_nodes(optimized).values())}
@@ -147,10 +151,13 @@ def measure(args: argparse.Namespace, work: Workload, folder: Path) -> list[dict
             row["top1_torch"] = torch_top1(model, images, labels)
         else:
             row["top1"] = row["top1_torch"] = None
-        row["latency_ms_b1"] = latency_ms(sess, work.calib, 1, args.b1_runs)
-        row["latency_ms_b32"] = latency_ms(sess, work.calib, 32, args.b32_runs)
-        print(json.dumps(row), flush=True)
         rows.append(row)
+        sessions.append(sess)
+    for batch, runs in ((1, args.b1_runs), (32, args.b32_runs)):
+        for row, ms in zip(rows, latency_ms(sessions, work.calib, batch, runs)):
+            row[f"latency_ms_b{batch}"] = ms
+    for row in rows:
+        print(json.dumps(row), flush=True)
     return rows
 
 

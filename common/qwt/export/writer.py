@@ -123,12 +123,19 @@ def _store_integer_weights(proto) -> None:
         graph.initializer.remove(t)
 
 
-def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
-    """An onnxruntime CPU session (all graph optimisations); ``optimized_path`` saves the optimised graph."""
+def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None, *,
+            spin: bool = True):
+    """An onnxruntime CPU session (all graph optimisations); ``optimized_path`` saves the optimised graph.
+
+    ``spin=False`` stops idle worker threads from spinning after a run: needed when several sessions are timed in
+    turn, where one session's spinning threads would otherwise take the cores from the next.
+    """
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     if optimized_path is not None:
