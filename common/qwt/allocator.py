@@ -19,6 +19,10 @@ _TRIM_THRESHOLD = 1 << 62  # never give freed heap memory back to the kernel
 _retained = False
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
 def retain_freed_memory() -> bool:
     """On Linux with glibc, serve allocations up to 1 GiB from the heap and keep freed memory for reuse.
 
@@ -31,7 +35,7 @@ def retain_freed_memory() -> bool:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = _libc()
     _retained = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     return _retained
@@ -41,7 +45,7 @@ def release_freed_memory() -> None:
     """Give the freed heap memory back to the kernel now (glibc ``malloc_trim``), e.g. before measuring how much
     memory a phase adds: otherwise memory retained from earlier phases hides part of it."""
     if _retained:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        _libc().malloc_trim(0)
 
 
 def freed_memory_retained() -> bool:

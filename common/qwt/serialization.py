@@ -31,6 +31,7 @@ from .ptq import PTQConfig
 from .ptq.surgery import quantize_modules
 from .quant.modules import set_quant_state, swap_module
 from .quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer, check_bits
+from .utils import all_finite
 
 TENSORS, DESCRIPTION = "model.safetensors", "qwt.json"
 FORMAT_VERSION = 3
@@ -150,7 +151,7 @@ def _check_tensors(state: dict[str, torch.Tensor], reference: dict[str, torch.Te
             problems.append(f"{key} is {tensor.dtype}, expected {ref.dtype}")
         elif tuple(tensor.shape) != shape:
             problems.append(f"{key} has shape {tuple(tensor.shape)}, expected {shape}")
-        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        elif tensor.is_floating_point() and not all_finite(tensor):
             problems.append(f"{key} holds NaN or Inf")
     if problems:
         raise InputError(f"{where}: tensors do not match the model description: {_listing(problems)}")

@@ -320,7 +320,7 @@ class GroupedConvLeastSquares(_LeastSquares):
         in_per, out_per = self.in_channels // g, self.out_channels // g
         weights, biases = [], []
         for i in range(g):  # one 2-D system per group: a batched inverse is not bit-identical
-            patches = F.unfold(x[:, i * in_per:(i + 1) * in_per], k, padding=k // 2, stride=self.stride)
+            patches = self._patches(x[:, i * in_per:(i + 1) * in_per])
             rows = patches.permute(0, 2, 1).reshape(-1, in_per * k * k)
             target = t[:, i * out_per:(i + 1) * out_per].reshape(t.shape[0], out_per, -1)
             target = target.permute(0, 2, 1).reshape(-1, out_per)

@@ -8,7 +8,7 @@ frozen quantisers.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ MIN_BITS, MAX_BITS = 2, 8
 #: code range); ``zero_included`` keeps 0 on the grid so z is a valid unsigned integer zero point (integer
 #: kernels); ``symmetric`` fixes z at L/2 so the codes are signed integers with zero point 0 (INT8 weights).
 Grid = Literal["affine", "zero_included", "symmetric"]
-GRIDS = ("affine", "zero_included", "symmetric")
+GRIDS: tuple[str, ...] = get_args(Grid)
 
 #: The reference search starts from this score and keeps a candidate only on strict improvement.
 _INITIAL_SCORE = 1e10
