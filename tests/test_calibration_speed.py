@@ -1,6 +1,8 @@
 """Calibration speed levers keep results bit-identical: each is compared with a plain re-statement of the maths."""
 import copy
 import math
+import platform
+import resource
 
 import pytest
 import torch
@@ -191,8 +193,13 @@ def _plain_apply_qwt(model, plan, images, config):
     return r2
 
 
-@pytest.mark.parametrize("name", ["deit_tiny", "resnet18"])
-def test_apply_qwt_is_bit_identical_to_the_plain_procedure(name):
+@pytest.mark.parametrize("name, feature_device", [("deit_tiny", "cpu"), ("resnet18", "cpu"), ("deit_tiny", "disk"),
+                                                  ("resnet18", "disk")])
+def test_apply_qwt_is_bit_identical_to_the_plain_procedure(name, feature_device, tmp_path, monkeypatch):
+    """Features kept in memory or spilled to files between blocks: the same arithmetic, and no file left."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     entry = qwt.get_model_entry(name)
     torch.manual_seed(0)
     fp = qwt.create_model(name, smoke=True, num_classes=4)
@@ -200,12 +207,47 @@ def test_apply_qwt_is_bit_identical_to_the_plain_procedure(name):
     calib, comp = torch.randn(8, 3, 32, 32, generator=g), torch.randn(12, 3, 32, 32, generator=g)
     model = qwt.quantize(fp, calib, qwt.PTQConfig(method=entry.family.methods[0]))
     plain = copy.deepcopy(model)
-    config = qwt.QwTConfig(feature_device="cpu", skip_degenerate=False)  # the plain loop fits every block
+    config = qwt.QwTConfig(feature_device=feature_device, skip_degenerate=False)  # the plain loop fits every block
     with torch.no_grad():
         reports = qwt.apply_qwt(model, comp, config, batch_size=4, progress=False)
         r2 = _plain_apply_qwt(plain, entry.family.plan(plain), comp, config)
         assert [r.r2 for r in reports] == r2
         assert torch.equal(model(comp), plain(comp))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spilled_features_hold_no_tensor_and_leave_no_file_when_the_fit_fails(tmp_path, monkeypatch):
+    import tempfile
+
+    from qwt.compensation.features import FeatureStores
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with FeatureStores("disk") as stores:
+        store = stores.new()
+        x = torch.randn(3, 5, dtype=torch.float64)
+        store.put(0, x)
+        assert not any(isinstance(slot, torch.Tensor) for slot in store._slots)
+        fetched = store.get(0, torch.device("cpu"))
+        store.put(0, x * 2)  # replaced while the fetched copy is alive: the copy does not change
+        assert torch.equal(fetched, x) and torch.equal(store.get(0, torch.device("cpu")), x * 2)
+        store.release(0)
+        with pytest.raises(KeyError, match="released"):
+            store.get(0, torch.device("cpu"))
+    assert list(tmp_path.iterdir()) == []
+
+    torch.manual_seed(0)
+    model = qwt.quantize(qwt.create_model("deit_tiny", smoke=True, num_classes=4), torch.randn(4, 3, 32, 32),
+                         qwt.PTQConfig())
+    model.blocks[1].mlp.fc2.bias.data.fill_(math.inf)  # the second block's targets are not finite
+    with pytest.raises(ValueError, match="non-finite"):
+        qwt.apply_qwt(model, torch.randn(8, 3, 32, 32), qwt.QwTConfig(feature_device="disk"), batch_size=4,
+                      progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_feature_device_is_checked_when_configured():
+    with pytest.raises(ValueError, match="feature_device"):
+        qwt.QwTConfig(feature_device="dsik")
 
 
 def test_repq_vit_quantize_equals_a_second_calibration_forward():
@@ -228,22 +270,23 @@ def test_repq_vit_quantize_equals_a_second_calibration_forward():
         assert torch.equal(model(images), plain(images))
 
 
-def test_speed_benchmark_prints_its_figures_as_the_last_json_line(capsys):
-    import importlib.util
+def test_speed_benchmark_prints_its_figures_as_the_last_json_line():
+    """Run as users run it, in its own process (it switches the allocator setting on, process-wide)."""
     import json
+    import subprocess
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "calibration_speed.py"
-    spec = importlib.util.spec_from_file_location("calibration_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--model", "deit_tiny", "--smoke", "--calib-images", "4", "--comp-images", "8", "--batch-size", "4",
-                "--fresh-pages"])  # leaves this process's allocator alone
-    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, str(path), "--model", "deit_tiny", "--smoke", "--calib-images", "4",
+                          "--comp-images", "8", "--batch-size", "4", "--threads", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
     for key in ("model", "device", "threads", "images", "fp_forward_s", "ptq_s", "qwt_s", "total_s",
                 "ratio_to_fp_forward", "qwt_peak_mib"):
         assert key in figures
-    assert figures["images"] == 12 and figures["device"] == "cpu" and figures["freed_memory_retained"] is False
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert figures["images"] == 12 and figures["device"] == "cpu" and figures["freed_memory_retained"] is glibc
     assert figures["fp_forward_s"] == pytest.approx(sum(figures["fp_forward_runs_s"]) / 2, abs=2e-3)
     assert figures["total_s"] == pytest.approx(figures["ptq_s"] + figures["qwt_s"], abs=2e-3)
     fp = figures["fp_forward_s"]  # rounded to 1 ms, which is a lot for a tiny model: allow for it
@@ -252,7 +295,6 @@ def test_speed_benchmark_prints_its_figures_as_the_last_json_line(capsys):
 
 def test_retained_freed_memory_is_switched_on_once_and_recorded():
     """In a child process, so this test session's allocator stays as it is."""
-    import platform
     import subprocess
     import sys
 
@@ -263,3 +305,32 @@ def test_retained_freed_memory_is_switched_on_once_and_recorded():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert out == ["False", str(glibc), str(glibc), str(glibc)]
+
+
+_REUSE_CODE = """
+import resource, sys, torch
+from qwt.allocator import retain_freed_memory
+if sys.argv[1] == "retain":
+    retain_freed_memory()
+faults = []
+for _ in range(5):  # a batch's large temporary, freed, then the next batch's of the same size
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 << 18)  # 64 MiB of float32, every page touched
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[-1])
+"""
+
+
+@pytest.mark.skipif(not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
+                    reason="the allocator setting exists only with glibc")
+def test_retained_memory_is_reused_without_page_faults():
+    """With the setting, a freed 64 MiB tensor's pages serve the next one (no page faults); without it, every
+    page faults again. mallopt takes a C int: a threshold that overflows it would silently trim everything."""
+    import subprocess
+    import sys
+
+    pages = (64 << 20) // resource.getpagesize()
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _REUSE_CODE, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("retain", "default")}
+    assert faults["default"] > 0.9 * pages
+    assert faults["retain"] < 0.05 * pages

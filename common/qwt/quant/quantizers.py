@@ -89,8 +89,22 @@ def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, levels: int, floo
     # with the same elementwise ops, and look each element up.
     codes = torch.arange(levels, dtype=q.dtype, device=q.device)
     table = torch.cat([_decode_log_sqrt2(codes, delta), q.new_tensor([0.0, math.nan])])
-    index = q.clamp_(0, levels).nan_to_num_(levels + 1).to(torch.int32)
+    index = _small_ints_as_int32(q.clamp_(0, levels).nan_to_num_(levels + 1))
     return table.index_select(0, index.reshape(-1)).reshape(x.shape)
+
+
+#: 2^23: adding it to an integer 0 ≤ n < 2^23 in FP32 is exact and leaves n in the low mantissa bits, above
+#: the bit pattern of 2^23 itself.
+_MANTISSA_SHIFT = float(2**23)
+_MANTISSA_SHIFT_BITS = int(torch.tensor(_MANTISSA_SHIFT, dtype=torch.float32).view(torch.int32))
+
+
+def _small_ints_as_int32(q: torch.Tensor) -> torch.Tensor:
+    """The integer-valued FP32 tensor ``q`` (values in [0, 2^23)) as int32, in q's own buffer: two in-place
+    passes instead of a conversion into a new tensor. FP64 or other dtypes take the plain conversion."""
+    if q.dtype != torch.float32:
+        return q.to(torch.int32)
+    return q.add_(_MANTISSA_SHIFT).view(torch.int32).sub_(_MANTISSA_SHIFT_BITS)
 
 
 def _decode_log_sqrt2(q: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
