@@ -49,6 +49,21 @@ def test_channelwise_targets_residual_branch_layers_and_reduces_their_error(vit_
     assert not any(isinstance(m, qwt.compensation.Compensated) for m in model.modules())
 
 
+def test_channelwise_with_features_on_disk_is_identical(vit_w4a4, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model, comp, test = vit_w4a4
+    in_memory, on_disk = copy.deepcopy(model), copy.deepcopy(model)
+    r_mem = qwt.apply_qwt(in_memory, comp, qwt.QwTConfig(compensation="channelwise"), progress=False)
+    r_disk = qwt.apply_qwt(on_disk, comp, qwt.QwTConfig(compensation="channelwise", feature_device="disk"),
+                           progress=False)
+    assert [r.extra for r in r_mem] == [r.extra for r in r_disk]
+    a, b = in_memory.state_dict(), on_disk.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_folding_gives_the_same_output_and_no_extra_parameters(vit_w4a4):
     model, comp, test = vit_w4a4
     plain = copy.deepcopy(model)

@@ -44,6 +44,15 @@ def test_end_to_end_record_is_complete(task, model, dataset, tmp_path):
     assert sum(isinstance(m, Compensated) for m in loaded.modules()) == len(details["blocks"])
 
 
+def test_features_on_disk_give_the_same_record(dataset, tmp_path):
+    default = _run("resnet", "resnet18", dataset, tmp_path / "memory")
+    on_disk = _run("resnet", "resnet18", dataset, tmp_path / "disk", "--feature-device", "disk")
+    assert [r["top1"] for r in on_disk] == [r["top1"] for r in default]
+    blocks = [json.loads((tmp_path / d / "details" / "resnet18_W4A4_smoke.json").read_text())["blocks"]
+              for d in ("memory", "disk")]
+    assert [b["r2"] for b in blocks[0]] == [b["r2"] for b in blocks[1]]
+
+
 @pytest.mark.parametrize("model", ["deit_small_distilled", "swin_tiny"])
 def test_reparameterization_keeps_fp_logits_per_family(model):
     fp = qwt.create_model(model, smoke=True, num_classes=4)

@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 
 from ..quant.modules import quant_state, set_quant_state, swap_module
 from .channelwise import channelwise_block_fit
+from .features import DISK, FeatureStore, FeatureStores
 from .modules import Compensated, ConvCompensated, LinearCompensated
-from .solver import FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError, SolverMode
+from .solver import (SOLVER_MODES, FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError,
+                     SolverMode)
 
 Form = Literal["linear", "conv"]
 
@@ -69,7 +71,8 @@ class BlockPlan:
 @dataclass(frozen=True)
 class QwTConfig:
     """QwT settings. Defaults are the authors' (R² > 0 gate, FP16 product at eval, k=1, 64 channels per group),
-    except ``solver``: ``streaming`` (FP64, Cholesky); ``reference`` reproduces the authors' FP32 arithmetic.
+    except ``solver``: ``streaming`` (FP64, Cholesky); ``reference`` reproduces the authors' FP32 arithmetic;
+    ``streaming_fp32`` is ``streaming`` with each batch's products in FP32 (faster; results differ slightly).
 
     channels_per_group: input channels per group of the grouped-conv compensation (the authors' ``--factor``).
     fp16_eval: the compensation product runs in FP16 at evaluation (the authors' classification code); FP32 if
@@ -84,7 +87,9 @@ class QwTConfig:
     kernel_size: int = 1
     channels_per_group: int = 64
     skip_degenerate: bool = True  # False: fit degenerate systems anyway, as the authors' code would
-    feature_device: str | None = None  # where block features wait between blocks; None: the model's device
+    #: where block features wait between blocks: None (the model's device), a device (e.g. "cpu" on a GPU run),
+    #: or "disk" (temporary files: resident memory flat in the number of images; see qwt.compensation.features)
+    feature_device: str | None = None
     #: ``dense``: the authors' W x + b beside each block; ``channelwise``: a per-channel gain and bias on each
     #: residual branch's last layer, folded into its weights at export (qwt.compensation.channelwise).
     compensation: Literal["dense", "channelwise"] = "dense"
@@ -96,8 +101,8 @@ class QwTConfig:
             raise ValueError("r2_threshold must be a number, got NaN")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge >= 0):
             raise ValueError(f"ridge must be ≥ 0 (or None for the authors' default), got {self.ridge}")
-        if self.solver not in ("streaming", "reference"):
-            raise ValueError(f"unknown solver {self.solver!r}; choose 'streaming' or 'reference'")
+        if self.solver not in SOLVER_MODES:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVER_MODES)}")
         if self.start_block < 0:
             raise ValueError(f"start_block must be ≥ 0, got {self.start_block}")
         if self.compensation not in ("dense", "channelwise"):
@@ -106,6 +111,12 @@ class QwTConfig:
             raise ValueError(f"kernel_size must be odd and ≥ 1, got {self.kernel_size}")
         if self.channels_per_group < 1:
             raise ValueError(f"channels_per_group must be ≥ 1, got {self.channels_per_group}")
+        if self.feature_device not in (None, DISK):
+            try:
+                torch.device(self.feature_device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"feature_device must be a torch device (e.g. 'cpu', 'cuda:0'), {DISK!r} or None, "
+                                 f"got {self.feature_device!r}") from err
 
     def ridge_for(self, form: Form) -> float:
         if self.ridge is not None:
@@ -187,10 +198,10 @@ def _solve(fit: LinearLeastSquares | GroupedConvLeastSquares, name: str,
 
 
 #: Fits one block's compensation and attaches it in place: (model, step, features, block index, device) →
-#: (R², applied, report extras). ``features`` holds the block's input batches where they wait between blocks;
-#: each batch is moved to ``device`` when used, and the fit replaces ``features[k]`` by the next step's input
-#: (moved back where it was) as soon as batch k is done, so at most two copies exist. One per compensation form.
-BlockFit = Callable[[nn.Module, Step, list[torch.Tensor], int, torch.device], tuple[float, bool, dict]]
+#: (R², applied, report extras). ``features`` holds the block's input batches where they wait between blocks
+#: (:class:`FeatureStore`); each batch is fetched to ``device`` when used, and the fit replaces batch k by the
+#: next step's input as soon as batch k is done, so at most two copies exist. One per compensation form.
+BlockFit = Callable[[nn.Module, Step, FeatureStore, int, torch.device], tuple[float, bool, dict]]
 #: (model, block path) → the last layer of each residual branch of that block (see :class:`qwt.Family`).
 ResidualBranches = Callable[[nn.Module, str], list[str]]
 
@@ -198,11 +209,11 @@ ResidualBranches = Callable[[nn.Module, str], list[str]]
 def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
     """The authors' form: ``out = block_q(x) + W x + b`` beside the block, fitted on FP-block(x) − block_q(x)."""
 
-    def fit_block(model: nn.Module, step: Step, feats: list[torch.Tensor], index: int, device: torch.device):
+    def fit_block(model: nn.Module, step: Step, feats: FeatureStore, index: int, device: torch.device):
         module = model.get_submodule(step.path)
-        outputs, fit, meta = [], None, {}
-        for x in feats:
-            store, x = x.device, x.to(device)
+        outputs, fit, meta = feats.sibling(), None, {}
+        for k in range(len(feats)):
+            x = feats.get(k, device)
             with quant_state(module, weight=False, act=False):
                 y_fp = step.run(module, x)
             y_q = step.run(module, x)
@@ -210,7 +221,8 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
                 fit, meta = _fitter(form, x, y_q, config)
             shared = y_fp.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
             fit.update(x, y_fp - y_q if shared else y_fp.sub_(y_q))  # in the FP output's buffer unless that is x
-            outputs.append(y_q.to(store))
+            outputs.put(k, y_q)
+        del x, y_fp, y_q
         fit.reduce()
         result, reason = _solve(fit, step.path, config.skip_degenerate)
         if reason is not None:
@@ -220,10 +232,10 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))
         wrapper = _wrap(form, module, weight, bias, meta, config.fp16_eval)
         swap_module(model, step.path, wrapper)
-        for k, (x, y) in enumerate(zip(feats, outputs)):  # batch k's input and output are freed as we go
-            feats[k] = wrapper.add_fp32(y.to(device), x.to(device)).to(x.device)
-            outputs[k] = None
-        del x, y
+        for k in range(len(feats)):  # batch k's input and output are freed as we go
+            y = wrapper.add_fp32(outputs.get(k, device), feats.get(k, device))
+            outputs.release(k)
+            feats.put(k, y)
         return result.r2, applied, meta
 
     return fit_block
@@ -237,8 +249,9 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
 
     ``model`` must be quantised and calibrated. ``images`` is a tensor (split into ``batch_size`` batches) or
     an iterable of batches, e.g. a DataLoader. Between blocks the features of all batches wait on
-    ``config.feature_device`` (e.g. ``"cpu"`` to keep GPU memory flat in the number of images; each batch is
-    copied to the model's device when used) and at most two copies exist: a block's input and its output.
+    ``config.feature_device`` (``"cpu"`` keeps GPU memory flat in the number of images, ``"disk"`` keeps the
+    process's memory flat; each batch is fetched to the model's device when used) and at most two copies exist:
+    a block's input and its output.
     ``config.compensation == "channelwise"`` needs ``residual_branches`` (the family's). Most callers use
     :func:`qwt.apply_qwt`, which takes the plan and the residual branches from the model's family.
     """
@@ -251,21 +264,25 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
         fit_block = dense_block_fit(plan.form, config)
     model.eval()
     set_quant_state(model, weight=True, act=True)
-    feats = [plan.stem(batch) for batch in _batches(images, batch_size)]
-    if not feats:
-        raise ValueError("no compensation images: pass at least one batch")
-    device = feats[0].device
-    store = torch.device(config.feature_device) if config.feature_device else device
-    feats = [x.to(store) for x in feats]
     reports: list[BlockReport] = []
-    index = 0
-    for step in tqdm(plan.steps, desc="QwT blocks", disable=not progress, leave=False):
-        if not step.compensate:
-            module = model.get_submodule(step.path)
-            feats = [step.run(module, x.to(device)).to(store) for x in feats]
-            continue
-        start = time.perf_counter()
-        r2, applied, meta = fit_block(model, step, feats, index, device)
-        reports.append(BlockReport(index, step.path, r2, applied, time.perf_counter() - start, meta))
-        index += 1
+    with FeatureStores(config.feature_device) as stores:
+        feats, device = stores.new(), None
+        for k, batch in enumerate(_batches(images, batch_size)):
+            x = plan.stem(batch)
+            if device is None:
+                device = x.device
+            feats.put(k, x)
+        if device is None:
+            raise ValueError("no compensation images: pass at least one batch")
+        index = 0
+        for step in tqdm(plan.steps, desc="QwT blocks", disable=not progress, leave=False):
+            if not step.compensate:
+                module = model.get_submodule(step.path)
+                for k in range(len(feats)):
+                    feats.put(k, step.run(module, feats.get(k, device)))
+                continue
+            start = time.perf_counter()
+            r2, applied, meta = fit_block(model, step, feats, index, device)
+            reports.append(BlockReport(index, step.path, r2, applied, time.perf_counter() - start, meta))
+            index += 1
     return reports

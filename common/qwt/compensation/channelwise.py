@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..quant.modules import QuantModule, quant_state, swap_module
+from .features import FeatureStore
 
 
 class ChannelAffine(nn.Module):
@@ -101,29 +102,31 @@ def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str
     its layers'.
     """
 
-    def fit_block(model: nn.Module, step, feats: list[torch.Tensor], index: int, device: torch.device):
+    def fit_block(model: nn.Module, step, feats: FeatureStore, index: int, device: torch.device):
         module = model.get_submodule(step.path)
         names = [_target(module, name) for name in residual_branches(model, step.path)]
 
-        def record(names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-            outputs = _record(module, names, lambda: step.run(module, x.to(device)))[1]
-            return {name: z.to(x.device) for name, z in outputs.items()}  # kept where the features wait
+        def record(names: list[str], k: int) -> dict[str, torch.Tensor]:
+            return _record(module, names, lambda: step.run(module, feats.get(k, device)))[1]
 
+        targets = {name: feats.sibling() for name in names}  # each layer's FP output, where the features wait
         with quant_state(module, weight=False, act=False):
-            targets = [record(names, x) for x in feats]
+            for k in range(len(feats)):
+                for name, z in record(names, k).items():
+                    targets[name].put(k, z)
         r2s = {}
         for name in names:
             layer = module.get_submodule(name)
             fit = _AffineFit(1 if isinstance(layer, nn.Conv2d) else -1)
-            for x, target in zip(feats, targets):
-                fit.update(record([name], x)[name].to(device), target[name].to(device))
+            for k in range(len(feats)):
+                fit.update(record([name], k)[name], targets[name].get(k, device))
+            targets[name].clear()
             fit.reduce()
             gain, bias, r2s[name] = fit.solve()
             if r2s[name] > r2_threshold and index >= start_block:
                 swap_module(module, name, ChannelAffine(layer, gain, bias))
-        del targets
-        for k, x in enumerate(feats):
-            feats[k] = step.run(module, x.to(device)).to(x.device)
+        for k in range(len(feats)):
+            feats.put(k, step.run(module, feats.get(k, device)))
         applied = any(isinstance(module.get_submodule(n), ChannelAffine) for n in names)
         return min(r2s.values()), applied, {"form": "channelwise", "r2_per_layer": r2s}
 
