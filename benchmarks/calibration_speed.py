@@ -26,6 +26,7 @@ import torch
 
 from qwt import PTQConfig, QwTConfig, apply_qwt, create_model, get_model_entry, quantize
 from qwt.allocator import freed_memory_retained, release_freed_memory, retain_freed_memory
+from qwt.compensation import SOLVER_MODES
 from qwt.utils import PhaseTimer
 
 _MIB = 2**20
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--comp-images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--solver", choices=["streaming", "reference"], default="streaming")
+    p.add_argument("--solver", choices=SOLVER_MODES, default="streaming")
     p.add_argument("--feature-device", default=None,
                    help="where QwT keeps block features between blocks (e.g. cpu for a GPU run); default: --device")
     p.add_argument("--smoke", action="store_true", help="the registry's reduced model on 32×32 images (tests)")

@@ -25,6 +25,7 @@ from torch import nn  # noqa: E402
 
 from qwt import PTQConfig, QwTConfig, create_model  # noqa: E402
 from qwt.cli import check_writable_dir, positive_int, run_cli  # noqa: E402
+from qwt.compensation import SOLVER_MODES  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment  # noqa: E402
 from qwt.errors import InputError  # noqa: E402
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-images", type=positive_int, default=6000, help="train images for the CNN's linear probe")
     p.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
     p.add_argument("--batch-size", type=positive_int, default=250, help="evaluation batch size")
-    p.add_argument("--solver", choices=["streaming", "reference"], default="streaming",
-                   help="QwT least-squares solver: FP64 Cholesky, or the authors' FP32 arithmetic")
+    p.add_argument("--solver", choices=SOLVER_MODES, default="streaming",
+                   help="QwT least-squares solver: FP64 Cholesky, the same with FP32 batch products (faster), or "
+                        "the authors' FP32 arithmetic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -78,6 +78,32 @@ def test_grouped_conv_matches_per_group_least_squares(kernel, stride):
     assert res.r2 == pytest.approx(r2.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("form", ["linear", "conv"])
+def test_fp32_products_are_summed_in_fp64_and_solve_close_to_fp64(form):
+    """streaming_fp32: each batch's AᵀA and AᵀT in FP32 (the same design matrices), accumulated in FP64."""
+    g = _gen(21)
+    if form == "linear":
+        batches = [(torch.randn(3, 20, 10, generator=g), torch.randn(3, 20, 6, generator=g)) for _ in range(3)]
+        fits = [LinearLeastSquares(mode=m) for m in ("streaming", "streaming_fp32")]
+    else:
+        batches = [(torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 8, 6, 6, generator=g)) for _ in range(3)]
+        fits = [GroupedConvLeastSquares(8, 8, 1, 1, 2, mode=m) for m in ("streaming", "streaming_fp32")]
+    for x, t in batches:
+        for f in fits:
+            f.update(x, t)
+    fp64, fp32 = fits
+    gram = cross = None
+    for x, t in batches:
+        a, target = fp32._design(x, t, torch.float32)
+        g32, c32 = (a.transpose(1, 2) @ a).double(), (a.transpose(1, 2) @ target).double()
+        gram, cross = (g32, c32) if gram is None else (gram + g32, cross + c32)
+    assert fp32.gram.dtype == torch.float64 and torch.equal(fp32.gram, gram) and torch.equal(fp32.cross, cross)
+    assert fp32.t_sq.item() == pytest.approx(fp64.t_sq.item(), rel=1e-6)
+    a, b = fp64.solve(), fp32.solve()
+    assert torch.allclose(a.weight, b.weight, atol=1e-4) and torch.allclose(a.bias, b.bias, atol=1e-4)
+    assert a.r2 == pytest.approx(b.r2, abs=1e-5)
+
+
 def test_grouped_conv_reference_mode_matches_streaming():
     x = torch.randn(4, 6, 5, 5, generator=_gen(11))
     t = torch.randn(4, 6, 5, 5, generator=_gen(12))
@@ -116,9 +142,10 @@ def test_reference_mode_refuses_a_singular_system():
         fit.solve()
 
 
+@pytest.mark.parametrize("mode", ["streaming", "streaming_fp32"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_features_are_refused(bad):
-    fit = LinearLeastSquares()
+def test_non_finite_features_are_refused(bad, mode):
+    fit = LinearLeastSquares(mode=mode)
     x = torch.randn(10, 3)
     x[2, 1] = bad
     with pytest.raises(ValueError, match="NaN/Inf"):

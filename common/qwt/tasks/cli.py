@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from ..cli import finite_float
-from ..compensation import QwTConfig
+from ..compensation import SOLVER_MODES, QwTConfig
 from ..family import Family
 from ..ptq import PTQConfig
 
@@ -52,8 +52,10 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g.add_argument("--conv-act-bits", type=int, default=None,
                    help="force CNN conv inputs to this width (8 reproduces the first ResNet release's 'W4/A4')")
     g = p.add_argument_group("compensation (QwT)")
-    g.add_argument("--solver", choices=["streaming", "reference"], default="streaming",
-                   help="streaming: FP64 statistics, Cholesky; reference: the authors' FP32 arithmetic, bit for bit")
+    g.add_argument("--solver", choices=SOLVER_MODES, default="streaming",
+                   help="streaming: FP64 statistics, Cholesky; streaming_fp32: the same with each batch's products "
+                        "in FP32 (faster, results differ slightly); reference: the authors' FP32 arithmetic, bit "
+                        "for bit")
     g.add_argument("--comp-precision", choices=["fp16", "fp32"], default=defaults.comp_precision,
                    help="precision of the compensation product at evaluation")
     g.add_argument("--fp32-comp", dest="comp_precision", action="store_const", const="fp32",
@@ -64,6 +66,10 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g.add_argument("--kernel-size", type=int, default=1, help="grouped-conv compensation kernel (CNNs)")
     g.add_argument("--channels-per-group", "--factor", type=int, default=64,
                    help="input channels per group of the conv compensation (CNNs; the authors' --factor)")
+    g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
+                   help="where block features wait between blocks (default: the model's device): cpu keeps GPU "
+                        "memory flat in the number of compensation images, disk keeps process memory flat "
+                        "(temporary files); the result is the same")
 
 
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
@@ -74,4 +80,4 @@ def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
 def qwt_config(args: argparse.Namespace) -> QwTConfig:
     return QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
                      fp16_eval=args.comp_precision == "fp16", kernel_size=args.kernel_size,
-                     channels_per_group=args.channels_per_group)
+                     channels_per_group=args.channels_per_group, feature_device=args.feature_device)
