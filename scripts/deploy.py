@@ -32,7 +32,9 @@ from torch import nn  # noqa: E402
 
 import qwt  # noqa: E402
 from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
+from qwt.cli import run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
+from qwt.environment import environment as run_environment  # noqa: E402
 from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, run, session  # noqa: E402
 from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
@@ -162,23 +164,20 @@ def measure(args: argparse.Namespace, work: Workload, folder: Path) -> list[dict
 
 
 def environment(args: argparse.Namespace) -> dict:
+    """The run's environment (qwt.environment) plus what decides onnxruntime's integer kernels."""
     import onnx
     import onnxruntime
-    import timm
 
-    cpu, flags = platform.processor(), None
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
         flags = next(line.split(":", 1)[1].split() for line in info if line.startswith("flags"))
     except (OSError, StopIteration):
-        pass
+        flags = None
     # Whether INT8 weights would saturate in onnxruntime's x86 kernels (AVX2 / AVX-512 BW without VNNI do).
     int8_flags = None if flags is None else [f for f in INT8_CPU_FLAGS if f in flags]
-    return {"cpu": cpu, "cpu_int8_flags": int8_flags, "cpu_count": os.cpu_count(), "ort_threads": args.threads,
-            "w8a8_weight_dtype": args.weight_dtype, "python": platform.python_version(),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "timm": timm.__version__, "platform": platform.platform()}
+    return {**run_environment("cpu"), "cpu_int8_flags": int8_flags, "cpu_count": os.cpu_count(),
+            "ort_threads": args.threads, "w8a8_weight_dtype": args.weight_dtype, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 
 
 def _cell(value, digits: int = 2) -> str:
@@ -226,11 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
     start, load_start = time.perf_counter(), os.getloadavg()
-    try:
-        works = workloads(args)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    works = workloads(args)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for work in works:
@@ -250,4 +245,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

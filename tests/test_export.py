@@ -208,6 +208,16 @@ def test_cli_exports_a_saved_model(tiny_vit, images, tmp_path):
         assert logits.shape == tiny_vit(images[:4]).shape
 
 
+def test_cli_reports_a_missing_saved_model_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "qwt.export", str(tmp_path / "nothing"), str(tmp_path / "m.onnx"),
+                           "--input-shape", "3", "32", "32"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path):
     fp = _resnet18()
     calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))

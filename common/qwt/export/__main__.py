@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import run_cli
 from ..serialization import load_quantized
 from .w8a8 import WEIGHT_DTYPES
 from .writer import export_onnx
@@ -40,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))
