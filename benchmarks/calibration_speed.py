@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--solver", choices=SOLVER_MODES, default="streaming")
     p.add_argument("--feature-device", default=None,
-                   help="where QwT keeps block features between blocks (e.g. cpu for a GPU run); default: --device")
+                   help="where QwT keeps block features between blocks: a device (e.g. cpu for a GPU run) or disk; "
+                        "default: --device")
     p.add_argument("--smoke", action="store_true", help="the registry's reduced model on 32×32 images (tests)")
     p.add_argument("--fresh-pages", action="store_true",
                    help="leave glibc's allocator as it is (every large tensor faults in fresh pages) instead of "

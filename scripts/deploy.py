@@ -34,7 +34,7 @@ import qwt  # noqa: E402
 from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
 from qwt.cli import run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
-from qwt.environment import environment as run_environment  # noqa: E402
+from qwt.environment import cpuinfo_field, environment as run_environment  # noqa: E402
 from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, run, session  # noqa: E402
 from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
@@ -168,13 +168,9 @@ def environment(args: argparse.Namespace) -> dict:
     import onnx
     import onnxruntime
 
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next(line.split(":", 1)[1].split() for line in info if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = None
+    flags = cpuinfo_field("flags")
     # Whether INT8 weights would saturate in onnxruntime's x86 kernels (AVX2 / AVX-512 BW without VNNI do).
-    int8_flags = None if flags is None else [f for f in INT8_CPU_FLAGS if f in flags]
+    int8_flags = None if flags is None else [f for f in INT8_CPU_FLAGS if f in flags.split()]
     return {**run_environment("cpu"), "cpu_int8_flags": int8_flags, "cpu_count": os.cpu_count(),
             "ort_threads": args.threads, "w8a8_weight_dtype": args.weight_dtype, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}

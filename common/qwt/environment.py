@@ -11,15 +11,20 @@ import torch
 from .allocator import freed_memory_retained
 
 
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+@lru_cache(maxsize=None)
+def cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` of /proc/cpuinfo (Linux), or None where there is none."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
+            if line.lower().startswith(name):
                 return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -72,7 +72,7 @@ class BlockPlan:
 class QwTConfig:
     """QwT settings. Defaults are the authors' (R² > 0 gate, FP16 product at eval, k=1, 64 channels per group),
     except ``solver``: ``streaming`` (FP64, Cholesky); ``reference`` reproduces the authors' FP32 arithmetic;
-    ``streaming_fp32`` is ``streaming`` with each batch's products in FP32 (faster; results differ slightly).
+    ``streaming_fp32`` is ``streaming`` with each batch's products in FP32 (faster; results differ).
 
     channels_per_group: input channels per group of the grouped-conv compensation (the authors' ``--factor``).
     fp16_eval: the compensation product runs in FP16 at evaluation (the authors' classification code); FP32 if

@@ -22,7 +22,7 @@ class FeatureStore:
 
     def __init__(self, where: str | torch.device | None, directory: Path | None = None) -> None:
         """``where``: a device, ``"disk"`` (files in ``directory``), or None (each batch stays where it is)."""
-        self.on_disk = where == DISK
+        self.where, self.on_disk = where, where == DISK
         self.device = None if self.on_disk or where is None else torch.device(where)
         self.directory = directory
         self._slots: list[torch.Tensor | tuple[Path, torch.Size, torch.dtype] | None] = []
@@ -64,7 +64,7 @@ class FeatureStore:
 
     def sibling(self) -> FeatureStore:
         """An empty store of the same kind (e.g. for a block's outputs while its inputs are still needed)."""
-        return FeatureStore(DISK if self.on_disk else self.device, self.directory)
+        return FeatureStore(self.where, self.directory)
 
 
 class FeatureStores:

@@ -2,9 +2,10 @@
 
 ``streaming`` (default) accumulates AᵀA, AᵀT and the sums R² needs batch by batch in FP64, so memory does not grow
 with the number of calibration images, then solves by Cholesky (pseudo-inverse with a warning if the Gram matrix
-is singular). ``streaming_fp32`` computes each batch's products in FP32 and accumulates them in FP64: about half
-the memory traffic, for results that differ in the last digits (opt-in). ``reference`` keeps every batch and reproduces the authors' arithmetic bit for bit: FP32, one 2-D
-explicit inverse per channel group, ``inv(AᵀA + λI) @ Aᵀ @ T`` evaluated left to right, and R² computed in FP32
+is singular). ``streaming_fp32`` (opt-in) computes each batch's products in FP32 and accumulates them in FP64:
+about half the memory traffic, for slightly different sums, which can move an R² near 0 across the gate.
+``reference`` keeps every batch and reproduces the authors' arithmetic bit for bit: FP32, one 2-D explicit
+inverse per channel group, ``inv(AᵀA + λI) @ Aᵀ @ T`` evaluated left to right, and R² computed in FP32
 from the prediction ``X·W + b`` (tokens) or ``conv2d(X, W, b)`` (grouped conv), with the same tensor shapes.
 
 Two feature layouts share the machinery: token features (..., C) for linear compensation, and unfolded conv
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ..utils import all_finite
 
 #: ``streaming``: FP64 products and sums, Cholesky; ``streaming_fp32``: the same with each batch's products in
-#: FP32 (faster, results differ in the last digits); ``reference``: the authors' FP32 arithmetic, bit for bit.
+#: FP32 (faster; different results, see docs/algorithm.md); ``reference``: the authors' FP32 arithmetic, bit for bit.
 SolverMode = Literal["streaming", "streaming_fp32", "reference"]
 SOLVER_MODES: tuple[str, ...] = get_args(SolverMode)
 

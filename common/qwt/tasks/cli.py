@@ -54,7 +54,7 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g = p.add_argument_group("compensation (QwT)")
     g.add_argument("--solver", choices=SOLVER_MODES, default="streaming",
                    help="streaming: FP64 statistics, Cholesky; streaming_fp32: the same with each batch's products "
-                        "in FP32 (faster, results differ slightly); reference: the authors' FP32 arithmetic, bit "
+                        "in FP32 (faster, results differ); reference: the authors' FP32 arithmetic, bit "
                         "for bit")
     g.add_argument("--comp-precision", choices=["fp16", "fp32"], default=defaults.comp_precision,
                    help="precision of the compensation product at evaluation")
