@@ -78,6 +78,47 @@ def test_grouped_conv_matches_per_group_least_squares(kernel, stride):
     assert res.r2 == pytest.approx(r2.item(), abs=1e-6)
 
 
+def _plain_fp64_design(x: torch.Tensor, t: torch.Tensor, groups: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per group, A = [features, 1] and T as contiguous FP64 rows, built the obvious way."""
+    if groups is None:
+        x, t = x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
+        pairs = [(x, t)]
+    else:
+        cin, cout = x.shape[1] // groups, t.shape[1] // groups
+        pairs = [(x[:, g * cin:(g + 1) * cin].permute(0, 2, 3, 1).reshape(-1, cin),
+                  t[:, g * cout:(g + 1) * cout].permute(0, 2, 3, 1).reshape(-1, cout)) for g in range(groups)]
+    return [(torch.cat([f.double(), torch.ones(f.shape[0], 1, dtype=torch.float64)], 1), tg.double().contiguous())
+            for f, tg in pairs]
+
+
+@pytest.mark.parametrize("form", ["linear", "conv"])
+def test_streaming_statistics_are_the_plain_fp64_products(form):
+    """Pins the default solver's arithmetic: per batch, AᵀA and AᵀT are batched FP64 GEMMs on row-major FP64
+    copies of the FP32 values (however the copies are made), ΣT and ΣT² sum the exact FP64 values of T in its
+    own layout, and batches add up in order."""
+    g = _gen(31)
+    if form == "linear":
+        batches = [(torch.randn(4, 300, 24, generator=g), torch.randn(4, 300, 16, generator=g)) for _ in range(3)]
+        fit, groups = LinearLeastSquares(), None
+    else:
+        batches = [(torch.randn(4, 32, 20, 20, generator=g), torch.randn(4, 32, 20, 20, generator=g))
+                   for _ in range(3)]
+        fit, groups = GroupedConvLeastSquares(32, 32, 1, 1, 2), 2
+    gram = cross = t_sum = t_sq = None
+    for x, t in batches:
+        fit.update(x, t)
+        pairs = _plain_fp64_design(x, t, groups)
+        a, tg = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        g64, c64 = a.transpose(1, 2) @ a, a.transpose(1, 2) @ tg  # batched, as one GEMM per group
+        t64 = t.double()
+        s64 = t64.reshape(-1, t.shape[-1]).sum(0) if groups is None else t64.sum(0)
+        q64 = t64.pow(2).sum()
+        gram, cross = (g64, c64) if gram is None else (gram + g64, cross + c64)
+        t_sum, t_sq = (s64, q64) if t_sum is None else (t_sum + s64, t_sq + q64)
+    assert torch.equal(fit.gram, gram) and torch.equal(fit.cross, cross)
+    assert torch.equal(fit.t_sum, t_sum) and torch.equal(fit.t_sq, t_sq)
+
+
 @pytest.mark.parametrize("form", ["linear", "conv"])
 def test_fp32_products_are_summed_in_fp64_and_solve_close_to_fp64(form):
     """streaming_fp32: each batch's AᵀA and AᵀT in FP32 (the same design matrices), accumulated in FP64."""

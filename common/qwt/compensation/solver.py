@@ -96,25 +96,27 @@ class _LeastSquares:
     # -- accumulation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Add one batch; a batch that is refused (non-finite values) leaves the system unchanged."""
         rows, unknowns, outputs = self._system(x, t)
         if self.mode == "reference":
             _require_finite_features(x, _INPUTS)
             _require_finite_features(t, _TARGETS)
-            self.rows += rows
-            self.shape = (unknowns, outputs)
             self.chunks.append((x.float(), t.float()))
-            return
-        gram, cross, t_sum, count, t_sq = self._batch_statistics(x, t)
+        else:
+            self._accumulate(*self._batch_statistics(x, t))
+        self.rows += rows
+        self.shape = (unknowns, outputs)
+
+    def _accumulate(self, gram: torch.Tensor, cross: torch.Tensor, t_sum: torch.Tensor, count: int,
+                    t_sq: torch.Tensor) -> None:
         # The finiteness checks read the sums instead of the features: AᵀA's diagonal holds Σx² and t_sq holds
         # Σt², which no finite FP32 value can overflow in FP64, so each is finite exactly when its input is (with
         # FP32 products, values beyond 1.8e19 overflow and are refused too).
         _require_finite_features(gram, _INPUTS)
         _require_finite_features(t_sq, _TARGETS)
-        self.rows += rows
-        self.shape = (unknowns, outputs)
         self.t_sum = t_sum if self.t_sum is None else self.t_sum + t_sum
         self.t_count += count
-        self.t_sq = self.t_sq.to(t.device) + t_sq
+        self.t_sq = self.t_sq.to(t_sq.device) + t_sq
         if self.gram is None:
             self.gram, self.cross = gram, cross
         else:  # in place: the same sums as gram + Δgram, without a new (G, d, d) tensor per batch
