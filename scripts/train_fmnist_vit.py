@@ -22,11 +22,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-try:
-    import qwt  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
-
 from qwt.data.fashion_mnist import MEAN, STD, load_fashion_mnist, normalize  # noqa: E402
 from qwt.evaluate import tensor_batches, top1_accuracy  # noqa: E402
 from qwt.models.vit_fmnist import CHECKPOINT, vit_fmnist  # noqa: E402

@@ -1,6 +1,7 @@
 """Inputs that used to give a silent wrong number or a raw traceback are refused before any compute, with one
 exit code; runs record what they used and where; table assembly reads only matching complete records."""
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -23,9 +25,17 @@ from qwt.report import write_run
 from qwt.tasks.tables import Table, assemble
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import assemble_table  # noqa: E402
+
+def _script(name: str) -> ModuleType:
+    """A script of ``scripts/`` imported as a module (scripts are not a package; nothing is added to sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+assemble_table = _script("assemble_table")
 
 
 @pytest.fixture(scope="module")
