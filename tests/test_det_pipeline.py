@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from qwt.tasks.detection.coco import coco_dataset, compensation_images, evaluate, loader
+from qwt.tasks.detection.coco import coco_dataset, compensation_images, compensation_set, evaluate, loader
 from qwt.tasks.detection.configs import build_detector
 from qwt.tasks.detection.synthetic import CLASSES, write_coco
 
@@ -73,14 +73,18 @@ def test_coco_evaluation_scores_perfect_and_wrong_predictions(coco):
 
 def test_compensation_images_are_a_seeded_224_draw(coco):
     model = build_detector("mask_rcnn_swin_t", smoke=True, num_classes=2)
-    draw = lambda seed: torch.cat(list(compensation_images(model, coco, 4, seed, 224, 3, 0, CLASSES)))  # noqa: E731
+
+    def draw(seed: int) -> torch.Tensor:
+        images = compensation_set(coco, 4, 224, "seeded", seed, classes=CLASSES)
+        return torch.cat(list(compensation_images(model, images, 3, 0)))
+
     first = draw(0)
     assert first.shape == (4, 3, 224, 224)
     assert abs(float(first.mean())) < 1.5  # normalised, not raw 0..255 pixels
     assert torch.equal(first, draw(0))
     assert not torch.equal(first, draw(1))
     with pytest.raises(ValueError, match="exceeds"):
-        next(compensation_images(model, coco, 7, 0, 224, 3, 0, CLASSES))
+        compensation_set(coco, 7, 224, "seeded", 0, classes=CLASSES)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -119,6 +123,7 @@ def test_det_swin_smoke_end_to_end(tmp_path):
     assert [b["path"] for b in details["blocks"]] == [f"backbone.stages.{s}.blocks.{j}" for s in range(4)
                                                       for j in range(2)]
     assert any(b["applied"] for b in details["blocks"]) and details["qwt"]["fp16_eval"] is False
+    assert details["qwt"]["solver"] == "reference"  # the table's rows sit next to the paper: the authors' solver
     table = (out / "table.md").read_text()
     assert table.count("| cascade_mask_rcnn_swin_t-smoke |") == 5 and "PTQ+QwT" in table
 
@@ -171,3 +176,56 @@ def test_subset_runs_are_labelled_and_inputs_checked_first(tmp_path):
                            (["--device", "cuda:7"], "--device cuda:7")):
         with pytest.raises(ValueError, match=message):
             run(build_parser("t").parse_args(["--model", "mask_rcnn_swin_t", "--smoke", *flags]))
+
+
+def test_every_coco_split_is_checked_before_any_work(tmp_path):
+    """A COCO root without train2017 (compensation images) is refused in one line before the detector is built,
+    not after the FP and PTQ evaluations of val2017."""
+    root = tmp_path / "coco"
+    write_coco(root, train=2, val=2)
+    (root / "annotations" / "instances_train2017.json").unlink()
+    (root / "train2017").rename(tmp_path / "elsewhere")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")  # never read: the data check comes first
+    out = tmp_path / "out"
+    result = _run(sys.executable, "QwT-det-RepQ-ViT/main.py", "--model", "mask_rcnn_swin_t", "--coco-root", str(root),
+                  "--checkpoint", str(weights), "--out", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: COCO under --coco-root")
+    assert "instances_train2017.json" in lines[0] and f"{root / 'train2017'}/" in lines[0]
+    assert "val2017" not in lines[0]  # only what is missing is named
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--comp-images", "9"], "exceeds the 8 annotated"),
+    (["--comp-draw", "authors", "--world-size", "3"], "not a multiple of --world-size 3"),
+    (["--world-size", "2"], "only applies to --comp-draw authors"),
+])
+def test_the_compensation_draw_is_checked_before_the_first_evaluation(flags, message, monkeypatch):
+    from qwt.tasks.detection import pipeline
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("an evaluation ran before the input error")
+
+    monkeypatch.setattr(pipeline, "evaluate", no_evaluation)
+    args = pipeline.build_parser("t").parse_args(["--model", "mask_rcnn_swin_t", "--smoke", "--workers", "0", *flags])
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(args)
+
+
+def test_help_lists_only_detection_flags_and_keeps_the_examples():
+    from qwt.tasks.cli import CNN_DEFAULTS
+    from qwt.tasks.detection.pipeline import build_parser
+
+    description = "first line\n\nexamples:\n  python main.py --model m \\\n      --smoke"
+    text = build_parser(description).format_help()
+    assert description in text  # not reflowed into one paragraph
+    for flag in ("--conv-act-bits", "--kernel-size", "--channels-per-group", "--factor", "--method"):
+        assert flag not in text  # CNN-only flags
+    for group in ("detector and data:", "quantisation (PTQ):", "compensation (QwT):", "compensation images"):
+        assert group in text
+    assert "--comp-draw" in text and "--world-size" in text and "(default: repq_vit)" in text
+    args = build_parser("t").parse_args(["--model", "mask_rcnn_swin_t"])
+    assert {k: getattr(args, k) for k in CNN_DEFAULTS} == CNN_DEFAULTS  # configs built as before

@@ -1,7 +1,8 @@
 """Command-line flags shared by every task, and their one mapping to ``PTQConfig`` / ``QwTConfig``.
 
 Every task gets the same flags with the same meaning; only the defaults differ where the authors' code for that
-task differs (detection: RepQ-ViT's original layer map, no log floor, FP32 compensation at eval).
+task differs (detection: RepQ-ViT's original layer map, no log floor, FP32 compensation at eval), and a task
+without CNNs (detection) does not offer the CNN-only flags.
 """
 from __future__ import annotations
 
@@ -21,10 +22,27 @@ class FlagDefaults:
     layer_map: str = "qwt"
     log_floor: float | None = 1e-6
     comp_precision: str = "fp16"
+    #: the task has CNNs: offer --method, --conv-act-bits, --kernel-size, --channels-per-group
+    cnn: bool = True
 
 
 CLASSIFICATION = FlagDefaults()
-DETECTION = FlagDefaults(layer_map="repq_vit", log_floor=None, comp_precision="fp32")
+DETECTION = FlagDefaults(layer_map="repq_vit", log_floor=None, comp_precision="fp32", cnn=False)
+
+#: Values of the CNN-only flags; a task without CNNs gets them as fixed defaults, so its configs are unchanged.
+CNN_DEFAULTS = {"method": None, "conv_act_bits": None, "kernel_size": 1, "channels_per_group": 64}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the description's own line breaks (usage examples) and shows each flag's default where
+    it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _floor(text: str) -> float | None:
@@ -39,18 +57,20 @@ def _floor(text: str) -> float | None:
 def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     """PTQ and QwT flags (bits, baseline, layer map, log floor, solver, compensation precision and shape)."""
     g = p.add_argument_group("quantisation (PTQ)")
-    g.add_argument("--w-bits", type=int, default=4)
-    g.add_argument("--a-bits", type=int, default=4)
-    g.add_argument("--method", choices=["repq_vit", "percentile"], default=None,
-                   help="PTQ baseline (default: the model family's first: RepQ-ViT for ViTs, percentile for CNNs)")
+    g.add_argument("--w-bits", type=int, default=4, help="weight bits")
+    g.add_argument("--a-bits", type=int, default=4, help="activation bits")
+    if defaults.cnn:
+        g.add_argument("--method", choices=["repq_vit", "percentile"], default=CNN_DEFAULTS["method"],
+                       help="PTQ baseline (default: the model family's first: RepQ-ViT for ViTs, percentile for CNNs)")
     g.add_argument("--layer-map", choices=["qwt", "repq_vit"], default=defaults.layer_map,
                    help="qwt: patch-embed and classifier W8A8 (the QwT authors' classification code); "
                         "repq_vit: RepQ-ViT's original map")
     g.add_argument("--log-floor", type=_floor, default=defaults.log_floor, metavar="FLOAT|none",
                    help="clamp of x/Δ before log2 in the log-√2 quantiser (the authors' classification copy: "
                         "1e-6; RepQ-ViT and their detection code: none)")
-    g.add_argument("--conv-act-bits", type=int, default=None,
-                   help="force CNN conv inputs to this width (8 reproduces the first ResNet release's 'W4/A4')")
+    if defaults.cnn:
+        g.add_argument("--conv-act-bits", type=int, default=CNN_DEFAULTS["conv_act_bits"],
+                       help="force CNN conv inputs to this width (8 reproduces the first ResNet release's 'W4/A4')")
     g = p.add_argument_group("compensation (QwT)")
     g.add_argument("--solver", choices=SOLVER_MODES, default="streaming",
                    help="streaming: FP64 statistics, Cholesky; streaming_fp32: the same with each batch's products "
@@ -63,14 +83,17 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g.add_argument("--start-block", type=int, default=0, help="blocks before this index get no compensation")
     g.add_argument("--r2-threshold", type=finite_float, default=0.0,
                    help="compensate a block only if its R² exceeds this")
-    g.add_argument("--kernel-size", type=int, default=1, help="grouped-conv compensation kernel (CNNs)")
-    g.add_argument("--channels-per-group", "--factor", type=int, default=64,
-                   help="input channels per group of the conv compensation (CNNs; the authors' --factor)")
+    if defaults.cnn:
+        g.add_argument("--kernel-size", type=int, default=CNN_DEFAULTS["kernel_size"],
+                       help="grouped-conv compensation kernel (CNNs)")
+        g.add_argument("--channels-per-group", "--factor", type=int, default=CNN_DEFAULTS["channels_per_group"],
+                       help="input channels per group of the conv compensation (CNNs; the authors' --factor)")
+    else:
+        p.set_defaults(**CNN_DEFAULTS)
     g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
                    help="where block features wait between blocks (default: the model's device): cpu keeps GPU "
                         "memory flat in the number of compensation images, disk keeps process memory flat "
                         "(temporary files); the result is the same")
-
 
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
     return PTQConfig(method=args.method or family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits,

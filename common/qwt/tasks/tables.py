@@ -1,8 +1,9 @@
 """One table runner and one assembler for every task folder, driven by the folder's ``configs/table.json``.
 
 ``table.json`` names the models × bit settings of the paper's table, the task's command-line parser, the
-metrics (with their key in ``configs/paper.json``), where results go, the weights-file suffixes and the reduced
-``--smoke`` set. The runner checks every checkpoint first, runs each model × bits as ``<folder>/main.py`` in a
+metrics (with their key in ``configs/paper.json``), where results go, the weights-file suffixes, the flags every
+run of the table gets (``flags``, e.g. the authors' solver; the user's own flags come after and win) and the
+reduced ``--smoke`` set. The runner checks every checkpoint first, runs each model × bits as ``<folder>/main.py`` in a
 child process (the FP model once per model), skips runs that already have a complete record of the same
 configuration, and stops its child on SIGTERM/SIGINT; the assembler reads only complete records of that
 configuration, lists the missing ones and writes ``summary.json``, ``table.md`` (ours next to the paper) and,
@@ -44,6 +45,7 @@ class Table:
     metrics: list[Metric]
     checkpoint_suffixes: list[str]
     smoke: dict[str, list[str]]
+    flags: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, folder: Path) -> "Table":
@@ -54,6 +56,7 @@ class Table:
         spec = json.loads(path.read_text())
         spec.pop("bits_note", None)
         spec["metrics"] = [Metric(*m) for m in spec["metrics"]]
+        spec["flags"] = tuple(spec.get("flags", ()))
         return cls(folder=folder, **spec)
 
     @property
@@ -113,6 +116,7 @@ def reproduce(folder: Path, argv: list[str] | None = None) -> int:
 def _reproduce(table: Table, args: argparse.Namespace, extra: list[str]) -> int:
     models = table.smoke["models"] if args.smoke else table.models
     out = check_writable_dir(args.out or Path(table.out + ("_smoke" if args.smoke else "")), "--out")
+    extra = [*table.flags, *extra]
     if args.smoke:
         extra = [*extra, "--smoke", "--no-progress", *table.smoke["flags"]]
     weights = checkpoints(args.checkpoints, models, table.checkpoint_suffixes) if args.checkpoints else {}

@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ...errors import InputError
 from .configs import use_mmdet_registry
+from .draw import DRAWS, aspect_groups, authors_draw, seeded_draw
 
 Config = dict[str, Any]
 
@@ -29,10 +31,22 @@ def annotation_file(root: Path, split: str) -> Path:
     return Path(root) / "annotations" / f"instances_{split}.json"
 
 
-def _check_layout(root: Path, split: str) -> None:
-    ann, images = annotation_file(root, split), Path(root) / split
-    if not ann.is_file() or not images.is_dir():
-        raise FileNotFoundError(f"COCO {split} not found: need {ann} and {images}/ under --coco-root {root}")
+#: The splits a run reads: val2017 (PTQ calibration image and evaluation), train2017 (compensation images).
+SPLITS = ("val2017", "train2017")
+
+
+def check_coco(root: Path, splits: Sequence[str] = SPLITS) -> None:
+    """Every annotation file and image folder of ``splits`` under ``root``, checked at once before any work,
+    so a missing train2017 is not found only after the FP and PTQ evaluations."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"--coco-root {root} is not a folder; pass the COCO root with annotations/, "
+                         f"{'/, '.join(splits)}/")
+    needed = [path for split in splits for path in (annotation_file(root, split), root / split)]
+    missing = [f"{path}" if path.suffix == ".json" else f"{path}/" for path in needed
+               if not (path.is_file() if path.suffix == ".json" else path.is_dir())]
+    if missing:
+        raise InputError(f"COCO under --coco-root {root} is incomplete, missing: {', '.join(missing)}")
 
 
 def _pipeline(scale: tuple[int, int], keep_ratio: bool) -> list[Config]:
@@ -50,7 +64,7 @@ def coco_dataset(root: Path, split: str, scale: tuple[int, int], keep_ratio: boo
     """
     from mmdet.datasets import CocoDataset
 
-    _check_layout(root, split)
+    check_coco(root, (split,))
     use_mmdet_registry()
     return CocoDataset(data_root=str(root), ann_file=str(annotation_file(root, split)),
                        data_prefix=dict(img=f"{split}/"), pipeline=_pipeline(scale, keep_ratio),
@@ -67,18 +81,30 @@ def loader(dataset, batch_size: int = 1, workers: int = 2) -> DataLoader:
                       collate_fn=pseudo_collate, persistent_workers=False)
 
 
-def compensation_images(model: nn.Module, root: Path, count: int, seed: int, size: int, batch_size: int,
-                        workers: int, classes: Sequence[str] | None = None) -> Iterator[torch.Tensor]:
-    """Normalised ``size``×``size`` batches of ``count`` annotated train2017 images, drawn with ``seed``.
+def compensation_set(root: Path, count: int, size: int, draw: str = "seeded", seed: int = 0, world_size: int = 1,
+                     classes: Sequence[str] | None = None):
+    """The ``count`` annotated train2017 images QwT is fitted on, resized to ``size``×``size``, in fitting order.
 
-    The authors shuffle without a seed; the draw here is reproducible.
+    ``draw`` (:data:`.draw.DRAWS`): ``seeded`` with ``seed``, or ``authors``: the authors' sampler order under
+    ``world_size`` processes (``seed`` does not change it). Built before any evaluation, so a count larger than
+    the annotated images is refused before compute; only the drawn images' annotations are kept.
     """
     dataset = coco_dataset(root, "train2017", (size, size), keep_ratio=False, classes=classes, annotated_only=True)
     if count > len(dataset):
-        raise ValueError(f"--comp-images {count} exceeds the {len(dataset)} annotated train2017 images")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    subset = torch.utils.data.Subset(dataset, order)
-    for batch in loader(subset, batch_size, workers):
+        raise InputError(f"--comp-images {count} exceeds the {len(dataset)} annotated train2017 images")
+    if draw == "authors":
+        sizes = ((info["width"], info["height"]) for info in map(dataset.get_data_info, range(len(dataset))))
+        order = authors_draw(aspect_groups(list(sizes)), count, world_size)
+    elif draw == "seeded":
+        order = seeded_draw(len(dataset), count, seed)
+    else:
+        raise ValueError(f"unknown compensation draw {draw!r}; choose one of {DRAWS}")
+    return dataset.get_subset(order)
+
+
+def compensation_images(model: nn.Module, images, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
+    """Normalised batches of the :func:`compensation_set` ``images``, in their order."""
+    for batch in loader(images, batch_size, workers):
         yield model.data_preprocessor(batch, False)["inputs"]
 
 
