@@ -92,7 +92,8 @@ def _one_ulp_tie_rate(model: torch.nn.Module, images: torch.Tensor) -> float:
     for _, module in quant_modules(model):
         hooks += [q.register_forward_hook(add) for q in module.activation_quantizers() if q.enabled]
     try:
-        model(images)
+        with torch.no_grad():
+            model(images)
     finally:
         for h in hooks:
             h.remove()
