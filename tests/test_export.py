@@ -10,8 +10,8 @@ import torchvision
 
 import qwt
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize
-from qwt.export import (OutputQuantized, calibrate_w8a8, export_onnx, fold_batchnorm, integer_nodes, qdq_view, run,
-                        session)
+from qwt.export import (OutputQuantized, calibrate_w8a8, export_onnx, fold_batchnorm, integer_nodes, qdq_view,
+                        resolve_weight_dtype, run, session, weight_dtype_of)
 from qwt.export.w8a8 import set_integer_grids
 from qwt.compensation.channelwise import fold_channelwise
 from qwt.ptq import calibrate
@@ -122,21 +122,50 @@ def _saturating_conv(images: torch.Tensor) -> OutputQuantized:
     return model
 
 
-def test_w8a8_integer_conv_computes_the_qdq_view_without_saturating(tmp_path):
-    """onnxruntime's fused QLinearConv gives the torch QDQ output: equal codes, or one output step apart where
-    the requantisation rounds a tie differently. With INT8 weights on this project's AVX2 CPU (no VNNI) not one
-    output matched, and the worst was 46 steps off."""
+@pytest.mark.parametrize("weight_dtype", ["uint8", "int8"])
+def test_w8a8_integer_conv_computes_the_qdq_view_without_saturating(tmp_path, weight_dtype):
+    """Both weight storages, built explicitly on any CPU: the graph stores the weights in that dtype, records it,
+    and runs as one QLinearConv. The fused kernel gives the torch QDQ output (equal codes, or one output step apart
+    where the requantisation rounds a tie differently) with UINT8 weights on any CPU, and with INT8 weights where
+    the CPU has VNNI or AMX (what ``auto`` picks INT8 for). Without them the INT8 kernels saturate: on this
+    project's earlier AVX2 CPU not one output matched, and the worst was 46 steps off."""
+    onnx = pytest.importorskip("onnx")
     images = torch.empty(8, 16, 12, 12).uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(1))
     model = _saturating_conv(images)
-    logits, reference, optimized = _compare(model, images, tmp_path, "w8a8")
+    path = export_onnx(model, images[:1], tmp_path / "w8a8.onnx", mode="w8a8", weight_dtype=weight_dtype)
+    optimized = tmp_path / "w8a8.opt.onnx"
+    logits = run(session(path, optimized_path=optimized), images)
     assert integer_nodes(optimized)["QLinearConv"] == 1
+    weight = next(t for t in onnx.load(str(path)).graph.initializer if len(t.dims) == 4)
+    assert weight.data_type == getattr(onnx.TensorProto, weight_dtype.upper())
+    assert weight_dtype_of(path) == weight_dtype
+    if weight_dtype == "int8" and resolve_weight_dtype("auto") != "int8":
+        return  # no VNNI/AMX here: INT8 products saturate, so only the graph is checked
+    with torch.no_grad(), qdq_view(model, weight_dtype=weight_dtype):
+        reference = model(images)
     step = float(model.output_quantizer.delta)
     error = (logits - reference).abs()
     assert error.max() <= 1.01 * step
     assert (error <= 1e-4 * step).float().mean() >= 0.99
-    onnx = pytest.importorskip("onnx")
-    weight = next(t for t in onnx.load(str(tmp_path / "w8a8.onnx")).graph.initializer if len(t.dims) == 4)
-    assert weight.data_type == onnx.TensorProto.UINT8
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx2 avx512f avx512bw avx512_vnni", "int8"),
+                                             ("fpu avx2 avx_vnni", "int8"), ("fpu avx2 amx_tile amx_int8", "int8"),
+                                             ("fpu avx2 avx512f avx512bw", "uint8"), (None, "uint8")])
+def test_auto_weight_dtype_follows_the_cpu_flags(monkeypatch, tmp_path, flags, expected):
+    """``auto`` reads /proc/cpuinfo's flags (here a stand-in): INT8 with VNNI or AMX, UINT8 without or when
+    unreadable; a named dtype is kept; the export records the dtype it used, never "auto"."""
+    import qwt.environment
+
+    monkeypatch.setattr(qwt.environment, "cpuinfo_field", lambda name: flags if name == "flags" else None)
+    assert resolve_weight_dtype() == resolve_weight_dtype("auto") == expected
+    assert [resolve_weight_dtype(d) for d in ("uint8", "int8")] == ["uint8", "int8"]
+    with pytest.raises(ValueError, match="unknown weight_dtype"):
+        resolve_weight_dtype("int4")
+    images = torch.empty(2, 16, 6, 6).uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(2))
+    path = export_onnx(_saturating_conv(images), images[:1], tmp_path / "auto.onnx", mode="w8a8")
+    assert weight_dtype_of(path) == expected
+    assert weight_dtype_of(export_onnx(_saturating_conv(images), images[:1], tmp_path / "sim.onnx")) is None
 
 
 def test_weight_dtype_changes_storage_not_values():
