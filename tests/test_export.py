@@ -13,7 +13,7 @@ from qwt.data.fashion_mnist import load_fashion_mnist, normalize
 from qwt.export import (OutputQuantized, calibrate_w8a8, export_onnx, fold_batchnorm, integer_nodes, qdq_view,
                         resolve_weight_dtype, run, session, weight_dtype_of)
 from qwt.export.w8a8 import set_integer_grids
-from qwt.compensation.channelwise import fold_channelwise
+from qwt.compensation.channelwise import ChannelAffine, fold_channelwise
 from qwt.ptq import calibrate
 from qwt.ptq.surgery import act_quantizer, weight_quantizer
 from qwt.quant.modules import QuantConv2d
@@ -247,7 +247,7 @@ def test_cli_reports_a_missing_saved_model_in_one_line(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path):
+def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path, changes_allowed):
     fp = _resnet18()
     calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     plain = calibrate_w8a8(fp, calib)
@@ -259,5 +259,31 @@ def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path):
     assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
     folded = copy.deepcopy(compensated)
     assert fold_channelwise(folded) == 8  # one conv per BasicBlock (conv2, inside its output quantiser)
+    # Each folded conv sits inside its 8-bit output quantiser, which absorbs the fold's rounding (Δ·g against
+    # g·dequantised weight, another GEMM order) unless a value lies within that rounding of a tie. So: an image
+    # whose codes at those quantisers all agree has bit-identical logits (the rest is the same computation on the
+    # same inputs); the images with a moved code are bounded via twice the one-ulp tie rate of those quantisers.
+    names = [n for n, m in compensated.named_modules() if isinstance(m, OutputQuantized)
+             and isinstance(m.layer, ChannelAffine)]
+    codes: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    ties = [0.0]
+
+    def tie_window(q, inputs, _output) -> None:  # as conftest's _one_ulp_tie_rate, for these quantisers only
+        t = inputs[0] / q.delta
+        code = torch.round(t) + q.zero_point
+        ties[0] += 2 * 2.0**-24 * float(t.abs()[(code >= 0) & (code <= q.levels - 1)].sum())
+
+    hooks = [compensated.get_submodule(n).output_quantizer.register_forward_hook(tie_window) for n in names]
+    for model in (compensated, folded):
+        hooks += [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: codes[n].append(o)) for n in names]
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        torch.testing.assert_close(folded(calib), compensated(calib), rtol=1e-5, atol=1e-5)
+        expected = compensated(images)
+        for h in hooks[:len(names)]:
+            h.remove()
+        got = folded(images)
+    for h in hooks:
+        h.remove()
+    moved = torch.stack([(a != b).flatten(1).any(1) for a, b in codes.values()]).any(0)
+    assert int(moved.sum()) <= changes_allowed(2 * ties[0], len(images))
+    assert torch.equal(got[~moved], expected[~moved])
