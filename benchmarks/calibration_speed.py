@@ -27,6 +27,7 @@ import torch
 from qwt import PTQConfig, QwTConfig, apply_qwt, create_model, get_model_entry, quantize
 from qwt.allocator import freed_memory_retained, release_freed_memory, retain_freed_memory
 from qwt.compensation import SOLVER_MODES
+from qwt.environment import kernel_libraries
 from qwt.utils import PhaseTimer
 
 _MIB = 2**20
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         "total_s": round(total, 3), "ratio_to_fp_forward": round(total / fp_forward, 2),
         "qwt_peak_mib": round(memory.peak_mib(), 1), "feature_mib": round(features, 1),
         "load_1min": round(os.getloadavg()[0], 2) if device.type == "cpu" else None,
-        "freed_memory_retained": freed_memory_retained(),
+        "freed_memory_retained": freed_memory_retained(), **kernel_libraries(),
     }
 
 

@@ -183,11 +183,12 @@ def _main(args: argparse.Namespace) -> int:
         run_vit(args, train, test, rows, blocks)
     if "efficientnet_lite0" in args.models:
         run_cnn(args, train, test, rows, blocks)
-    title = f"QwT main job: Fashion-MNIST, CPU, {args.solver} solver"
+    env = environment("cpu")
+    title = f"QwT main job: Fashion-MNIST, CPU ({env['cpu_capability']} kernels), {args.solver} solver"
     data = {"vit_test_images": len(test[0]), "cnn_test_images": min(args.cnn_test_images, len(test[0])),
             "calib_images": args.calib_images, "comp_images": args.comp_images, "probe_images": args.probe_images,
             "solver": args.solver}
-    markdown = write_report(rows, args.out, title, {"environment": environment("cpu"), "data": data})
+    markdown = write_report(rows, args.out, title, {"environment": env, "data": data})
     atomic_write(args.out / "blocks.json", json.dumps(blocks, indent=2) + "\n")
     print("\n" + markdown)
     print(f"wrote {args.out}/summary.json, table.md, chart.png, blocks.json  ({time.perf_counter() - start:.0f}s)")

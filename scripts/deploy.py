@@ -6,8 +6,8 @@ channel-wise compensation (folded into the weights), and simulation exports of W
 file size. ``vit_fmnist`` and ``efficientnet_lite0`` are the main job's models on Fashion-MNIST; DeiT-S and
 ResNet-50 have random weights (latency only; their calibration images are Gaussian noise).
 
-W8A8 weights are stored as UINT8 unless ``--weight-dtype int8`` (see :mod:`qwt.export.w8a8`); the choice and
-the CPU's integer-kernel flags are recorded with the results.
+W8A8 weights are stored as INT8 on CPUs with VNNI or AMX and as UINT8 elsewhere, unless ``--weight-dtype`` names
+one (see :mod:`qwt.export.w8a8`); the storage used and the CPU's flags are recorded with the results.
 
 Writes ``summary.json`` (rows + environment), ``table.md`` and ``chart.png`` to ``--out``.
 """
@@ -34,14 +34,10 @@ import qwt  # noqa: E402
 from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
 from qwt.cli import run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
-from qwt.environment import cpuinfo_field, environment as run_environment  # noqa: E402
-from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, run, session  # noqa: E402
+from qwt.environment import environment as run_environment, kernels_note  # noqa: E402
+from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, resolve_weight_dtype, run, session  # noqa: E402
 from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
-
-
-#: x86 flags that decide which integer GEMM onnxruntime runs (recorded with the results).
-INT8_CPU_FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni")
 
 
 @dataclass
@@ -66,11 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--comp-images", type=int, default=512, help="QwT images for the Fashion-MNIST models")
     p.add_argument("--random-comp-images", type=int, default=64, help="QwT images for DeiT-S / ResNet-50")
     p.add_argument("--cnn-test-images", type=int, default=2000, help="EfficientNet test subset, as the main job")
-    p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="uint8",
-                   help="how W8A8 exports store weights: uint8 runs onnxruntime's exact UINT8×UINT8 kernels on any "
-                        "CPU; int8 its faster UINT8×INT8 ones, which saturate on x86 CPUs without VNNI")
+    p.add_argument("--weight-dtype", choices=["auto", *WEIGHT_DTYPES], default="auto",
+                   help="how W8A8 exports store weights: int8 runs onnxruntime's fast UINT8×INT8 kernels (exact with "
+                        "VNNI/AMX, saturating on x86 CPUs without), uint8 its UINT8×UINT8 ones (exact on any CPU, "
+                        "slower); auto (default): int8 if this CPU has VNNI or AMX, else uint8")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.weight_dtype = resolve_weight_dtype(args.weight_dtype)  # recorded as what ran, never "auto"
+    return args
 
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
@@ -164,29 +163,30 @@ def measure(args: argparse.Namespace, work: Workload, folder: Path) -> list[dict
 
 
 def environment(args: argparse.Namespace) -> dict:
-    """The run's environment (qwt.environment) plus what decides onnxruntime's integer kernels."""
+    """The run's environment (qwt.environment, with the CPU flags that decide onnxruntime's integer kernels)
+    plus onnxruntime's settings."""
     import onnx
     import onnxruntime
 
-    flags = cpuinfo_field("flags")
-    # Whether INT8 weights would saturate in onnxruntime's x86 kernels (AVX2 / AVX-512 BW without VNNI do).
-    int8_flags = None if flags is None else [f for f in INT8_CPU_FLAGS if f in flags.split()]
-    return {**run_environment("cpu"), "cpu_int8_flags": int8_flags, "cpu_count": os.cpu_count(),
-            "ort_threads": args.threads, "w8a8_weight_dtype": args.weight_dtype, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+    return {**run_environment("cpu"), "cpu_count": os.cpu_count(), "ort_threads": args.threads,
+            "w8a8_weight_dtype": args.weight_dtype, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "platform": platform.platform()}
 
 
 def _cell(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], env: dict) -> str:
+    """The table, with a footnote naming the machine, its kernels and the W8A8 weight storage."""
     lines = ["| model | format | compensation | top1 | top1 (torch) | latency_ms_b1 | latency_ms_b32 | size_mb |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['format']} | {r['compensation']} | {_cell(r['top1'])} | "
                      f"{_cell(r['top1_torch'])} | {_cell(r['latency_ms_b1'])} | {_cell(r['latency_ms_b32'], 0)} | "
                      f"{_cell(r['size_mb'], 3)} |")
+    lines += ["", f"onnxruntime {env['onnxruntime']} on {env['cpu']}, {env['ort_threads']} threads; W8A8 weights "
+                  f"{env['w8a8_weight_dtype']}; {kernels_note(env)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     env["seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
-    table = markdown(rows)
+    table = markdown(rows, env)
     (args.out / "table.md").write_text(table)
     chart(rows, args.out / "chart.png")
     print("\n" + table)

@@ -1,4 +1,5 @@
-"""Channel-wise affine compensation: closed-form fit, and folding into the layers with an identical output."""
+"""Channel-wise affine compensation: closed-form fit, and folding into the layers (same codes, the same output up
+to rounding)."""
 from __future__ import annotations
 
 import copy
@@ -64,20 +65,47 @@ def test_channelwise_with_features_on_disk_is_identical(vit_w4a4, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_folding_gives_the_same_output_and_no_extra_parameters(vit_w4a4):
+def test_folding_gives_the_same_output_and_no_extra_parameters(vit_w4a4, agree_up_to_code_ties):
+    """What folding guarantees, on any CPU: the same weight codes, and each folded layer equal to layer·g + b up to
+    the rounding of its GEMM. Not bit-identical logits: Δ·g and g·(dequantised weight) round differently, and a
+    downstream 4-bit activation whose input sits within that rounding of a tie takes the neighbouring code (on
+    AVX2 and AVX-512 kernels 1-3 of 200 images move by up to 0.08)."""
     model, comp, test = vit_w4a4
     plain = copy.deepcopy(model)
     model = copy.deepcopy(model)
     qwt.apply_qwt(model, comp, qwt.QwTConfig(compensation="channelwise"), progress=False)
+    affines = {n: m for n, m in model.named_modules() if isinstance(m, ChannelAffine)}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [a.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n, a in affines.items()]
     with torch.no_grad():
         before = model(test)
-        assert fold_channelwise(model) == 12
-        after = model(test)
-    assert not any(isinstance(m, ChannelAffine) for m in model.modules())
-    # Same integer codes, scale and bias multiplied by g: equal up to FP rounding of g·Δ.
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert torch.equal(after.argmax(1), before.argmax(1))
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+        for h in hooks:
+            h.remove()
+        folded = copy.deepcopy(model)
+        assert fold_channelwise(folded) == 12
+        after = folded(test)
+    assert not any(isinstance(m, ChannelAffine) for m in folded.modules())
+    assert sum(p.numel() for p in folded.parameters()) == sum(p.numel() for p in plain.parameters())
+    with torch.no_grad():
+        for name, affine in affines.items():
+            layer, original = folded.get_submodule(name), affine.layer
+            q, q0 = layer.weight_quantizer, original.weight_quantizer
+            # Codes: W·g / (Δ·g) is W/Δ up to three roundings (≤ 2u·|W/Δ| ≤ 2u·8 code units at 4 bits), which move a
+            # code only that close to a tie: a code one step off is a ~1e-6 event; allow 1e-3 of them.
+            moved = torch.round(layer.weight / q.delta) - torch.round(original.weight / q0.delta)
+            assert moved.abs().max() <= 1 and (moved != 0).float().mean() <= 1e-3, name
+            x, expected = seen[name]
+            # Same codes and inputs; the GEMM sums K products in another order: |error| ≤ 2·γ_K·Σ|x||w|·|g| + rounding
+            # of the bias terms (γ_K ≈ K·u), the standard bound, with a factor 2 for the two computations.
+            xq, wq = original.input_quantizer(x), original.quantized_weight()
+            k = wq.shape[1]
+            bound = 4 * k * 2.0**-24 * ((xq.abs() @ wq.abs().T) * affine.gain.abs() + affine.shift.abs()
+                                 + (original.bias.abs() * affine.gain.abs() if original.bias is not None else 0))
+            assert ((layer(x) - expected).abs() <= bound + 1e-30).all(), name
+    # End to end, a statistical statement (see the fixture): the fold moves activations by about an ulp (the bound
+    # above), and a downstream code moves only where its input lies that close to a tie. The one-ulp estimate here
+    # is ≈ 0.06 codes per image; observed on AVX2 / AVX-512 kernels: 3 / 1 of 200 images changed.
+    agree_up_to_code_ties(folded, test[:8], after, before)
 
 
 def test_config_rejects_unknown_compensation():

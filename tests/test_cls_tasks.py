@@ -33,7 +33,8 @@ def test_end_to_end_record_is_complete(task, model, dataset, tmp_path):
     assert [r["method"] for r in rows] == ["fp", "ptq", "ptq+qwt"]
     saved = json.loads((tmp_path / f"{model}_W4A4_smoke.json").read_text())
     assert saved["rows"] == rows and saved["complete"] is True and saved["data"]["comp"] == 64
-    assert {"cpu", "threads", "torch", "timm", "device"} <= set(saved["environment"])
+    kernels = {"cpu_capability", "cpu_flags", "mkl", "onednn"}  # the instruction set behind the last digits
+    assert {"cpu", "threads", "torch", "timm", "device"} | kernels <= set(saved["environment"])
     for r in rows:
         assert {"model", "bits", "method", "top1", "calib_seconds"} <= set(r) and 0 <= r["top1"] <= 100
     assert rows[2]["size_mb"] > rows[1]["size_mb"] > 0
@@ -60,6 +61,8 @@ def test_reparameterization_keeps_fp_logits_per_family(model):
     reference = fp(images)
     q = qwt.quantize(copy.deepcopy(fp), images, qwt.PTQConfig())
     set_quant_state(q, weight=False, act=False)
+    # Quantisers off: the FP function with each LayerNorm's affine folded into the next Linear, i.e. other FP32
+    # sums; relative error of order √K·u ≈ 1e-6 on any CPU, not bit-identity.
     assert (q(images) - reference).norm() / reference.norm() <= 1e-5
 
 

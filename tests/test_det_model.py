@@ -114,7 +114,7 @@ def test_mmdet2_checkpoint_loads_and_patch_merging_matches_the_original(tmp_path
                                        old[prefix + "reduction.weight"])
     got, hw = target.backbone.stages[0].downsample(x, (8, 6))
     assert hw == (4, 3)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # permuted weights: same sums, other order
 
 
 def test_mmdet3_checkpoint_loads_as_is_and_mismatches_are_reported(tmp_path):
@@ -178,7 +178,7 @@ def test_quantised_window_attention_is_mmdet_window_msa_when_off():
     assert {k for k in quant.state_dict() if "quantizer" not in k} == keys
     assert isinstance(quant.matmul2.a_quantizer, LogSqrt2Quantizer)
     for got, want in zip([quant(x), quant(x, mask=mask)], expected):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # same maths, other op order: FP32 rounding
 
 
 def test_whole_detector_is_quantised_with_the_authors_map():
@@ -221,7 +221,7 @@ def test_calibration_covers_the_whole_detector_and_reparam_keeps_the_fp_function
     with quant_state(model, weight=False, act=False):
         after = model.backbone(images)
     for a, b in zip(before, after):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # exact in real arithmetic; FP32 rounding only
     assert all(m.input_quantizer.channel_axis is None for m in model.modules() if isinstance(m, QuantLinear))
     set_quant_state(model, weight=True, act=True)
     with torch.no_grad():

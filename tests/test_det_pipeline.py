@@ -107,6 +107,7 @@ def test_det_swin_smoke_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["rows"]
     assert summary["missing"] == [] and summary["environment"][0]["device"] == "cpu"
+    assert summary["environment"][0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     models = {"mask_rcnn_swin_t-smoke", "cascade_mask_rcnn_swin_t-smoke"}
     assert {r["model"] for r in rows} == models
     for model in models:

@@ -57,7 +57,7 @@ def test_reparameterization_keeps_fp_function(tiny_vit, images):
     assert len(touched) == 2 * len(tiny_vit.blocks)
     set_quant_state(tiny_vit, weight=False, act=False)
     out = tiny_vit(images)
-    assert (out - reference).norm() / reference.norm() <= 1e-5
+    assert (out - reference).norm() / reference.norm() <= 1e-5  # folded affines: other FP32 sums (≈ √K·u)
     # Post-reparameterisation quantisers: per tensor, fractional mean zero-point allowed; weights reset.
     qkv = tiny_vit.blocks[0].attn.qkv
     assert qkv.input_quantizer.delta.dim() == 0 and qkv.input_quantizer.channel_axis is None

@@ -32,7 +32,8 @@ def test_registered_model_honours_the_family_contract(name, tmp_path):
     config = qwt.PTQConfig(method=family.methods[0], w_bits=4, a_bits=4)
     model = qwt.quantize(copy.deepcopy(fp), images, config)
     with torch.no_grad(), qwt.quant_state(model, weight=False, act=False):
-        torch.testing.assert_close(model(images), reference, atol=1e-4, rtol=1e-4)  # reparameterisation is exact
+        # Reparameterisation is exact in real arithmetic; in FP32 the folded sums round differently (≪ 1e-4).
+        torch.testing.assert_close(model(images), reference, atol=1e-4, rtol=1e-4)
 
     plan = family.plan(model)
     with torch.no_grad():

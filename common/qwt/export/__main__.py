@@ -16,7 +16,7 @@ import torch
 
 from ..cli import run_cli
 from ..serialization import load_quantized
-from .w8a8 import WEIGHT_DTYPES
+from .w8a8 import WEIGHT_DTYPES, resolve_weight_dtype
 from .writer import export_onnx
 
 
@@ -30,14 +30,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", choices=["simulate", "w8a8"], default="simulate")
     p.add_argument("--fp16-compensation", action="store_true",
                    help="w8a8 only: keep the QwT product in FP16 (default FP32, faster on CPUs)")
-    p.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="uint8",
-                   help="w8a8 only: store weights as UINT8 (exact on any CPU) or INT8 (faster kernels, but they "
-                        "saturate on x86 CPUs without VNNI)")
+    p.add_argument("--weight-dtype", choices=["auto", *WEIGHT_DTYPES], default="auto",
+                   help="w8a8 only: store weights as INT8 (fast, exact with VNNI/AMX, saturating on x86 CPUs "
+                        "without) or UINT8 (exact on any CPU, slower); auto (default): INT8 if this CPU has VNNI "
+                        "or AMX, else UINT8. Name it when the file is for another machine")
     args = p.parse_args(argv)
+    weight_dtype = resolve_weight_dtype(args.weight_dtype)
     model = load_quantized(args.saved)
     path = export_onnx(model, torch.zeros(1, *args.input_shape), args.out, args.mode, args.fp16_compensation,
-                       args.weight_dtype)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, {args.mode})")
+                       weight_dtype)
+    storage = f", {weight_dtype} weights" if args.mode == "w8a8" else ""
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, {args.mode}{storage})")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ DequantizeLinear pairs.
 The symmetric weight codes −128..127 can be stored two ways (:data:`WEIGHT_DTYPES`), which select different
 onnxruntime CPU kernels for the same arithmetic. ``int8`` selects the UINT8×INT8 kernels; on x86 CPUs without
 VNNI they multiply with ``vpmaddubsw``, which adds each pair of products into a saturating 16-bit integer, and
-2·255·127 > 32767: large activation codes times large weight codes come out clipped. ``uint8`` (codes + 128,
-zero point 128) selects the UINT8×UINT8 kernels, which widen both operands to 16 bits before multiplying and
-so do not saturate (checked on AVX2), at some cost in speed. The default is ``uint8``, so onnxruntime
-computes what the QDQ view computes without depending on the CPU's instruction set; ``int8`` is for CPUs with
-VNNI, whose instruction adds the products in 32 bits.
+2·255·127 > 32767: large activation codes times large weight codes come out clipped. With VNNI (AVX-512 VNNI,
+AVX-VNNI) or AMX the products are added in 32 bits: exact, and about twice as fast as ``uint8``. ``uint8``
+(codes + 128, zero point 128) selects the UINT8×UINT8 kernels, which widen both operands to 16 bits before
+multiplying and so do not saturate on any CPU, at some cost in speed. The default ``auto``
+(:func:`resolve_weight_dtype`) picks ``int8`` where this machine has VNNI or AMX and ``uint8`` elsewhere; name
+the dtype explicitly when the file is for another machine.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ..compensation.modules import Compensated
+from ..environment import cpu_flags
 from ..family import Family, family_of, get_family
 from ..ptq import PTQConfig, calibrate
 from ..ptq.surgery import act_quantizer, quantize_modules
@@ -36,9 +38,20 @@ from ..quant.quantizers import Quantizer, UniformQuantizer
 
 W8A8 = PTQConfig(method="percentile", w_bits=8, a_bits=8)
 _ACT_RANGE = (0, 255)
-WeightDtype = Literal["uint8", "int8"]
+WeightDtype = Literal["auto", "uint8", "int8"]
 #: Storage of the symmetric 8-bit weight codes: (code range, zero point). Same values, different kernels.
 WEIGHT_DTYPES: dict[str, tuple[tuple[int, int], int]] = {"uint8": ((0, 255), 128), "int8": ((-128, 127), 0)}
+#: CPU flags whose INT8 dot products add in 32 bits, so that UINT8×INT8 kernels do not saturate.
+INT8_EXACT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def resolve_weight_dtype(weight_dtype: str = "auto") -> str:
+    """``uint8`` or ``int8``: ``auto`` becomes ``int8`` where this CPU has VNNI or AMX, else ``uint8``."""
+    if weight_dtype != "auto" and weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose auto, {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype != "auto":
+        return weight_dtype
+    return "int8" if set(cpu_flags() or ()) & set(INT8_EXACT_FLAGS) else "uint8"
 
 
 class OutputQuantized(nn.Module, QuantModule):
@@ -185,14 +198,13 @@ def _check(q: Quantizer, where: str, weight: bool) -> None:
 
 @contextmanager
 def qdq_view(model: nn.Module, compensation_half: bool = False,
-             weight_dtype: WeightDtype = "uint8") -> Iterator[nn.Module]:
+             weight_dtype: WeightDtype = "auto") -> Iterator[nn.Module]:
     """Swap every quantiser for its QDQ equivalent (and set the compensation precision) while inside.
 
     ``weight_dtype`` only chooses how the weight codes are stored (see the module docstring): the view
     computes the same values with either.
     """
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
+    weight_dtype = resolve_weight_dtype(weight_dtype)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     moved_pads: list[QuantConv2d] = []
     halves = [(m, m.fp16_eval) for m in model.modules() if isinstance(m, Compensated)]

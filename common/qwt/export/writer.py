@@ -3,8 +3,9 @@
 Two formats. ``simulate`` traces the fake-quant model as it is: every quantiser becomes standard elementwise
 ops (Div, Round, Add, Clip, Sub, Mul; Log, Pow, Where for log-√2), which reproduce any bit width, fractional
 zero points and the log-√2 grid, but compute in FP32. ``w8a8`` traces the model's QDQ view (see
-:mod:`qwt.export.w8a8`) and stores the weights as 8-bit integer initializers (UINT8 by default, INT8 on
-request), so onnxruntime fuses the pairs into integer kernels. The ONNX file is a protobuf: tensors and graph
+:mod:`qwt.export.w8a8`) and stores the weights as 8-bit integer initializers (INT8 on CPUs with VNNI or AMX,
+UINT8 elsewhere, unless named), so onnxruntime fuses the pairs into integer kernels; the file's metadata
+``qwt.weight_dtype`` names the storage chosen. The ONNX file is a protobuf: tensors and graph
 only, nothing executable, no pickle.
 """
 from __future__ import annotations
@@ -22,17 +23,19 @@ from torch import nn
 from ..compensation.channelwise import ChannelAffine, fold_channelwise
 from ..quant.modules import quant_modules
 from ._deps import require
-from .w8a8 import WeightDtype, qdq_view
+from .w8a8 import WeightDtype, qdq_view, resolve_weight_dtype
 
 Mode = Literal["simulate", "w8a8"]
 OPSET = 17
+#: ONNX metadata key naming the W8A8 weight storage of an exported file.
+WEIGHT_DTYPE_KEY = "qwt.weight_dtype"
 #: Nodes that mean a MatMul/Conv runs on integers in onnxruntime's optimised graph.
 INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv", "ConvInteger",
                "QGemm", "DynamicQuantizeMatMul")
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode: Mode = "simulate",
-                compensation_half: bool = False, weight_dtype: WeightDtype = "uint8") -> Path:
+                compensation_half: bool = False, weight_dtype: WeightDtype = "auto") -> Path:
     """Export ``model`` (quantised, maybe compensated) to ``path`` with a dynamic batch axis.
 
     Channel-wise compensation is folded into a copy of the model first, so it adds no node.
@@ -40,10 +43,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
     ``compensation_half`` and ``weight_dtype`` apply to ``w8a8`` only (simulation keeps the model's own
     setting): onnxruntime's CPU provider has no fast FP16 GEMM, so the compensation defaults to an FP32
     MatMul/Conv there. ``weight_dtype="int8"`` selects onnxruntime's faster UINT8×INT8 kernels, which saturate
-    on x86 CPUs without VNNI (see :mod:`qwt.export.w8a8`); the default ``uint8`` does not.
+    on x86 CPUs without VNNI, ``uint8`` kernels that do not (see :mod:`qwt.export.w8a8`); the default ``auto``
+    picks for this machine. The storage used is written into the file's metadata (:data:`WEIGHT_DTYPE_KEY`).
     """
     if mode not in ("simulate", "w8a8"):
         raise ValueError(f"unknown export mode {mode!r}; choose 'simulate' or 'w8a8'")
+    weight_dtype = resolve_weight_dtype(weight_dtype)
     onnx = require("onnx")
     if any(isinstance(m, ChannelAffine) for m in model.modules()):
         model = copy.deepcopy(model)
@@ -61,6 +66,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
     proto = onnx.load(str(path))
     if mode == "w8a8":
         _store_integer_weights(proto)
+        onnx.helper.set_model_props(proto, {WEIGHT_DTYPE_KEY: weight_dtype})
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
@@ -147,6 +153,12 @@ def run(sess, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     """Logits of ``images`` through an onnxruntime session, batch by batch."""
     name = sess.get_inputs()[0].name
     return torch.cat([torch.from_numpy(sess.run(None, {name: x.numpy()})[0]) for x in images.split(batch_size)])
+
+
+def weight_dtype_of(path: str | Path) -> str | None:
+    """The W8A8 weight storage recorded in an exported file (None for a simulation export)."""
+    props = {p.key: p.value for p in require("onnx").load(str(path), load_external_data=False).metadata_props}
+    return props.get(WEIGHT_DTYPE_KEY)
 
 
 def integer_nodes(optimized_path: str | Path) -> Counter:
