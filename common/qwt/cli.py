@@ -111,10 +111,11 @@ LOCK_FILE = ".qwt-run.lock"
 @contextmanager
 def hold_output_dir(path: Path, flag: str) -> Iterator[Path]:
     """Hold ``path`` for one run: a second run with the same folder is refused (with the holder's pid) instead of
-    overwriting its records as it goes. The folder is created here; the lock is an ``flock`` on
-    :data:`LOCK_FILE`, released by the OS when the process ends however it ends. A run started by the process that
-    holds the folder (the table runner's children) shares its hold."""
+    overwriting its records as it goes. The lock is an ``flock`` on :data:`LOCK_FILE`, released by the OS when
+    the process ends however it ends. A run started by the process that holds the folder (the table runner's
+    children) shares its hold. Folders created here are removed again if the run wrote nothing into them."""
     path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -130,9 +131,17 @@ def hold_output_dir(path: Path, flag: str) -> Iterator[Path]:
             if pid != str(os.getppid()):
                 raise InputError(f"{flag} {path} is in use by another run (pid {pid or 'unknown'}: {command}); wait "
                                  f"for it to finish or pass another {flag}") from None
+            created = []  # the holder's folder
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)[:200]}\n".encode(), 0)
         yield path
     finally:
+        if created and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+            (path / LOCK_FILE).unlink()
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         os.close(fd)
