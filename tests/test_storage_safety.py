@@ -132,3 +132,36 @@ def test_a_symlinked_lock_file_is_not_followed(tmp_path):
         with hold_output_dir(tmp_path / "out", "--out"):
             pass
     assert (tmp_path / "victim").read_text() == "keep"
+
+
+def _main_refusal(argv, capsys) -> str:
+    from qwt.tasks.classification import main
+
+    code = main("vit", "", ["--model", "deit_tiny", "--smoke", "--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_main_refuses_a_symlinked_save_before_the_run(tmp_path, capsys):
+    # Before: --save pointing at a symlink to an earlier save failed after the whole run (record incomplete).
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "earlier")
+    err = _main_refusal(["--save", str(tmp_path / "link"), "--out", str(tmp_path / "out")], capsys)
+    assert "is a symbolic link" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("save", ["{out}", "{tmp}"])
+def test_main_refuses_a_save_folder_that_would_hold_the_records(tmp_path, capsys, save):
+    out = tmp_path / "out"
+    err = _main_refusal(["--save", save.format(out=out, tmp=tmp_path), "--out", str(out)], capsys)
+    assert "pass a --save outside --out" in err or "files a save did not write" in err
+    assert not out.exists()
+
+
+def test_main_refuses_a_save_folder_with_foreign_files(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "qwt.json").write_text("{}")
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    err = _main_refusal(["--save", str(tmp_path / "m"), "--out", str(tmp_path / "out")], capsys)
+    assert "files a save did not write (notes.txt)" in err and (tmp_path / "m" / "notes.txt").exists()

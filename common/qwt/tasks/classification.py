@@ -125,6 +125,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
     check_writable_dir(args.out, "--out")
     if args.save is not None:
         check_save_target(check_writable_dir(args.save, "--save"))
+        save, out = Path(os.path.abspath(args.save)), Path(os.path.abspath(args.out))
+        if save == out or save in out.parents:
+            raise InputError(f"--save {args.save} would hold the run's records (--out {args.out}), and a save "
+                             "replaces only a folder holding a previous save; pass a --save outside --out")
 
 
 def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
