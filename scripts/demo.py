@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qwt import PTQConfig, QwTConfig, create_model  # noqa: E402
-from qwt.cli import check_writable_dir, positive_int, run_cli  # noqa: E402
+from qwt.cli import check_writable_dir, hold_output_dir, positive_int, run_cli  # noqa: E402
 from qwt.compensation import SOLVER_MODES  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment  # noqa: E402
@@ -171,6 +171,11 @@ def _main(args: argparse.Namespace) -> int:
     check_writable_dir(args.out, "--out")
     for tag in args.vit_bits + args.cnn_bits:
         bits_config(tag, "repq_vit")  # a bad setting fails now, not after the first model's runs
+    with hold_output_dir(args.out, "--out"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)

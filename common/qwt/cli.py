@@ -7,11 +7,14 @@ traceback, and SIGTERM unwinds like Ctrl-C (temporary folders removed, child run
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +102,46 @@ def check_writable_dir(path: Path, flag: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: {existing} is not writable")
     return path
+
+
+#: The lock file a run creates in its output folder; it stays there (removing it would race with the next run).
+LOCK_FILE = ".qwt-run.lock"
+
+
+@contextmanager
+def hold_output_dir(path: Path, flag: str) -> Iterator[Path]:
+    """Hold ``path`` for one run: a second run with the same folder is refused (with the holder's pid) instead of
+    overwriting its records as it goes. The lock is an ``flock`` on :data:`LOCK_FILE`, released by the OS when
+    the process ends however it ends. A run started by the process that holds the folder (the table runner's
+    children) shares its hold. Folders created here are removed again if the run wrote nothing into them."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot create the lock file {path / LOCK_FILE} ({err.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            pid, _, command = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
+            if pid != str(os.getppid()):
+                raise InputError(f"{flag} {path} is in use by another run (pid {pid or 'unknown'}: {command}); wait "
+                                 f"for it to finish or pass another {flag}") from None
+            created = []  # the holder's folder
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)[:200]}\n".encode(), 0)
+        yield path
+    finally:
+        if created and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+            (path / LOCK_FILE).unlink()
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        os.close(fd)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,32 @@ def bar_chart(rows: Sequence[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Read once at import (``os.umask`` can only be read by setting it): a result file gets the permissions a plain
+#: ``open`` would give it, not ``mkstemp``'s owner-only 0600.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written result."""
+    """Write via a temporary file and rename, so a crash never leaves a half-written result and a reader never
+    sees one. The temporary name is unique per writer: two writers of one path never share (and steal) a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 #: Flags that do not change a run's numbers (where it writes, how it loads, what it prints) or that name the run

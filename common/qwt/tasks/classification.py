@@ -10,6 +10,7 @@ all-reduced, so every rank solves the same system as a single process would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from ..cli import check_device, check_writable_dir, positive_int, run_cli
+from ..cli import check_device, check_writable_dir, hold_output_dir, positive_int, run_cli
 from ..compensation import BlockReport, QwTConfig
 from ..data.imagenet import QwTLoaders, SeededSubset, make_loaders
 from ..data.synthetic import write_class_folders
@@ -124,6 +125,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
     check_writable_dir(args.out, "--out")
     if args.save is not None:
         check_save_target(check_writable_dir(args.save, "--save"))
+        save, out = Path(os.path.abspath(args.save)), Path(os.path.abspath(args.out))
+        if save == out or save in out.parents:
+            raise InputError(f"--save {args.save} would hold the run's records (--out {args.out}), and a save "
+                             "replaces only a folder holding a previous save; pass a --save outside --out")
 
 
 def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
@@ -131,6 +136,14 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
     entry = get_model_entry(args.model)
     ptq_cfg, qwt_cfg = ptq_config(args, entry.family), qwt_config(args)
     check_qwt_config(qwt_cfg)
+    # Only rank 0 writes the record (torchrun sets RANK before the process group exists).
+    writer = int(os.environ.get("RANK", "0")) == 0
+    with hold_output_dir(args.out, "--out") if writer else contextlib.nullcontext():
+        return _distributed_run(args, entry, ptq_cfg, qwt_cfg)
+
+
+def _distributed_run(args: argparse.Namespace, entry: ModelEntry, ptq_cfg: PTQConfig,
+                     qwt_cfg: QwTConfig) -> list[dict[str, Any]]:
     rank, world = _init_distributed(args.device)
     seed_everything(args.seed)
     pre = entry.preprocessing

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli import check_writable_dir, run_cli
+from ..cli import check_writable_dir, hold_output_dir, run_cli
 from ..errors import InputError
 from ..report import Row, _fmt, atomic_write, bar_chart, collect_records, markdown_table, resume_plan
 
@@ -129,13 +129,14 @@ def _reproduce(table: Table, args: argparse.Namespace, extra: list[str]) -> int:
                                *extra, *(["--skip-fp"] if i else [])])
     parse, stem = _task_parser(table.parser)
     todo, stems, config = resume_plan(out, flag_lists, parse, stem)
-    for flags, _ in todo:
-        cmd = [sys.executable, str(table.folder / "main.py"), *flags]
-        print("+", " ".join(cmd), flush=True)
-        code = run_child(cmd)
-        if code != 0:
-            return code
-    return assemble(out, stems, config, table)
+    with hold_output_dir(out, "--out"):  # held for the children too: they are started by this process
+        for flags, _ in todo:
+            cmd = [sys.executable, str(table.folder / "main.py"), *flags]
+            print("+", " ".join(cmd), flush=True)
+            code = run_child(cmd)
+            if code != 0:
+                return code
+        return assemble(out, stems, config, table)
 
 
 def comparison(rows: Sequence[Row], paper: dict[str, Any], metrics: Sequence[Metric]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ...api import apply_qwt, quantize
-from ...cli import check_device, check_writable_dir, positive_int, run_cli
+from ...cli import check_device, check_writable_dir, hold_output_dir, positive_int, run_cli
 from ...environment import environment
 from ...errors import InputError
 from ...experiment import check_qwt_config, compensated_blocks
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     check_writable_dir(args.out, "--out")
     check_qwt_config(qwt_config(args))
     seed_everything(args.seed)
-    with tempfile.TemporaryDirectory(prefix="qwt-det-smoke-") as tmp:
+    with hold_output_dir(args.out, "--out"), tempfile.TemporaryDirectory(prefix="qwt-det-smoke-") as tmp:
         classes = CLASSES if args.smoke else None
         root = args.coco_root or write_coco(tmp)
         return _run(args, root, classes)
