@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .ptq.config import bit_tag
+
 Row = dict[str, Any]
 METHODS = ("fp", "ptq", "ptq+qwt", "ptq+qwt*")
 
@@ -101,7 +103,7 @@ def config_hash(args: Any) -> str:
 
 def run_key(args: Any) -> dict[str, Any]:
     """What one record is a run of: model, bit widths and the weights file."""
-    return {"model": args.model, "bits": f"W{args.w_bits}A{args.a_bits}",
+    return {"model": args.model, "bits": bit_tag(args.w_bits, args.a_bits, args.conv_act_bits),
             "checkpoint": None if args.checkpoint is None else str(args.checkpoint)}
 
 

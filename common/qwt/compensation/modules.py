@@ -16,7 +16,8 @@ from torch import nn
 
 
 class Compensated(nn.Module):
-    """Wraps a block; ``comp_weight`` counts 16 bits in the size accounting, ``comp_bias`` 32."""
+    """Wraps a block; ``comp_weight`` counts 16 bits in the size accounting when ``fp16_eval`` (32 otherwise),
+    ``comp_bias`` 32."""
 
     def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, fp16_eval: bool = True) -> None:
         super().__init__()

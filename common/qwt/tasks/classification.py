@@ -37,6 +37,7 @@ from ..finetune import FinetuneConfig, ShardedBatches, finetune
 from ..models import ModelEntry, get_model_entry, list_models
 from ..models.checkpoint import check_checkpoint
 from ..ptq import PTQConfig
+from ..ptq.config import bit_tag
 from ..report import atomic_write, markdown_table, write_run
 from ..serialization import check_save_target, save_quantized
 from ..utils import seed_everything
@@ -113,7 +114,8 @@ def run_label(args: argparse.Namespace) -> str:
 def run_stem(args: argparse.Namespace) -> str:
     """File stem of a run's record: ``OUT/<stem>.json``."""
     subset = f"_val{args.val_limit}" if args.val_limit else ""
-    return f"{args.model}_W{args.w_bits}A{args.a_bits}{'_smoke' if args.smoke else ''}{subset}"
+    bits = bit_tag(args.w_bits, args.a_bits, args.conv_act_bits)
+    return f"{args.model}_{bits}{'_smoke' if args.smoke else ''}{subset}"
 
 
 def _check_inputs(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from ...environment import environment
 from ...errors import InputError
 from ...experiment import check_qwt_config, compensated_blocks
 from ...models.checkpoint import check_checkpoint
+from ...ptq.config import bit_tag
 from ...report import write_run
 from ...utils import PhaseTimer, seed_everything
 from ..cli import DETECTION, add_quant_flags, ptq_config, qwt_config
@@ -70,7 +71,7 @@ def run_label(args: argparse.Namespace) -> str:
 
 def run_stem(args: argparse.Namespace) -> str:
     """File stem of a run's record: ``OUT/<stem>.json``."""
-    return f"{run_label(args)}_W{args.w_bits}A{args.a_bits}"
+    return f"{run_label(args)}_{bit_tag(args.w_bits, args.a_bits, args.conv_act_bits)}"
 
 
 def run(args: argparse.Namespace) -> list[Row]:
