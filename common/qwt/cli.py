@@ -72,17 +72,17 @@ def finite_float(text: str) -> float:
     return value
 
 
-def check_device(device: str) -> str:
+def check_device(device: str, flag: str = "--device") -> str:
     """Refuse a CUDA device that this machine does not have, before anything is built."""
     try:
         parsed = torch.device(device)
     except RuntimeError as err:
-        raise InputError(f"--device {device!r}: {err}") from None
+        raise InputError(f"{flag} {device!r}: {err}") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+            raise InputError(f"{flag} {device}: no CUDA GPU is available here; use {flag} cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise InputError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 

@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import mmdet
+import mmengine
 import torch
 
 from ...api import apply_qwt, quantize
@@ -104,8 +106,9 @@ def _run(args: argparse.Namespace, root: Path, classes: tuple[str, ...] | None) 
                            limit=args.val_limit)
     val = loader(val_set, 1, args.workers)
     ptq_cfg = ptq_config(args, MMDET_SWIN)
+    MMDET_SWIN.layer_rule(model, ptq_cfg)  # refuses settings the family does not take, before the FP evaluation
     label = run_label(args)
-    env = environment(args.device)
+    env = {**environment(args.device), "mmdet": mmdet.__version__, "mmengine": mmengine.__version__}
     data = {"val_images": len(val_set), "comp_images": comp_images}
     details: dict[str, Any] = {"checkpoint_layout": layout, "comp_images": comp_images, "ptq": ptq_cfg.to_dict(),
                                "qwt": asdict(qwt_cfg)}
