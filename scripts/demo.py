@@ -150,11 +150,17 @@ def run_cnn(args: argparse.Namespace, train: tuple, test: tuple, rows: list, blo
     fp.classifier = fit_linear_probe(fp, cnn_input(train[0][probe_idx], size), train[1][probe_idx],
                                      args.batch_size)
     print(f"[{name}] linear probe on {args.probe_images} images: {time.perf_counter() - t0:.1f}s", flush=True)
-    n_test = min(args.cnn_test_images, len(test[0]))
-    run_model(args, f"{name}@{size}px", fp, cnn_input(train[0][calib_idx], size),
+    n_test = cnn_test_count(args, test)
+    subset = f"-test{n_test}" if n_test < len(test[0]) else ""  # a subset never passes for the full test set
+    run_model(args, f"{name}@{size}px{subset}", fp, cnn_input(train[0][calib_idx], size),
               cnn_input(train[0][comp_idx], size), tensor_batches(cnn_input(test[0][:n_test], size),
                                                                   test[1][:n_test], args.batch_size),
               "percentile", args.cnn_bits, rows, blocks)
+
+
+def cnn_test_count(args: argparse.Namespace, test: tuple) -> int:
+    """How many test images the CNN is evaluated on: the first ``--cnn-test-images``, at most all of them."""
+    return min(args.cnn_test_images, len(test[0]))
 
 
 def _log(rows: list) -> None:
@@ -184,9 +190,11 @@ def _main(args: argparse.Namespace) -> int:
     if "efficientnet_lite0" in args.models:
         run_cnn(args, train, test, rows, blocks)
     title = f"QwT main job: Fashion-MNIST, CPU, {args.solver} solver"
-    data = {"vit_test_images": len(test[0]), "cnn_test_images": min(args.cnn_test_images, len(test[0])),
-            "calib_images": args.calib_images, "comp_images": args.comp_images, "probe_images": args.probe_images,
-            "solver": args.solver}
+    data = {"calib_images": args.calib_images, "comp_images": args.comp_images, "solver": args.solver}
+    if "vit_fmnist" in args.models:
+        data["vit_test_images"] = len(test[0])
+    if "efficientnet_lite0" in args.models:  # only what ran is recorded
+        data.update(cnn_test_images=cnn_test_count(args, test), probe_images=args.probe_images)
     markdown = write_report(rows, args.out, title, {"environment": environment("cpu"), "data": data})
     atomic_write(args.out / "blocks.json", json.dumps(blocks, indent=2) + "\n")
     print("\n" + markdown)

@@ -31,11 +31,13 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_cli(fn: Callable[..., Any], *args: Any) -> int:
+def run_cli(fn: Callable[..., Any], *args: Any, retain_memory: bool = True) -> int:
     """Call ``fn(*args)``; input errors → one line on stderr and exit status 2, SIGTERM/SIGINT → 130 after
     ``finally`` blocks and context managers have cleaned up. Returns ``fn``'s int result, else 0. Turns on
-    :func:`qwt.allocator.retain_freed_memory` first (faster calibration, same results)."""
-    retain_freed_memory()
+    :func:`qwt.allocator.retain_freed_memory` first (faster calibration, same results) unless ``retain_memory``
+    is False (a benchmark of the allocator's default)."""
+    if retain_memory:
+        retain_freed_memory()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         result = fn(*args)

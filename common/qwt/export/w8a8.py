@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..compensation.modules import Compensated
+from ..compensation.modules import compensation_precision
 from ..family import Family, family_of, get_family
 from ..ptq import PTQConfig, calibrate
 from ..ptq.surgery import act_quantizer, quantize_modules
@@ -195,7 +195,6 @@ def qdq_view(model: nn.Module, compensation_half: bool = False,
         raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     moved_pads: list[QuantConv2d] = []
-    halves = [(m, m.fp16_eval) for m in model.modules() if isinstance(m, Compensated)]
     try:
         for name, module in list(quant_modules(model)):
             weights = {id(q) for q in module.weight_quantizers()}
@@ -210,13 +209,10 @@ def qdq_view(model: nn.Module, compensation_half: bool = False,
                     moved_pads.append(module)
                 setattr(module, attr, qdq)
                 swapped.append((module, attr, q))
-        for m, _ in halves:
-            m.fp16_eval = compensation_half
-        yield model
+        with compensation_precision(model, compensation_half):
+            yield model
     finally:
         for module, attr, q in swapped:
             setattr(module, attr, q)
-        for m, half in halves:
-            m.fp16_eval = half
         for conv in moved_pads:
             conv.same_pad = True
