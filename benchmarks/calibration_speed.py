@@ -19,15 +19,18 @@ import copy
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from qwt import PTQConfig, QwTConfig, apply_qwt, create_model, get_model_entry, quantize
-from qwt.allocator import freed_memory_retained, release_freed_memory, retain_freed_memory
+from qwt.allocator import freed_memory_retained, release_freed_memory
+from qwt.cli import check_device, positive_int, run_cli
 from qwt.compensation import SOLVER_MODES
-from qwt.environment import kernel_libraries
+from qwt.compensation.features import DISK
+from qwt.environment import environment
 from qwt.utils import PhaseTimer
 
 _MIB = 2**20
@@ -87,12 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deit_small", help="an ImageNet model of the registry (RGB 224×224 input)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
-    p.add_argument("--calib-images", type=int, default=32)
-    p.add_argument("--comp-images", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--calib-images", type=positive_int, default=32)
+    p.add_argument("--comp-images", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--solver", choices=SOLVER_MODES, default="streaming")
     p.add_argument("--feature-device", default=None,
                    help="where QwT keeps block features between blocks: a device (e.g. cpu for a GPU run) or disk; "
@@ -105,13 +108,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Time every phase and return the figures (also the JSON line :func:`main` prints)."""
+    """Time every phase and return the figures (also the JSON line :func:`main` prints). Every input is checked
+    before the first timing."""
+    check_device(args.device)
+    if args.feature_device not in (None, DISK):
+        check_device(args.feature_device, "--feature-device")
+    entry = get_model_entry(args.model)
+    ptq_config = PTQConfig(method=entry.family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits)
+    qwt_config = QwTConfig(solver=args.solver, feature_device=args.feature_device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.fresh_pages:
-        retain_freed_memory()  # before the FP forward too: every phase runs with the same allocator
     device = torch.device(args.device)
-    entry = get_model_entry(args.model)
     torch.manual_seed(0)
     model = create_model(args.model, pretrained=False, **({"smoke": True} if args.smoke else {})).to(device).eval()
     size = 32 if args.smoke else 224
@@ -124,15 +131,13 @@ def run(args: argparse.Namespace) -> dict:
     fp_runs = [fp_forward_seconds(fp_model, (calib, comp), args.batch_size)]
 
     timer = PhaseTimer()
-    quantize(model, calib, PTQConfig(method=entry.family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits),
-             on_phase=timer)
+    quantize(model, calib, ptq_config, on_phase=timer)
     ptq = timer.total
     memory = PeakMemory(device)
     release_freed_memory()  # the baseline is the memory in use, not what earlier phases left for reuse
     memory.start()
     timer.restart()
-    apply_qwt(model, comp, QwTConfig(solver=args.solver, feature_device=args.feature_device),
-              batch_size=args.batch_size, progress=False)
+    apply_qwt(model, comp, qwt_config, batch_size=args.batch_size, progress=False)
     qwt_s = timer("qwt")
     total = timer.total
     # Measured again after calibration: on a shared machine the speed drifts over minutes, and the mean of a
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": args.model + ("-smoke" if args.smoke else ""), "device": name, "threads": torch.get_num_threads(),
         "images": args.calib_images + args.comp_images, "calib_images": args.calib_images,
-        "comp_images": args.comp_images, "bits": f"W{args.w_bits}A{args.a_bits}", "solver": args.solver,
+        "comp_images": args.comp_images, "bits": ptq_config.tag, "solver": args.solver,
         "feature_device": args.feature_device or args.device,
         "calibrate_s": round(timer.phases["calibrate"], 3),
         "reparameterize_s": round(timer.phases.get("reparameterize+recalibrate", 0.0), 3),
@@ -152,12 +157,20 @@ def run(args: argparse.Namespace) -> dict:
         "total_s": round(total, 3), "ratio_to_fp_forward": round(total / fp_forward, 2),
         "qwt_peak_mib": round(memory.peak_mib(), 1), "feature_mib": round(features, 1),
         "load_1min": round(os.getloadavg()[0], 2) if device.type == "cpu" else None,
-        "freed_memory_retained": freed_memory_retained(), **kernel_libraries(),
+        "freed_memory_retained": freed_memory_retained(), "environment": environment(args.device),
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    figures = run(parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    """Runs through :func:`qwt.cli.run_cli` (a bad input: one line, exit status 2), which also switches the
+    allocator setting on (before the FP forward too: every phase runs with the same allocator) unless
+    ``--fresh-pages``."""
+    args = parse_args(argv)
+    return run_cli(_report, args, retain_memory=not args.fresh_pages)
+
+
+def _report(args: argparse.Namespace) -> None:
+    figures = run(args)
     print(f"{figures['model']} {figures['bits']} on {figures['device']} ({figures['threads']} threads), "
           f"{figures['calib_images']} calibration + {figures['comp_images']} compensation images")
     for key in ("calibrate_s", "reparameterize_s", "qwt_s", "total_s", "fp_forward_s"):
@@ -167,4 +180,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

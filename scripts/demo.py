@@ -150,11 +150,33 @@ def run_cnn(args: argparse.Namespace, train: tuple, test: tuple, rows: list, blo
     fp.classifier = fit_linear_probe(fp, cnn_input(train[0][probe_idx], size), train[1][probe_idx],
                                      args.batch_size)
     print(f"[{name}] linear probe on {args.probe_images} images: {time.perf_counter() - t0:.1f}s", flush=True)
-    n_test = min(args.cnn_test_images, len(test[0]))
-    run_model(args, f"{name}@{size}px", fp, cnn_input(train[0][calib_idx], size),
+    n_test = cnn_test_count(args, test)
+    run_model(args, cnn_label(args, test), fp, cnn_input(train[0][calib_idx], size),
               cnn_input(train[0][comp_idx], size), tensor_batches(cnn_input(test[0][:n_test], size),
                                                                   test[1][:n_test], args.batch_size),
               "percentile", args.cnn_bits, rows, blocks)
+
+
+def cnn_test_count(args: argparse.Namespace, test: tuple) -> int:
+    """How many test images the CNN is evaluated on: the first ``--cnn-test-images``, at most all of them."""
+    return min(args.cnn_test_images, len(test[0]))
+
+
+def cnn_label(args: argparse.Namespace, test: tuple) -> str:
+    """The CNN's row label: its input resolution, and ``-testN`` when it is evaluated on a subset (so a subset
+    never passes for a full test-set result)."""
+    n_test = cnn_test_count(args, test)
+    return f"efficientnet_lite0@{args.cnn_resolution}px" + (f"-test{n_test}" if n_test < len(test[0]) else "")
+
+
+def run_data(args: argparse.Namespace, test: tuple) -> dict:
+    """The image counts and solver of the run, for the models that ran only."""
+    data = {"calib_images": args.calib_images, "comp_images": args.comp_images, "solver": args.solver}
+    if "vit_fmnist" in args.models:
+        data["vit_test_images"] = len(test[0])
+    if "efficientnet_lite0" in args.models:
+        data.update(cnn_test_images=cnn_test_count(args, test), probe_images=args.probe_images)
+    return data
 
 
 def _log(rows: list) -> None:
@@ -190,10 +212,8 @@ def _run(args: argparse.Namespace) -> int:
         run_cnn(args, train, test, rows, blocks)
     env = environment("cpu")
     title = f"QwT main job: Fashion-MNIST, CPU ({env['cpu_capability']} kernels), {args.solver} solver"
-    data = {"vit_test_images": len(test[0]), "cnn_test_images": min(args.cnn_test_images, len(test[0])),
-            "calib_images": args.calib_images, "comp_images": args.comp_images, "probe_images": args.probe_images,
-            "solver": args.solver}
-    markdown = write_report(rows, args.out, title, {"environment": env, "data": data})
+    meta = {"environment": env, "data": run_data(args, test)}
+    markdown = write_report(rows, args.out, title, meta)
     atomic_write(args.out / "blocks.json", json.dumps(blocks, indent=2) + "\n")
     print("\n" + markdown)
     print(f"wrote {args.out}/summary.json, table.md, chart.png, blocks.json  ({time.perf_counter() - start:.0f}s)")

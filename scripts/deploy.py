@@ -32,12 +32,17 @@ from torch import nn  # noqa: E402
 
 import qwt  # noqa: E402
 from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
-from qwt.cli import run_cli  # noqa: E402
+from qwt.cli import check_writable_dir, positive_int, run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment as run_environment, kernels_note  # noqa: E402
 from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, resolve_weight_dtype, run, session  # noqa: E402
 from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
+from qwt.report import atomic_write  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
+
+
+#: PTQ calibration images per model, and train images of the EfficientNet's linear probe (as the main job).
+CALIB_IMAGES, PROBE_IMAGES = 32, 6000
 
 
 @dataclass
@@ -56,12 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("results/deploy"))
     p.add_argument("--models", nargs="+", default=["vit_fmnist", "efficientnet_lite0", "deit_small", "resnet50"],
                    choices=["vit_fmnist", "efficientnet_lite0", "deit_small", "resnet50"])
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime intra-op threads")
-    p.add_argument("--b1-runs", type=int, default=20, help="timed runs at batch 1 (median reported)")
-    p.add_argument("--b32-runs", type=int, default=5, help="timed runs at batch 32 (median reported)")
-    p.add_argument("--comp-images", type=int, default=512, help="QwT images for the Fashion-MNIST models")
-    p.add_argument("--random-comp-images", type=int, default=64, help="QwT images for DeiT-S / ResNet-50")
-    p.add_argument("--cnn-test-images", type=int, default=2000, help="EfficientNet test subset, as the main job")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="onnxruntime intra-op threads")
+    p.add_argument("--b1-runs", type=positive_int, default=20, help="timed runs at batch 1 (median reported)")
+    p.add_argument("--b32-runs", type=positive_int, default=5, help="timed runs at batch 32 (median reported)")
+    p.add_argument("--comp-images", type=positive_int, default=512, help="QwT images for the Fashion-MNIST models")
+    p.add_argument("--random-comp-images", type=positive_int, default=64, help="QwT images for DeiT-S / ResNet-50")
+    p.add_argument("--cnn-test-images", type=positive_int, default=2000,
+                   help="EfficientNet test subset, as the main job")
     p.add_argument("--weight-dtype", choices=["auto", *WEIGHT_DTYPES], default="auto",
                    help="how W8A8 exports store weights: int8 runs onnxruntime's fast UINT8×INT8 kernels (exact with "
                         "VNNI/AMX, saturating on x86 CPUs without), uint8 its UINT8×UINT8 ones (exact on any CPU, "
@@ -78,23 +84,26 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
     if needs_fmnist:
         train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     if "vit_fmnist" in args.models:
-        calib, comp = disjoint_subsets(len(train[0]), (32, args.comp_images), args.seed)
+        calib, comp = disjoint_subsets(len(train[0]), (CALIB_IMAGES, args.comp_images), args.seed)
         out.append(Workload("vit_fmnist", "vit_fmnist", qwt.create_model("vit_fmnist"), normalize(train[0][calib]),
                             normalize(train[0][comp]), (normalize(test[0]), test[1]), "repq_vit"))
     if "efficientnet_lite0" in args.models:
-        probe, calib, comp = disjoint_subsets(len(train[0]), (6000, 32, args.comp_images), args.seed + 1)
+        probe, calib, comp = disjoint_subsets(len(train[0]), (PROBE_IMAGES, CALIB_IMAGES, args.comp_images),
+                                              args.seed + 1)
         fp = qwt.create_model("efficientnet_lite0", num_classes=10)
         fp.classifier = fit_linear_probe(fp, cnn_input(train[0][probe], 64), train[1][probe], 250)
-        n = args.cnn_test_images
-        out.append(Workload("efficientnet_lite0@64px", "efficientnet_lite0", fp, cnn_input(train[0][calib], 64),
+        n = min(args.cnn_test_images, len(test[0]))
+        subset = f"-test{n}" if n < len(test[0]) else ""  # as the main job labels its subset
+        out.append(Workload(f"efficientnet_lite0@64px{subset}", "efficientnet_lite0", fp,
+                            cnn_input(train[0][calib], 64),
                             cnn_input(train[0][comp], 64), (cnn_input(test[0][:n], 64), test[1][:n]), "percentile"))
     noise = torch.Generator().manual_seed(args.seed)
     for name, method in (("deit_small", "repq_vit"), ("resnet50", "percentile")):
         if name in args.models:
             torch.manual_seed(args.seed)
-            images = torch.randn(32 + args.random_comp_images, 3, 224, 224, generator=noise)
+            images = torch.randn(CALIB_IMAGES + args.random_comp_images, 3, 224, 224, generator=noise)
             out.append(Workload(f"{name} (random weights)", name, qwt.create_model(name, pretrained=False),
-                                images[:32], images[32:], None, method))
+                                images[:CALIB_IMAGES], images[CALIB_IMAGES:], None, method))
     return out
 
 
@@ -145,7 +154,9 @@ def measure(args: argparse.Namespace, work: Workload, folder: Path) -> list[dict
         sess = session(path, args.threads, optimized, spin=False)  # timed in turn with the other formats
         row = {"model": work.name, "format": fmt, "compensation": comp, "export": mode,
                "weight_dtype": args.weight_dtype if mode == "w8a8" else None,
-               "size_mb": path.stat().st_size / 1e6, "integer_nodes": sum(integer_nodes(optimized).values())}
+               "size_mb": path.stat().st_size / 1e6, "integer_nodes": sum(integer_nodes(optimized).values()),
+               "calib_images": len(work.calib), "comp_images": len(work.comp),
+               "test_images": None if work.test is None else len(work.test[1])}
         if work.test is not None:
             images, labels = work.test
             row["top1"] = 100.0 * (run(sess, images).argmax(1) == labels).float().mean().item()
@@ -217,8 +228,18 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def settings(args: argparse.Namespace) -> dict:
+    """What the whole run used besides each row's image counts: the models, timed runs per latency, the seed."""
+    return {"models": args.models, "b1_runs": args.b1_runs, "b32_runs": args.b32_runs, "seed": args.seed,
+            **({"probe_images": PROBE_IMAGES} if "efficientnet_lite0" in args.models else {})}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run_cli(_main, parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out, "--out")
     seed_everything(args.seed)
     start, load_start = time.perf_counter(), os.getloadavg()
     works = workloads(args)
@@ -229,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args)
     env["load_average_start"], env["load_average_end"] = load_start, os.getloadavg()
     env["seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    summary = {"environment": env, "settings": settings(args), "rows": rows}
+    atomic_write(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     table = markdown(rows, env)
-    (args.out / "table.md").write_text(table)
+    atomic_write(args.out / "table.md", table)
     chart(rows, args.out / "chart.png")
     print("\n" + table)
     print(f"environment: {json.dumps(env)}")
@@ -241,4 +262,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

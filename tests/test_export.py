@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 import qwt
+from qwt.compensation.modules import compensation_precision
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize
 from qwt.export import (OutputQuantized, calibrate_w8a8, export_onnx, fold_batchnorm, integer_nodes, qdq_view,
                         resolve_weight_dtype, run, session, weight_dtype_of)
@@ -43,7 +44,8 @@ def _compare(model: torch.nn.Module, images: torch.Tensor, tmp_path, mode: str =
             with qdq_view(model):
                 reference = model(images)
         else:
-            reference = model(images)
+            with compensation_precision(model, half=False):  # what the simulation export computes by default
+                reference = model(images)
     return logits, reference, optimized
 
 
@@ -67,12 +69,10 @@ def test_simulation_export_reproduces_repq_vit_w4a4(fmnist, tmp_path, compensati
     agree = (logits.argmax(1) == reference.argmax(1)).float().mean()
     error = (logits - reference).abs()
     # The stated tolerances. FP op order differs between torch and onnxruntime, so a value on a rounding
-    # boundary can land one 4-bit code apart: ≥ 95 % of logits agree to 1e-3. onnxruntime's FP16 MatMul rounds
-    # differently from torch's: with FP16 compensation, mean |Δ| ≤ 5 % of the logits' spread. Top-1: ≥ 98 %.
-    if compensation == "fp16":
-        assert error.mean() <= 0.05 * reference.std()
-    else:
-        assert (error <= 1e-3).float().mean() >= 0.95
+    # boundary can land one 4-bit code apart: ≥ 95 % of logits agree to 1e-3, top-1 ≥ 98 %. A model that runs its
+    # compensation in FP16 is exported (and compared) with it in FP32: onnxruntime's FP16 product rounds
+    # differently from torch's.
+    assert (error <= 1e-3).float().mean() >= 0.95
     assert agree >= 0.98
 
 

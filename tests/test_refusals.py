@@ -124,7 +124,8 @@ def test_rows_are_recorded_as_they_come_and_subset_runs_are_marked(dataset, tmp_
 
 
 def _record(folder: Path, model: str, complete: bool, seed: int = 0) -> None:
-    args = argparse.Namespace(model=model, w_bits=4, a_bits=4, checkpoint=None, seed=seed, out=folder)
+    args = argparse.Namespace(model=model, w_bits=4, a_bits=4, conv_act_bits=None, smoke=False, checkpoint=None,
+                              seed=seed, out=folder)
     rows = [{"model": model, "bits": "FP", "method": "fp", "top1": 80.0},
             {"model": model, "bits": "W4A4", "method": "ptq", "top1": 70.0},
             {"model": model, "bits": "W4A4", "method": "ptq+qwt", "top1": 75.0}]
@@ -136,9 +137,10 @@ def test_assembly_reads_only_matching_complete_records(tmp_path, capsys):
     _record(tmp_path, "deit_small", False)  # interrupted
     (tmp_path / "notes.json").write_text("[1, 2]")  # foreign JSON
     task = ROOT / "QwT-cls-RepQ-ViT"
-    assert assemble_table.main([str(task), str(tmp_path)]) == 0
+    assert assemble_table.main([str(task), str(tmp_path)]) == 1  # a partial table: the other runs are missing
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["model"] for r in summary["rows"]} == {"deit_tiny"} and summary["environment"] == [{"cpu": "x"}]
+    assert "deit_small W4A4" in summary["missing"] and "deit_tiny W4A4" not in summary["missing"]
     assert "deit_small_W4A4" in capsys.readouterr().err
     _record(tmp_path, "deit_base", True, seed=1)  # made with other settings
     assert assemble_table.main([str(task), str(tmp_path)]) == 2  # two configurations: which one?

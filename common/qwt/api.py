@@ -8,14 +8,23 @@ import torch
 from torch import nn
 
 from .compensation import BlockPlan, BlockReport, QwTConfig, fit_compensation
+from .errors import InputError
 from .family import Family, family_of, get_family
+from .inputs import check_float32_model, check_images
 from .ptq import CalibrationForward, PTQConfig, PhaseHook, apply_ptq
+from .quant.modules import quant_modules
 
 
 def _resolve(model: nn.Module, family: Family | str | None) -> Family:
+    """The model's family; one passed by name or object must recognise the model (its layer rule and block plan
+    assume that model's layout)."""
     if family is None:
         return family_of(model)
-    return get_family(family) if isinstance(family, str) else family
+    fam = get_family(family) if isinstance(family, str) else family
+    if not fam.matches(model):
+        raise InputError(f"family {fam.name!r} does not recognise {type(model).__name__}; pass the model's own "
+                         f"family or leave family= out to have it recognised")
+    return fam
 
 
 def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, family: Family | str | None = None,
@@ -25,6 +34,13 @@ def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, f
     The family is recognised from the model unless given. ``forward(model, calib)`` runs the calibration pass
     (default ``model(calib)``). Returns the model, quantisation on.
     """
+    quantized = sum(1 for _ in quant_modules(model))
+    if quantized:
+        raise InputError(f"the model is already quantised ({quantized} quantised layers): quantise a fresh copy of "
+                         "the float model (its bits cannot be changed in place)")
+    check_float32_model(model)
+    if isinstance(calib, torch.Tensor):
+        check_images(calib, "calibration images")
     fam = _resolve(model, family)
     fam.check_method(config)
     extra = {"forward": forward} if forward is not None else {}
@@ -41,6 +57,7 @@ def apply_qwt(model: nn.Module, images: torch.Tensor | Iterable, config: QwTConf
     The block plan comes from the model's family unless given; so do the residual branches that
     ``QwTConfig(compensation="channelwise")`` corrects. Returns one report per compensated block.
     """
+    check_float32_model(model)
     branches = None
     if plan is None or config.compensation == "channelwise":
         fam = _resolve(model, family)

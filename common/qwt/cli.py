@@ -34,11 +34,13 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_cli(fn: Callable[..., Any], *args: Any) -> int:
+def run_cli(fn: Callable[..., Any], *args: Any, retain_memory: bool = True) -> int:
     """Call ``fn(*args)``; input errors → one line on stderr and exit status 2, SIGTERM/SIGINT → 130 after
     ``finally`` blocks and context managers have cleaned up. Returns ``fn``'s int result, else 0. Turns on
-    :func:`qwt.allocator.retain_freed_memory` first (faster calibration, same results)."""
-    retain_freed_memory()
+    :func:`qwt.allocator.retain_freed_memory` first (faster calibration, same results) unless ``retain_memory``
+    is False (a benchmark of the allocator's default)."""
+    if retain_memory:
+        retain_freed_memory()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         result = fn(*args)
@@ -75,17 +77,17 @@ def finite_float(text: str) -> float:
     return value
 
 
-def check_device(device: str) -> str:
+def check_device(device: str, flag: str = "--device") -> str:
     """Refuse a CUDA device that this machine does not have, before anything is built."""
     try:
         parsed = torch.device(device)
     except RuntimeError as err:
-        raise InputError(f"--device {device!r}: {err}") from None
+        raise InputError(f"{flag} {device!r}: {err}") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+            raise InputError(f"{flag} {device}: no CUDA GPU is available here; use {flag} cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise InputError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .api import apply_qwt, quantize
-from .compensation import BlockPlan, BlockReport, QwTConfig
+from .compensation import BlockReport, QwTConfig
+from .compensation.blockwise import check_qwt_config, compensated_blocks
 from .family import family_of
 from .ptq import PTQConfig
 from .size import model_size_mb
@@ -18,19 +19,6 @@ from .utils import PhaseTimer
 
 Evaluate = Callable[[nn.Module, str], float]
 Row = dict[str, Any]
-
-
-def check_qwt_config(config: QwTConfig, blocks: int | None = None) -> None:
-    """Refuse a ``start_block`` at or past the last of ``blocks`` compensated blocks: QwT would change nothing.
-    (QwTConfig refuses its other bad settings itself.)"""
-    if blocks is not None and config.start_block >= blocks:
-        raise ValueError(f"start_block {config.start_block} is past the last block: the model has {blocks} "
-                         f"compensated blocks (0..{blocks - 1}), so QwT would change nothing")
-
-
-def compensated_blocks(plan: BlockPlan) -> int:
-    """How many blocks of ``plan`` get a compensation (transitions such as patch merging do not)."""
-    return sum(step.compensate for step in plan.steps)
 
 
 @dataclass

@@ -9,6 +9,7 @@ training path.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -34,7 +35,25 @@ class FinetuneConfig:
     temperature: float = 1.0
     label_weight: float = 0.0  # 0 = pure distillation; 1 = pure cross-entropy
     max_steps: int | None = None
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # None or 0: no clipping
+
+    def __post_init__(self) -> None:
+        # Each of these would train on silently (a negative loss weight, a flipped gradient) or fail after the run.
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 (it divides the logits), got {self.temperature!r}")
+        if not 0 <= self.label_weight <= 1:
+            raise ValueError(f"label_weight must be in [0, 1] (0: pure distillation, 1: pure cross-entropy), "
+                             f"got {self.label_weight!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip must be ≥ 0 (or None: no clipping), got {self.grad_clip!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction!r}")
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError(f"epochs and max_steps must be ≥ 1, got {self.epochs} and {self.max_steps}")
 
 
 def trainable_parameters(model: nn.Module, classifier: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:

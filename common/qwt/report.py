@@ -10,8 +10,11 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from .ptq.config import bit_tag
 
 Row = dict[str, Any]
 METHODS = ("fp", "ptq", "ptq+qwt", "ptq+qwt*")
@@ -120,10 +123,30 @@ def config_hash(args: Any) -> str:
     return hashlib.sha256(json.dumps(flags, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes; computed once per path, size and modification time (a record is rewritten
+    after every row)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def run_key(args: Any) -> dict[str, Any]:
-    """What one record is a run of: model, bit widths and the weights file."""
-    return {"model": args.model, "bits": f"W{args.w_bits}A{args.a_bits}",
-            "checkpoint": None if args.checkpoint is None else str(args.checkpoint)}
+    """What one record is a run of: model, bit label, smoke or not, and the weights file by path and by content
+    (a file replaced under the same name is another run)."""
+    checkpoint = args.checkpoint
+    return {"model": args.model, "bits": bit_tag(args.w_bits, args.a_bits, args.conv_act_bits),
+            "smoke": bool(args.smoke), "checkpoint": None if checkpoint is None else str(checkpoint),
+            "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint)}
 
 
 def write_run(out_dir: str | Path, stem: str, rows: Sequence[Row], details: dict[str, Any], args: Any,

@@ -1,8 +1,9 @@
 """Model size as the authors count it (docs/algorithm.md#size), in decimal megabytes.
 
 Each module's own parameters (buffers, hence quantiser parameters, excluded): a ``weight`` of a module with a
-``weight_quantizer`` counts that quantiser's bits per element, a compensation weight 16 bits (it is applied in
-FP16), everything else its dtype width. Zero compensations still count: they exist in the model.
+``weight_quantizer`` counts that quantiser's bits per element, a compensation weight 16 bits when it is applied
+in FP16 (``fp16_eval``, the authors' default) and 32 otherwise, everything else its dtype width. Zero
+compensations still count: they exist in the model.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def model_size_bits(model: nn.Module) -> int:
         for name, param in module.named_parameters(recurse=False):
             if name == "weight" and quantizer is not None:
                 bits = quantizer.n_bits
-            elif name == "comp_weight" and isinstance(module, Compensated):
-                bits = 16
+            elif name == "comp_weight" and isinstance(module, Compensated) and module.fp16_eval:
+                bits = 16  # stored as it is applied: in FP16
             else:
                 bits = param.element_size() * 8
             total += param.numel() * bits

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..inputs import check_images
 from ..quant.modules import quant_state, set_quant_state, swap_module
 from .channelwise import channelwise_block_fit
 from .features import DISK, FeatureStore, FeatureStores
@@ -97,6 +98,8 @@ class QwTConfig:
     def __post_init__(self) -> None:
         # Settings that would make QwT silently do nothing or something undefined are refused here; a start
         # block past the model's last block is checked where the plan is known (qwt.experiment.check_qwt_config).
+        if not isinstance(self.fp16_eval, bool):  # a string such as "no" would be taken as true
+            raise ValueError(f"fp16_eval must be True or False, got {self.fp16_eval!r}")
         if math.isnan(self.r2_threshold):  # every comparison with NaN is false: no block would ever be applied
             raise ValueError("r2_threshold must be a number, got NaN")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge >= 0):
@@ -122,6 +125,19 @@ class QwTConfig:
         if self.ridge is not None:
             return self.ridge
         return 0.0 if form == "linear" else 1e-3
+
+
+def check_qwt_config(config: QwTConfig, blocks: int | None = None) -> None:
+    """Refuse a ``start_block`` at or past the last of ``blocks`` compensated blocks: QwT would change nothing.
+    (QwTConfig refuses its other bad settings itself.)"""
+    if blocks is not None and config.start_block >= blocks:
+        raise ValueError(f"start_block {config.start_block} is past the last block: the model has {blocks} "
+                         f"compensated blocks (0..{blocks - 1}), so QwT would change nothing")
+
+
+def compensated_blocks(plan: BlockPlan) -> int:
+    """How many blocks of ``plan`` get a compensation (transitions such as patch merging do not)."""
+    return sum(step.compensate for step in plan.steps)
 
 
 @dataclass
@@ -255,6 +271,7 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
     ``config.compensation == "channelwise"`` needs ``residual_branches`` (the family's). Most callers use
     :func:`qwt.apply_qwt`, which takes the plan and the residual branches from the model's family.
     """
+    check_qwt_config(config, compensated_blocks(plan))
     if config.compensation == "channelwise":
         if residual_branches is None:
             raise ValueError("channel-wise compensation needs residual_branches: which layer ends each residual "
@@ -268,6 +285,8 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
     with FeatureStores(config.feature_device) as stores:
         feats, device = stores.new(), None
         for k, batch in enumerate(_batches(images, batch_size)):
+            if isinstance(batch, torch.Tensor):
+                check_images(batch, "compensation images")
             x = plan.stem(batch)
             if device is None:
                 device = x.device

@@ -10,13 +10,17 @@ flips quantisation codes downstream. Both paths follow the authors' arithmetic e
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class Compensated(nn.Module):
-    """Wraps a block; ``comp_weight`` counts 16 bits in the size accounting, ``comp_bias`` 32."""
+    """Wraps a block; ``comp_weight`` counts 16 bits in the size accounting when ``fp16_eval`` (32 otherwise),
+    ``comp_bias`` 32."""
 
     def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, fp16_eval: bool = True) -> None:
         super().__init__()
@@ -82,3 +86,17 @@ class ConvCompensated(Compensated):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, groups={self.groups}, fp16_eval={self.fp16_eval}"
+
+
+@contextmanager
+def compensation_precision(model: nn.Module, half: bool) -> Iterator[None]:
+    """Run every compensation of ``model`` with the FP16 (``half``) or FP32 product while inside; the modules'
+    own settings are restored on exit."""
+    saved = [(m, m.fp16_eval) for m in model.modules() if isinstance(m, Compensated)]
+    try:
+        for m, _ in saved:
+            m.fp16_eval = half
+        yield
+    finally:
+        for m, half_before in saved:
+            m.fp16_eval = half_before

@@ -7,6 +7,7 @@ RandAugment ``rand-m9-mstd0.5-inc1``), drawn by two independent iterators as in 
 """
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from ..errors import InputError
 
@@ -64,6 +66,17 @@ def _load_rgb(path: str) -> Image.Image:
         raise ValueError(f"corrupt or unreadable image {path}: {err}; remove or replace the file") from err
 
 
+def _regular_image_file(path: str) -> bool:
+    """ImageFolder's rule (an image extension), refusing what is not a regular file: reading a FIFO named
+    ``*.png`` would block the run forever, a device would never end."""
+    if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+        return False
+    if not os.path.isfile(path):
+        raise InputError(f"{path} is not a regular file (a FIFO, socket or device): remove it from the dataset "
+                         "folder")
+    return True
+
+
 def class_folder(root: str | Path, split: str, transform: Callable) -> Dataset:
     """An ImageFolder over ``root/split`` with a clear error for a wrong path or a corrupt image."""
     folder = Path(root) / split
@@ -72,7 +85,8 @@ def class_folder(root: str | Path, split: str, transform: Callable) -> Dataset:
             f"{folder} not found: --data-dir must contain train/ and val/ class folders "
             "(e.g. train/n01440764/*.JPEG)")
     try:
-        return datasets.ImageFolder(str(folder), transform=transform, loader=_load_rgb)
+        return datasets.ImageFolder(str(folder), transform=transform, loader=_load_rgb,
+                                    is_valid_file=_regular_image_file)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{folder}: no class folders with images ({err})") from None
 

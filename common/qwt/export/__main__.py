@@ -10,14 +10,20 @@ not rebuild, so CNN deployment exports go through the Python API (see scripts/de
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from ..cli import run_cli
+from ..cli import check_writable_dir, positive_int, run_cli
+from ..errors import InputError
 from ..serialization import load_quantized
 from .w8a8 import WEIGHT_DTYPES, resolve_weight_dtype
 from .writer import export_onnx
+
+#: Most values one example image may hold (3 × 2048 × 2048 is 12.6 M): a larger --input-shape is refused before
+#: anything is allocated.
+MAX_INPUT_ELEMENTS = 1 << 24
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,20 +31,34 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("saved", type=Path, help="folder written by qwt.save_quantized")
     p.add_argument("out", type=Path, help="ONNX file to write")
-    p.add_argument("--input-shape", type=int, nargs=3, required=True, metavar=("C", "H", "W"),
+    p.add_argument("--input-shape", type=positive_int, nargs=3, required=True, metavar=("C", "H", "W"),
                    help="one image's shape (the batch axis is dynamic)")
     p.add_argument("--mode", choices=["simulate", "w8a8"], default="simulate")
     p.add_argument("--fp16-compensation", action="store_true",
-                   help="w8a8 only: keep the QwT product in FP16 (default FP32, faster on CPUs)")
+                   help="keep the QwT product in FP16 (default FP32: the simulation then computes exactly what "
+                        "the torch model does with FP32 compensation, and w8a8 runs faster on CPUs)")
     p.add_argument("--weight-dtype", choices=["auto", *WEIGHT_DTYPES], default="auto",
                    help="w8a8 only: store weights as INT8 (fast, exact with VNNI/AMX, saturating on x86 CPUs "
                         "without) or UINT8 (exact on any CPU, slower); auto (default): INT8 if this CPU has VNNI "
                         "or AMX, else UINT8. Name it when the file is for another machine")
     args = p.parse_args(argv)
     weight_dtype = resolve_weight_dtype(args.weight_dtype)
+    elements = math.prod(args.input_shape)
+    if elements > MAX_INPUT_ELEMENTS:
+        raise InputError(f"--input-shape {' '.join(map(str, args.input_shape))}: {elements} values per image, more "
+                         f"than the {MAX_INPUT_ELEMENTS} an export example may hold; pass the model's input shape")
+    if args.out.is_dir():
+        raise InputError(f"{args.out} is a folder: pass the ONNX file to write")
+    check_writable_dir(args.out.parent, "output folder")
     model = load_quantized(args.saved)
-    path = export_onnx(model, torch.zeros(1, *args.input_shape), args.out, args.mode, args.fp16_compensation,
-                       weight_dtype)
+    example = torch.zeros(1, *args.input_shape)
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise InputError(f"--input-shape {' '.join(map(str, args.input_shape))} does not fit the saved model "
+                         f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    path = export_onnx(model, example, args.out, args.mode, args.fp16_compensation, weight_dtype)
     storage = f", {weight_dtype} weights" if args.mode == "w8a8" else ""
     print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, {args.mode}{storage})")
 

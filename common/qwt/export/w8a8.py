@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..compensation.modules import Compensated
+from ..compensation.modules import compensation_precision
 from ..environment import cpu_flags
 from ..family import Family, family_of, get_family
 from ..ptq import PTQConfig, calibrate
@@ -207,7 +207,6 @@ def qdq_view(model: nn.Module, compensation_half: bool = False,
     weight_dtype = resolve_weight_dtype(weight_dtype)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     moved_pads: list[QuantConv2d] = []
-    halves = [(m, m.fp16_eval) for m in model.modules() if isinstance(m, Compensated)]
     try:
         for name, module in list(quant_modules(model)):
             weights = {id(q) for q in module.weight_quantizers()}
@@ -222,13 +221,10 @@ def qdq_view(model: nn.Module, compensation_half: bool = False,
                     moved_pads.append(module)
                 setattr(module, attr, qdq)
                 swapped.append((module, attr, q))
-        for m, _ in halves:
-            m.fp16_eval = compensation_half
-        yield model
+        with compensation_precision(model, compensation_half):
+            yield model
     finally:
         for module, attr, q in swapped:
             setattr(module, attr, q)
-        for m, half in halves:
-            m.fp16_eval = half
         for conv in moved_pads:
             conv.same_pad = True

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..compensation.channelwise import ChannelAffine, fold_channelwise
+from ..compensation.modules import Compensated, compensation_precision
 from ..quant.modules import quant_modules
 from ._deps import require
 from .w8a8 import WeightDtype, qdq_view, resolve_weight_dtype
@@ -38,31 +39,44 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
                 compensation_half: bool = False, weight_dtype: WeightDtype = "auto") -> Path:
     """Export ``model`` (quantised, maybe compensated) to ``path`` with a dynamic batch axis.
 
-    Channel-wise compensation is folded into a copy of the model first, so it adds no node.
+    Channel-wise compensation is folded into a copy of the model first, so it adds no node. The model's
+    train/eval modes are restored afterwards (it is traced in eval mode).
 
-    ``compensation_half`` and ``weight_dtype`` apply to ``w8a8`` only (simulation keeps the model's own
-    setting): onnxruntime's CPU provider has no fast FP16 GEMM, so the compensation defaults to an FP32
-    MatMul/Conv there. ``weight_dtype="int8"`` selects onnxruntime's faster UINT8×INT8 kernels, which saturate
-    on x86 CPUs without VNNI, ``uint8`` kernels that do not (see :mod:`qwt.export.w8a8`); the default ``auto``
-    picks for this machine. The storage used is written into the file's metadata (:data:`WEIGHT_DTYPE_KEY`).
+    The QwT compensation runs in FP32 in the graph unless ``compensation_half``: the simulation then computes
+    exactly what the torch model computes with its compensation in FP32. onnxruntime's CPU FP16 product rounds
+    differently from torch's, so an FP16 simulation export warns that its predictions can differ; in ``w8a8`` the
+    FP32 product is also the fast one (the CPU provider has no fast FP16 GEMM). ``weight_dtype="int8"`` (w8a8)
+    selects onnxruntime's faster UINT8×INT8 kernels, which saturate on x86 CPUs without VNNI, ``uint8`` kernels
+    that do not (see :mod:`qwt.export.w8a8`); the default ``auto`` picks for this machine. The storage used is
+    written into the file's metadata (:data:`WEIGHT_DTYPE_KEY`).
     """
     if mode not in ("simulate", "w8a8"):
         raise ValueError(f"unknown export mode {mode!r}; choose 'simulate' or 'w8a8'")
     weight_dtype = resolve_weight_dtype(weight_dtype)
     onnx = require("onnx")
+    if compensation_half and mode == "simulate" and any(isinstance(m, Compensated) for m in model.modules()):
+        warnings.warn("FP16 compensation in the ONNX simulation: onnxruntime rounds the FP16 product differently "
+                      "from torch, so some predictions differ from the torch model (the FP32 default does not)",
+                      UserWarning, stacklevel=2)
     if any(isinstance(m, ChannelAffine) for m in model.modules()):
         model = copy.deepcopy(model)
         fold_channelwise(model)  # into the layers' weights, scales and biases: no extra node
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation chatter
-        if mode == "w8a8":
-            with qdq_view(model, compensation_half, weight_dtype):
-                _trace(model, example, path)
-        else:
-            _trace(model, example, path)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation chatter
+            if mode == "w8a8":
+                with qdq_view(model, compensation_half, weight_dtype):
+                    _trace(model, example, path)
+            else:
+                with compensation_precision(model, compensation_half):
+                    _trace(model, example, path)
+    finally:
+        for m, training in modes:
+            m.training = training
     proto = onnx.load(str(path))
     if mode == "w8a8":
         _store_integer_weights(proto)

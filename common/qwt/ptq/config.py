@@ -10,6 +10,14 @@ Method = Literal["repq_vit", "percentile"]
 LayerMap = Literal["qwt", "repq_vit"]
 
 
+def bit_tag(w_bits: int, a_bits: int, conv_act_bits: int | None = None) -> str:
+    """:attr:`PTQConfig.tag` from the bit settings alone (a run's record name is known before its config)."""
+    tag = f"W{w_bits}A{a_bits}"
+    if conv_act_bits is not None and conv_act_bits != a_bits:
+        tag += f"-convA{conv_act_bits}"
+    return tag
+
+
 @dataclass(frozen=True)
 class PTQConfig:
     """Post-training quantisation settings.
@@ -44,8 +52,9 @@ class PTQConfig:
 
     @property
     def tag(self) -> str:
-        """Short bit label, e.g. ``W4A4``."""
-        return f"W{self.w_bits}A{self.a_bits}"
+        """The bit label of rows, tables and file names: ``W4A4``, or ``W4A4-convA8`` when conv inputs have their
+        own width (every setting that changes the arithmetic shows, so a W4A8-conv run never passes for W4A4)."""
+        return bit_tag(self.w_bits, self.a_bits, self.conv_act_bits)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

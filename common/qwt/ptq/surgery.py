@@ -50,6 +50,9 @@ def token_rule(config: PTQConfig, *, attention: AttentionRule, embed: NameTest, 
     """
     a, w, qwt_map = config.a_bits, config.w_bits, config.layer_map == "qwt"
     repq = config.method == "repq_vit"
+    if config.conv_act_bits not in (None, a):  # it would show in the bit label without changing any layer
+        raise ValueError(f"conv_act_bits={config.conv_act_bits} applies to CNNs only; token models quantise "
+                         f"every activation at a_bits ({a})")
 
     def rule(name: str, module: nn.Module) -> nn.Module | None:
         replacement = attention(module)

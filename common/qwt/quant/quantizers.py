@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..utils import all_finite
 from .percentile import PERCENTILES, row_quantiles
 
@@ -205,6 +206,9 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if not x.is_floating_point():  # the float layer would refuse it; rounding would silently accept it
+            raise InputError(f"{type(self).__name__} got a {x.dtype} tensor: the model takes floating-point images "
+                             "normalised as for the FP model")
         if not self.calibrated:
             with torch.no_grad():
                 _require_finite_calibration(x, type(self).__name__)

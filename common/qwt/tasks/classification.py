@@ -38,6 +38,7 @@ from ..finetune import FinetuneConfig, ShardedBatches, finetune
 from ..models import ModelEntry, get_model_entry, list_models
 from ..models.checkpoint import check_checkpoint
 from ..ptq import PTQConfig
+from ..ptq.config import bit_tag
 from ..report import atomic_write, markdown_table, write_run
 from ..serialization import check_save_target, save_quantized
 from ..utils import seed_everything
@@ -114,7 +115,17 @@ def run_label(args: argparse.Namespace) -> str:
 def run_stem(args: argparse.Namespace) -> str:
     """File stem of a run's record: ``OUT/<stem>.json``."""
     subset = f"_val{args.val_limit}" if args.val_limit else ""
-    return f"{args.model}_W{args.w_bits}A{args.a_bits}{'_smoke' if args.smoke else ''}{subset}"
+    bits = bit_tag(args.w_bits, args.a_bits, args.conv_act_bits)
+    return f"{args.model}_{bits}{'_smoke' if args.smoke else ''}{subset}"
+
+
+def star_config(args: argparse.Namespace) -> FinetuneConfig | None:
+    """The QwT* settings (checked now, not after the run), or None without ``--qwt-star``."""
+    if not args.qwt_star:
+        return None
+    return FinetuneConfig(epochs=args.star_epochs, lr=args.star_lr, weight_decay=args.star_weight_decay,
+                          temperature=args.star_temperature, label_weight=args.star_label_weight,
+                          max_steps=args.star_max_steps)
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -134,16 +145,16 @@ def _check_inputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
     _check_inputs(args)
     entry = get_model_entry(args.model)
-    ptq_cfg, qwt_cfg = ptq_config(args, entry.family), qwt_config(args)
+    ptq_cfg, qwt_cfg, star_cfg = ptq_config(args, entry.family), qwt_config(args), star_config(args)
     check_qwt_config(qwt_cfg)
     # Only rank 0 writes the record (torchrun sets RANK before the process group exists).
     writer = int(os.environ.get("RANK", "0")) == 0
     with hold_output_dir(args.out, "--out") if writer else contextlib.nullcontext():
-        return _distributed_run(args, entry, ptq_cfg, qwt_cfg)
+        return _distributed_run(args, entry, ptq_cfg, qwt_cfg, star_cfg)
 
 
-def _distributed_run(args: argparse.Namespace, entry: ModelEntry, ptq_cfg: PTQConfig,
-                     qwt_cfg: QwTConfig) -> list[dict[str, Any]]:
+def _distributed_run(args: argparse.Namespace, entry: ModelEntry, ptq_cfg: PTQConfig, qwt_cfg: QwTConfig,
+                     star_cfg: FinetuneConfig | None) -> list[dict[str, Any]]:
     rank, world = _init_distributed(args.device)
     seed_everything(args.seed)
     pre = entry.preprocessing
@@ -156,14 +167,14 @@ def _distributed_run(args: argparse.Namespace, entry: ModelEntry, ptq_cfg: PTQCo
             raise InputError("--data-dir is required (ImageNet with train/ and val/), or use --smoke")
         loaders = make_loaders(data_dir, pre, args.calib_images, args.comp_images, args.batch_size, args.workers,
                                args.seed, args.val_limit, rank, world, None if args.smoke else 1000)
-        rows = _run(args, entry, loaders, ptq_cfg, qwt_cfg, rank, world)
+        rows = _run(args, entry, loaders, ptq_cfg, qwt_cfg, star_cfg, rank, world)
     if world > 1:
         dist.destroy_process_group()
     return rows
 
 
 def _run(args: argparse.Namespace, entry: ModelEntry, loaders: QwTLoaders, ptq_cfg: PTQConfig,
-         qwt_cfg: QwTConfig, rank: int, world: int) -> list[dict[str, Any]]:
+         qwt_cfg: QwTConfig, star_cfg: FinetuneConfig | None, rank: int, world: int) -> list[dict[str, Any]]:
     """FP → PTQ → QwT (→ QwT*) on checked inputs; the record is rewritten after every row."""
     num_classes = len(loaders.classes)
     if loaders.counts["comp"] < args.comp_images and rank == 0:
@@ -172,6 +183,7 @@ def _run(args: argparse.Namespace, entry: ModelEntry, loaders: QwTLoaders, ptq_c
     fp = entry.build(pretrained=True, checkpoint=args.checkpoint, smoke=args.smoke,
                      num_classes=num_classes if args.smoke else 1000).to(args.device)
     check_qwt_config(qwt_cfg, compensated_blocks(entry.family.plan(fp)))
+    entry.family.layer_rule(fp, ptq_cfg)  # refuses settings the family does not take, before the FP evaluation
     progress = not args.no_progress and rank == 0
     label = run_label(args)
     env = environment(args.device)
@@ -200,10 +212,7 @@ def _run(args: argparse.Namespace, entry: ModelEntry, loaders: QwTLoaders, ptq_c
         r2 = [b.r2 for b in result.blocks]
         print(f"[{label}] {ptq_cfg.tag} calibration: {phases}; QwT applied to {applied}/{len(r2)} blocks, "
               f"R² {min(r2):.3f}..{max(r2):.3f}", flush=True)
-    if args.qwt_star:
-        star_config = FinetuneConfig(epochs=args.star_epochs, lr=args.star_lr, weight_decay=args.star_weight_decay,
-                                     temperature=args.star_temperature, label_weight=args.star_label_weight,
-                                     max_steps=args.star_max_steps)
+    if star_cfg is not None:
         star = copy.deepcopy(result.model)
         start = time.perf_counter()
         # The batches one process would draw (a DataLoader with shuffle and drop_last), each rank taking its share;
@@ -214,7 +223,7 @@ def _run(args: argparse.Namespace, entry: ModelEntry, loaders: QwTLoaders, ptq_c
         batches = BatchSampler(RandomSampler(dataset, generator=gen), args.batch_size, drop_last=True)
         train = DataLoader(dataset, batch_sampler=ShardedBatches(batches, rank, world), num_workers=args.workers,
                            generator=gen)
-        finetune(star, fp, train, len(train), star_config, args.device, progress)
+        finetune(star, fp, train, len(train), star_cfg, args.device, progress)
         add({**result.rows[-1], "method": "ptq+qwt*", "top1": evaluate(star, "PTQ+QwT*"),
              "calib_seconds": result.rows[-1]["calib_seconds"] + time.perf_counter() - start})
     if rank == 0:

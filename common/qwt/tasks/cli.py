@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..cli import finite_float
+from ..cli import check_device, finite_float
 from ..compensation import SOLVER_MODES, QwTConfig
+from ..compensation.features import DISK
 from ..family import Family
 from ..ptq import PTQConfig
 
@@ -101,6 +102,8 @@ def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
 
 
 def qwt_config(args: argparse.Namespace) -> QwTConfig:
+    if args.feature_device not in (None, DISK):
+        check_device(args.feature_device, "--feature-device")
     return QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
                      fp16_eval=args.comp_precision == "fp16", kernel_size=args.kernel_size,
                      channels_per_group=args.channels_per_group, feature_device=args.feature_device)

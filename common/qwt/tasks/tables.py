@@ -53,11 +53,14 @@ class Table:
         if not path.is_file():
             raise InputError(f"{path} not found: pass a task folder (QwT-cls-RepQ-ViT, QwT-cls-ResNet, "
                              "QwT-det-RepQ-ViT)")
-        spec = json.loads(path.read_text())
-        spec.pop("bits_note", None)
-        spec["metrics"] = [Metric(*m) for m in spec["metrics"]]
-        spec["flags"] = tuple(spec.get("flags", ()))
-        return cls(folder=folder, **spec)
+        try:
+            spec = json.loads(path.read_text())
+            spec.pop("bits_note", None)
+            spec["metrics"] = [Metric(*m) for m in spec["metrics"]]
+            spec["flags"] = tuple(spec.get("flags", ()))
+            return cls(folder=folder, **spec)
+        except (AttributeError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path} is not a table description ({type(err).__name__}: {err})") from None
 
     @property
     def paper(self) -> Path:
@@ -110,10 +113,11 @@ def reproduce(folder: Path, argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     if not args.smoke and args.checkpoints is None:
         p.error("pass --checkpoints DIR and the task's data flag, or --smoke")
-    return run_cli(_reproduce, Table.load(folder), args, extra)
+    return run_cli(_reproduce, folder, args, extra)
 
 
-def _reproduce(table: Table, args: argparse.Namespace, extra: list[str]) -> int:
+def _reproduce(folder: Path, args: argparse.Namespace, extra: list[str]) -> int:
+    table = Table.load(folder)
     models = table.smoke["models"] if args.smoke else table.models
     out = check_writable_dir(args.out or Path(table.out + ("_smoke" if args.smoke else "")), "--out")
     extra = [*table.flags, *extra]
@@ -164,10 +168,12 @@ def comparison(rows: Sequence[Row], paper: dict[str, Any], metrics: Sequence[Met
     return "\n".join(lines) + f"\n\nPaper numbers: {paper.get('source', '')}\n"
 
 
-def assemble(folder: Path, stems: Sequence[str], config: str, table: Table) -> int:
+def assemble(folder: Path, stems: Sequence[str], config: str, table: Table, absent: Sequence[str] = ()) -> int:
     """Write the table from the complete records ``folder/<stem>.json`` made with configuration ``config``;
-    returns 1 (after writing what exists) when some runs are missing, else 0."""
+    returns 1 (after writing what exists) when some runs are missing (a listed stem without such a record, or
+    one of ``absent``), else 0."""
     rows, environments, missing = collect_records(folder, stems, config)
+    missing = [*missing, *absent]
     if not rows:
         raise InputError(f"no complete record with configuration {config} in {folder}")
     keys = {"model", "bits", "method"} | {m.key for m in table.metrics}
@@ -200,8 +206,16 @@ def assemble_folder(folder: Path, results: Path, config: str | None = None) -> i
     from ..report import read_record
 
     table = Table.load(folder)
+    if not results.is_dir():
+        raise InputError(f"{results} is not a folder of run records")
     records = {f.stem: read_record(f) for f in sorted(results.glob("*.json")) if f.name != "summary.json"}
-    complete = {stem: r for stem, r in records.items() if r is not None}
+    complete = {stem: r for stem, r in records.items() if r is not None and isinstance(r.get("run"), dict)}
+    known = {*table.models, *table.smoke["models"]}
+    foreign = [f"{stem} ({r['run'].get('model')})" for stem, r in complete.items()
+               if r["run"].get("model") not in known]
+    if foreign:
+        raise InputError(f"{results} holds records of models that are not in {folder}'s table: {', '.join(foreign)}; "
+                         "assemble each task's results with its own task folder")
     hashes = Counter(r.get("config_hash") for r in complete.values())
     if config is None:
         if len(hashes) != 1:
@@ -211,6 +225,15 @@ def assemble_folder(folder: Path, results: Path, config: str | None = None) -> i
         config = next(iter(hashes))
     ignored = sorted(stem for stem in records if stem not in complete)
     if ignored:
-        print(f"ignored (incomplete or not a run record): {', '.join(ignored)}", file=sys.stderr)
+        print(f"ignored (incomplete, damaged or not a run record): {', '.join(ignored)}", file=sys.stderr)
     stems = [stem for stem, r in complete.items() if r.get("config_hash") == config]
-    return assemble(results, stems, config, table)
+    return assemble(results, stems, config, table, absent_runs(table, [complete[s]["run"] for s in stems]))
+
+
+def absent_runs(table: Table, runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The table's model × bits entries that none of ``runs`` (record ``run`` keys) covers, as ``model WxAy``.
+    Smoke records are held against the table's smoke models."""
+    models = table.smoke["models"] if any(run.get("smoke") for run in runs) else table.models
+    done = {(run.get("model"), run.get("bits")) for run in runs}
+    return [f"{model} W{w}A{a}" for model in models for w, a in table.bits
+            if not any(m == model and (b == f"W{w}A{a}" or str(b).startswith(f"W{w}A{a}-")) for m, b in done)]

@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import mmdet
+import mmengine
 import torch
 
 from ...api import apply_qwt, quantize
@@ -21,6 +23,7 @@ from ...environment import environment
 from ...errors import InputError
 from ...experiment import check_qwt_config, compensated_blocks
 from ...models.checkpoint import check_checkpoint
+from ...ptq.config import bit_tag
 from ...report import write_run
 from ...utils import PhaseTimer, seed_everything
 from ..cli import DETECTION, HelpFormatter, add_quant_flags, ptq_config, qwt_config
@@ -82,7 +85,7 @@ def run_label(args: argparse.Namespace) -> str:
 
 def run_stem(args: argparse.Namespace) -> str:
     """File stem of a run's record: ``OUT/<stem>.json``."""
-    return f"{run_label(args)}_W{args.w_bits}A{args.a_bits}"
+    return f"{run_label(args)}_{bit_tag(args.w_bits, args.a_bits, args.conv_act_bits)}"
 
 
 def comp_count(args: argparse.Namespace) -> int:
@@ -131,8 +134,9 @@ def _run(args: argparse.Namespace, root: Path, classes: tuple[str, ...] | None) 
                                 classes)
     reading("comp_data")
     ptq_cfg = ptq_config(args, MMDET_SWIN)
+    MMDET_SWIN.layer_rule(model, ptq_cfg)  # refuses settings the family does not take, before the FP evaluation
     label = run_label(args)
-    env = environment(args.device)
+    env = {**environment(args.device), "mmdet": mmdet.__version__, "mmengine": mmengine.__version__}
     draw = {"draw": args.comp_draw, **({"world_size": args.world_size or 1} if args.comp_draw == "authors" else {})}
     data = {"val_images": len(val_set), "comp_images": comp_images, "comp_draw": draw}
     details: dict[str, Any] = {"checkpoint_layout": layout, "comp_images": comp_images, "comp_draw": draw,
