@@ -344,13 +344,13 @@ def _recognised_save(directory: Path) -> str | None:
     if names != sorted((TENSORS, DESCRIPTION)) or any((directory / n).is_symlink() or not (directory / n).is_file()
                                                       for n in names):
         return f"it holds {', '.join(names)} but not a complete save ({TENSORS} and {DESCRIPTION} as plain files)"
+    description = directory / DESCRIPTION
     try:
         with safe_open(str(directory / TENSORS), framework="pt") as f:
             signed = (f.metadata() or {}).get(_HASH_KEY)
-        raw = (directory / DESCRIPTION).read_bytes() if (directory / DESCRIPTION).stat().st_size <= \
-            MAX_DESCRIPTION_BYTES else b""
+        raw = description.read_bytes() if description.stat().st_size <= MAX_DESCRIPTION_BYTES else b""
     except (SafetensorError, OSError) as err:
-        return f"its {TENSORS} cannot be read ({err})"
+        return f"its files cannot be read ({err})"
     if signed is None or signed != hashlib.sha256(raw).hexdigest():
         return f"its {DESCRIPTION} is not the description its {TENSORS} was saved with"
     return None
@@ -363,8 +363,8 @@ def check_save_target(directory: str | Path) -> Path:
     """
     directory = Path(directory)
     if directory.is_symlink():
-        raise InputError(f"{directory} is a symbolic link; pass the folder it points to ({os.path.realpath(directory)}) "
-                         "or a new path")
+        raise InputError(f"{directory} is a symbolic link; pass the folder it points to "
+                         f"({os.path.realpath(directory)}) or a new path")
     if directory.exists():
         if not directory.is_dir():
             raise InputError(f"{directory} exists and is not a folder; refusing to replace it")
