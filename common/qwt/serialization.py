@@ -252,7 +252,7 @@ def _verify(description: dict[str, Any], state: dict[str, torch.Tensor], where: 
         problems = _tensor_problems(state, _reference_state(skeleton, state), quantizers)
         if not problems:
             problems = _quantizer_value_problems(skeleton, state, quantizers)
-    except (KeyError, TypeError, AttributeError) as err:
+    except (KeyError, TypeError) as err:
         raise InputError(f"{where} is incomplete or malformed ({type(err).__name__}: {err})") from None
     if problems:
         raise InputError(f"{where}: tensors do not match the model description: {_listing(problems)}")
