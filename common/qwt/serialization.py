@@ -318,6 +318,20 @@ def _check_declared(description: dict[str, Any], where: str) -> None:
         raise InputError(f"{where} is incomplete or malformed: missing or mistyped {', '.join(wrong)}")
     problems = [f"{key} may not be set (the saved tensors are the weights)" for key in FORBIDDEN_BUILD_ARGS
                 if key in description["build_kwargs"]]
+    # Each quantiser saves a step and each compensated block a weight and a bias, all checksummed.
+    tensors, compensation = len(description["tensors"]), description["compensation"]
+    if len(description["quantizers"]) > tensors or 2 * len(compensation) > tensors:
+        problems.append(f"{len(description['quantizers'])} quantisers and {len(compensation)} compensated blocks "
+                        f"for {tensors} tensors")
+    sizes = ("in", "out", "kernel_size", "stride", "groups")
+    for spec in compensation:
+        if not isinstance(spec, dict) or not isinstance(spec.get("fp16_eval"), bool) or any(
+                not isinstance(spec.get(k, 1), int) or not 1 <= spec.get(k, 1) <= MAX_BUILD_NUMBER for k in sizes):
+            problems.append(f"compensation entry {str(spec)[:80]} (sizes are integers in 1..{MAX_BUILD_NUMBER}, "
+                            "fp16_eval true or false)")
+    paths = [spec.get("path") for spec in compensation if isinstance(spec, dict)]
+    if len(set(map(str, paths))) != len(paths):
+        problems.append("a block is compensated twice")
     for key, value in description["build_kwargs"].items():
         values = value if isinstance(value, list) else [value]
         limit = BUILD_LIMITS.get(key, MAX_BUILD_NUMBER)
@@ -326,7 +340,7 @@ def _check_declared(description: dict[str, Any], where: str) -> None:
         elif any(isinstance(v, (int, float)) and not isinstance(v, bool) and not abs(v) <= limit for v in values):
             problems.append(f"{key}={value} is beyond {limit}")
     if problems:
-        raise InputError(f"{where}: build_kwargs declare what no saved model needs: {_listing(problems)}")
+        raise InputError(f"{where} declares what no saved model needs: {_listing(problems)}")
 
 
 def _recognised_save(directory: Path) -> str | None:
