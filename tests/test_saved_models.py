@@ -174,7 +174,7 @@ def test_a_description_cannot_relabel_the_bits(saved):
 
 
 @pytest.mark.parametrize("kwargs,message,builds", [
-    ({"img_size": 6000}, "img_size=6000 is beyond", []),
+    ({"img_size": 6000}, "declares what no saved model needs: img_size=6000 is beyond 2048", []),
     ({"depth": 100000}, "depth=100000 is beyond", []),
     ({"checkpoint": "/etc/passwd"}, "checkpoint may not be set", []),
     ({"img_size": 256}, "pos_embed has shape", ["meta"]),
@@ -187,6 +187,21 @@ def test_a_forged_description_is_refused_before_anything_is_allocated(saved, kwa
     with pytest.raises(InputError, match=message):
         load_quantized(saved)
     assert BUILDS == builds  # at most a shapes-only build on the meta device
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda meta: meta["compensation"].append(dict(meta["compensation"][0])), "a block is compensated twice"),
+    (lambda meta: meta["compensation"][0].update(fp16_eval="no"), "fp16_eval true or false"),
+    (lambda meta: meta["compensation"][0].update({"in": 0}), "sizes are integers"),
+    (lambda meta: meta["quantizers"].update({f"q{i}": {} for i in range(1000)}), "quantisers and 2 compensated "
+                                                                                 "blocks for"),
+])
+def test_a_description_declaring_impossible_blocks_is_refused(saved, edit, message):
+    resign(saved, edit=edit)
+    BUILDS.clear()
+    with pytest.raises(InputError, match=f"declares what no saved model needs: .*{message}"):
+        load_quantized(saved)
+    assert BUILDS == []
 
 
 def test_a_deeply_nested_description_is_one_clear_refusal(saved):

@@ -252,7 +252,7 @@ def _verify(description: dict[str, Any], state: dict[str, torch.Tensor], where: 
         problems = _tensor_problems(state, _reference_state(skeleton, state), quantizers)
         if not problems:
             problems = _quantizer_value_problems(skeleton, state, quantizers)
-    except (KeyError, TypeError, AttributeError) as err:
+    except (KeyError, TypeError) as err:
         raise InputError(f"{where} is incomplete or malformed ({type(err).__name__}: {err})") from None
     if problems:
         raise InputError(f"{where}: tensors do not match the model description: {_listing(problems)}")
@@ -318,6 +318,20 @@ def _check_declared(description: dict[str, Any], where: str) -> None:
         raise InputError(f"{where} is incomplete or malformed: missing or mistyped {', '.join(wrong)}")
     problems = [f"{key} may not be set (the saved tensors are the weights)" for key in FORBIDDEN_BUILD_ARGS
                 if key in description["build_kwargs"]]
+    # Each quantiser saves a step and each compensated block a weight and a bias, all checksummed.
+    tensors, compensation = len(description["tensors"]), description["compensation"]
+    if len(description["quantizers"]) > tensors or 2 * len(compensation) > tensors:
+        problems.append(f"{len(description['quantizers'])} quantisers and {len(compensation)} compensated blocks "
+                        f"for {tensors} tensors")
+    sizes = ("in", "out", "kernel_size", "stride", "groups")
+    for spec in compensation:
+        if not isinstance(spec, dict) or not isinstance(spec.get("fp16_eval"), bool) or any(
+                not isinstance(spec.get(k, 1), int) or not 1 <= spec.get(k, 1) <= MAX_BUILD_NUMBER for k in sizes):
+            problems.append(f"compensation entry {str(spec)[:80]} (sizes are integers in 1..{MAX_BUILD_NUMBER}, "
+                            "fp16_eval true or false)")
+    paths = [spec.get("path") for spec in compensation if isinstance(spec, dict)]
+    if len(set(map(str, paths))) != len(paths):
+        problems.append("a block is compensated twice")
     for key, value in description["build_kwargs"].items():
         values = value if isinstance(value, list) else [value]
         limit = BUILD_LIMITS.get(key, MAX_BUILD_NUMBER)
@@ -326,7 +340,7 @@ def _check_declared(description: dict[str, Any], where: str) -> None:
         elif any(isinstance(v, (int, float)) and not isinstance(v, bool) and not abs(v) <= limit for v in values):
             problems.append(f"{key}={value} is beyond {limit}")
     if problems:
-        raise InputError(f"{where}: build_kwargs declare what no saved model needs: {_listing(problems)}")
+        raise InputError(f"{where} declares what no saved model needs: {_listing(problems)}")
 
 
 def _recognised_save(directory: Path) -> str | None:
@@ -344,13 +358,13 @@ def _recognised_save(directory: Path) -> str | None:
     if names != sorted((TENSORS, DESCRIPTION)) or any((directory / n).is_symlink() or not (directory / n).is_file()
                                                       for n in names):
         return f"it holds {', '.join(names)} but not a complete save ({TENSORS} and {DESCRIPTION} as plain files)"
+    description = directory / DESCRIPTION
     try:
         with safe_open(str(directory / TENSORS), framework="pt") as f:
             signed = (f.metadata() or {}).get(_HASH_KEY)
-        raw = (directory / DESCRIPTION).read_bytes() if (directory / DESCRIPTION).stat().st_size <= \
-            MAX_DESCRIPTION_BYTES else b""
+        raw = description.read_bytes() if description.stat().st_size <= MAX_DESCRIPTION_BYTES else b""
     except (SafetensorError, OSError) as err:
-        return f"its {TENSORS} cannot be read ({err})"
+        return f"its files cannot be read ({err})"
     if signed is None or signed != hashlib.sha256(raw).hexdigest():
         return f"its {DESCRIPTION} is not the description its {TENSORS} was saved with"
     return None
@@ -363,8 +377,8 @@ def check_save_target(directory: str | Path) -> Path:
     """
     directory = Path(directory)
     if directory.is_symlink():
-        raise InputError(f"{directory} is a symbolic link; pass the folder it points to ({os.path.realpath(directory)}) "
-                         "or a new path")
+        raise InputError(f"{directory} is a symbolic link; pass the folder it points to "
+                         f"({os.path.realpath(directory)}) or a new path")
     if directory.exists():
         if not directory.is_dir():
             raise InputError(f"{directory} exists and is not a folder; refusing to replace it")
