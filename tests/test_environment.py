@@ -33,7 +33,7 @@ def test_an_overridden_capability_is_recorded_with_the_variable_that_set_it():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, check=True)
     env = json.loads(done.stdout.strip().splitlines()[-1])
     assert env["cpu_capability"] == "DEFAULT"
-    assert env["kernel_env"] == {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert env["kernel_env"].items() >= {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}.items()
     assert "DEFAULT" in kernels_note(env) and "ATEN_CPU_CAPABILITY=default" in kernels_note(env)
 
 
