@@ -1,4 +1,5 @@
 """Detection data, COCO evaluation and the end-to-end smoke run (synthetic COCO written by the tests)."""
+import importlib.metadata
 import json
 import math
 import os
@@ -103,6 +104,7 @@ def test_det_swin_smoke_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["rows"]
     assert summary["missing"] == [] and summary["environment"][0]["device"] == "cpu"
+    assert summary["environment"][0]["mmdet"] == importlib.metadata.version("mmdet")  # the detector library's version
     models = {"mask_rcnn_swin_t-smoke", "cascade_mask_rcnn_swin_t-smoke"}
     assert {r["model"] for r in rows} == models
     for model in models:
