@@ -3,8 +3,10 @@
     python scripts/assemble_table.py QwT-cls-RepQ-ViT results/cls_vit [--config-hash H]
 
 writes RESULTS/summary.json, RESULTS/table.md and (top-1 tables) RESULTS/chart.png. Only complete records made
-with one configuration are read (--config-hash, or the only one present); partial records, records of other
-settings and any other JSON in the folder are ignored and reported.
+with one configuration are read (--config-hash, or the only one present); partial or damaged records, records of
+other settings and any other JSON in the folder are ignored and reported. The table's runs that have no such
+record are listed as missing and the exit status is then 1; records of models that are not in the task's table
+are refused (exit status 2).
 """
 import argparse
 import sys

@@ -1,4 +1,5 @@
 """Detection data, COCO evaluation and the end-to-end smoke run (synthetic COCO written by the tests)."""
+import importlib.metadata
 import json
 import math
 import os
@@ -108,6 +109,7 @@ def test_det_swin_smoke_end_to_end(tmp_path):
     rows = summary["rows"]
     assert summary["missing"] == [] and summary["environment"][0]["device"] == "cpu"
     assert summary["environment"][0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert summary["environment"][0]["mmdet"] == importlib.metadata.version("mmdet")  # the detector library's version
     models = {"mask_rcnn_swin_t-smoke", "cascade_mask_rcnn_swin_t-smoke"}
     assert {r["model"] for r in rows} == models
     for model in models:

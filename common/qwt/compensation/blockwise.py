@@ -97,7 +97,7 @@ class QwTConfig:
 
     def __post_init__(self) -> None:
         # Settings that would make QwT silently do nothing or something undefined are refused here; a start
-        # block past the model's last block is checked where the plan is known (qwt.experiment.check_qwt_config).
+        # block past the model's last block is checked where the plan is known (check_qwt_config, in fit_compensation).
         if not isinstance(self.fp16_eval, bool):  # a string such as "no" would be taken as true
             raise ValueError(f"fp16_eval must be True or False, got {self.fp16_eval!r}")
         if math.isnan(self.r2_threshold):  # every comparison with NaN is false: no block would ever be applied
