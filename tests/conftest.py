@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from qwt.quant.modules import quant_modules  # noqa: E402
-from qwt.quant.quantizers import LogSqrt2Quantizer  # noqa: E402
+from qwt.quant.quantizers import LogSqrt2Quantizer, Quantizer  # noqa: E402
 
 
 @pytest.fixture
@@ -28,12 +28,13 @@ def images() -> torch.Tensor:
 U = 2.0**-24  # FP32 unit roundoff
 
 
-def _one_ulp_tie_rate(model: torch.nn.Module, images: torch.Tensor) -> float:
+def _one_ulp_tie_rate(model: torch.nn.Module, images: torch.Tensor, only: list[Quantizer] | None = None) -> float:
     """Expected number of activation codes per image that move when every quantiser input moves by one ulp.
 
     An input x moved by u·|x| moves its code argument t by u·|x|·|dt/dx|: u·|x/Δ| on a uniform grid (in-range
     values only; clipped ones cannot move), u·2/ln 2 on the log-√2 grid (t = −2·log2(x/Δ)). With the fractional
     parts of t spread evenly, the code changes with probability 2·that (a window either side of each tie).
+    ``only``: count these quantisers alone (those that see the difference first), else every enabled one.
     """
     total, hooks = [0.0], []
 
@@ -46,8 +47,8 @@ def _one_ulp_tie_rate(model: torch.nn.Module, images: torch.Tensor) -> float:
             code = torch.round(t) + q.zero_point
             total[0] += 2 * U * float(t.abs()[(code >= 0) & (code <= q.levels - 1)].sum())
 
-    for _, module in quant_modules(model):
-        hooks += [q.register_forward_hook(add) for q in module.activation_quantizers() if q.enabled]
+    quantizers = only if only is not None else [q for _, m in quant_modules(model) for q in m.activation_quantizers()]
+    hooks += [q.register_forward_hook(add) for q in quantizers if q.enabled]
     try:
         with torch.no_grad():
             model(images)
@@ -96,3 +97,9 @@ def agree_up_to_code_ties() -> Callable[[torch.nn.Module, torch.Tensor, torch.Te
 def changes_allowed() -> Callable[[float, int], int]:
     """:func:`tie_changes_allowed`, for tests that estimate the expected changes themselves."""
     return tie_changes_allowed
+
+
+@pytest.fixture
+def one_ulp_tie_rate() -> Callable[..., float]:
+    """:func:`_one_ulp_tie_rate`, for tests that bound the changes at chosen quantisers."""
+    return _one_ulp_tie_rate

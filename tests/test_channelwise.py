@@ -90,13 +90,13 @@ def test_folding_gives_the_same_output_and_no_extra_parameters(vit_w4a4, agree_u
         for name, affine in affines.items():
             layer, original = folded.get_submodule(name), affine.layer
             q, q0 = layer.weight_quantizer, original.weight_quantizer
-            # Codes: W·g / (Δ·g) is W/Δ up to three roundings (≤ 2u·|W/Δ| ≤ 2u·8 code units at 4 bits), which move a
-            # code only that close to a tie: a code one step off is a ~1e-6 event; allow 1e-3 of them.
+            # Codes: W·g / (Δ·g) is W/Δ up to three roundings (≤ 2u·|W/Δ| ≤ 2u·8 code units at 4 bits), which
+            # move a code only that close to a tie: a code one step off is a ~1e-6 event; allow 1e-3 of them.
             moved = torch.round(layer.weight / q.delta) - torch.round(original.weight / q0.delta)
             assert moved.abs().max() <= 1 and (moved != 0).float().mean() <= 1e-3, name
             x, expected = seen[name]
-            # Same codes and inputs; the GEMM sums K products in another order: |error| ≤ 2·γ_K·Σ|x||w|·|g| + rounding
-            # of the bias terms (γ_K ≈ K·u), the standard bound, with a factor 2 for the two computations.
+            # Same codes and inputs; the GEMM sums K products in another order: |error| ≤ 2·γ_K·Σ|x||w|·|g| +
+            # rounding of the bias terms (γ_K ≈ K·u), the standard bound, with a factor 2 for the two computations.
             xq, wq = original.input_quantizer(x), original.quantized_weight()
             k = wq.shape[1]
             bound = 4 * k * 2.0**-24 * ((xq.abs() @ wq.abs().T) * affine.gain.abs() + affine.shift.abs()

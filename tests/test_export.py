@@ -247,7 +247,7 @@ def test_cli_reports_a_missing_saved_model_in_one_line(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path, changes_allowed):
+def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path, one_ulp_tie_rate, changes_allowed):
     fp = _resnet18()
     calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     plain = calibrate_w8a8(fp, calib)
@@ -265,25 +265,16 @@ def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path, chang
     # same inputs); the images with a moved code are bounded via twice the one-ulp tie rate of those quantisers.
     names = [n for n, m in compensated.named_modules() if isinstance(m, OutputQuantized)
              and isinstance(m.layer, ChannelAffine)]
-    codes: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    ties = [0.0]
-
-    def tie_window(q, inputs, _output) -> None:  # as conftest's _one_ulp_tie_rate, for these quantisers only
-        t = inputs[0] / q.delta
-        code = torch.round(t) + q.zero_point
-        ties[0] += 2 * 2.0**-24 * float(t.abs()[(code >= 0) & (code <= q.levels - 1)].sum())
-
-    hooks = [compensated.get_submodule(n).output_quantizer.register_forward_hook(tie_window) for n in names]
-    for model in (compensated, folded):
-        hooks += [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: codes[n].append(o)) for n in names]
     images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    first = [compensated.get_submodule(n).output_quantizer for n in names]
+    expected_changes = 2 * one_ulp_tie_rate(compensated, images, first) * len(images)
+    codes: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: codes[n].append(o))
+             for model in (compensated, folded) for n in names]
     with torch.no_grad():
-        expected = compensated(images)
-        for h in hooks[:len(names)]:
-            h.remove()
-        got = folded(images)
+        expected, got = compensated(images), folded(images)
     for h in hooks:
         h.remove()
     moved = torch.stack([(a != b).flatten(1).any(1) for a, b in codes.values()]).any(0)
-    assert int(moved.sum()) <= changes_allowed(2 * ties[0], len(images))
+    assert int(moved.sum()) <= changes_allowed(expected_changes, len(images))
     assert torch.equal(got[~moved], expected[~moved])
