@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..cli import finite_float
 from ..compensation import SOLVER_MODES, QwTConfig
 from ..family import Family
-from ..ptq import PTQConfig
+from ..ptq import PTQConfig, default_baseline, list_baselines
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g = p.add_argument_group("quantisation (PTQ)")
     g.add_argument("--w-bits", type=int, default=4)
     g.add_argument("--a-bits", type=int, default=4)
-    g.add_argument("--method", choices=["repq_vit", "percentile"], default=None,
-                   help="PTQ baseline (default: the model family's first: RepQ-ViT for ViTs, percentile for CNNs)")
+    g.add_argument("--method", choices=list_baselines(), default=None,
+                   help="PTQ baseline (default: RepQ-ViT where the model family supports it, else percentile)")
     g.add_argument("--layer-map", choices=["qwt", "repq_vit"], default=defaults.layer_map,
                    help="qwt: patch-embed and classifier W8A8 (the QwT authors' classification code); "
                         "repq_vit: RepQ-ViT's original map")
@@ -73,7 +73,7 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
 
 
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
-    return PTQConfig(method=args.method or family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits,
+    return PTQConfig(method=args.method or default_baseline(family), w_bits=args.w_bits, a_bits=args.a_bits,
                      layer_map=args.layer_map, log_floor=args.log_floor, conv_act_bits=args.conv_act_bits)
 
 
