@@ -4,7 +4,7 @@
     python benchmarks/calibration_speed.py --model deit_small --device cuda
 
 Random weights and synthetic images (no data loading). Phases: the first calibration pass, RepQ-ViT
-reparameterisation + re-calibration (ViTs only), QwT over every block, and for scale one FP32 forward of all the
+reparameterisation + re-calibration (ViTs only), GPTQ's weight rounding (``--method gptq``), QwT over every block, and for scale one FP32 forward of all the
 calibration + compensation images (``fp_forward_s``: the mean of one run before and one after calibration, both
 in ``fp_forward_runs_s``, since a shared machine's speed drifts), all under the same allocator setting
 (``freed_memory_retained``, see qwt.allocator). ``qwt_peak_mib`` is what the QwT phase adds at its peak to the memory in use
@@ -27,7 +27,7 @@ import torch
 from qwt import PTQConfig, QwTConfig, apply_qwt, create_model, get_model_entry, quantize
 from qwt.allocator import freed_memory_retained, release_freed_memory, retain_freed_memory
 from qwt.compensation import SOLVER_MODES
-from qwt.ptq import default_baseline
+from qwt.ptq import default_baseline, list_baselines
 from qwt.utils import PhaseTimer
 
 _MIB = 2**20
@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--method", choices=list_baselines(), default=None,
+                   help="PTQ baseline (default: the family's, RepQ-ViT for ViTs, percentile for CNNs)")
     p.add_argument("--calib-images", type=int, default=32)
     p.add_argument("--comp-images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
@@ -124,8 +126,8 @@ def run(args: argparse.Namespace) -> dict:
     fp_runs = [fp_forward_seconds(fp_model, (calib, comp), args.batch_size)]
 
     timer = PhaseTimer()
-    quantize(model, calib, PTQConfig(method=default_baseline(entry.family), w_bits=args.w_bits, a_bits=args.a_bits),
-             on_phase=timer)
+    method = args.method or default_baseline(entry.family)
+    quantize(model, calib, PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits), on_phase=timer)
     ptq = timer.total
     memory = PeakMemory(device)
     release_freed_memory()  # the baseline is the memory in use, not what earlier phases left for reuse
@@ -143,10 +145,11 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": args.model + ("-smoke" if args.smoke else ""), "device": name, "threads": torch.get_num_threads(),
         "images": args.calib_images + args.comp_images, "calib_images": args.calib_images,
-        "comp_images": args.comp_images, "bits": f"W{args.w_bits}A{args.a_bits}", "solver": args.solver,
+        "comp_images": args.comp_images, "bits": f"W{args.w_bits}A{args.a_bits}", "method": method, "solver": args.solver,
         "feature_device": args.feature_device or args.device,
         "calibrate_s": round(timer.phases["calibrate"], 3),
         "reparameterize_s": round(timer.phases.get("reparameterize+recalibrate", 0.0), 3),
+        "gptq_s": round(timer.phases.get("gptq", 0.0), 3),
         "fp_forward_s": round(fp_forward, 3), "fp_forward_runs_s": [round(r, 3) for r in fp_runs],
         "ptq_s": round(ptq, 3), "qwt_s": round(qwt_s, 3),
         "total_s": round(total, 3), "ratio_to_fp_forward": round(total / fp_forward, 2),
@@ -158,9 +161,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     figures = run(parse_args(argv))
-    print(f"{figures['model']} {figures['bits']} on {figures['device']} ({figures['threads']} threads), "
+    print(f"{figures['model']} {figures['bits']} {figures['method']} on {figures['device']} ({figures['threads']} threads), "
           f"{figures['calib_images']} calibration + {figures['comp_images']} compensation images")
-    for key in ("calibrate_s", "reparameterize_s", "qwt_s", "total_s", "fp_forward_s"):
+    for key in ("calibrate_s", "reparameterize_s", "gptq_s", "qwt_s", "total_s", "fp_forward_s"):
         print(f"  {key:18s} {figures[key]:9.3f}")
     print(f"  {'QwT peak memory':18s} {figures['qwt_peak_mib']:9.1f} MiB (features {figures['feature_mib']:.1f} MiB)")
     print(json.dumps(figures), flush=True)

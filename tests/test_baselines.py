@@ -35,19 +35,25 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
+def _fmnist(start: int, n: int, split: str = "train") -> torch.Tensor:
+    from qwt.data.fashion_mnist import load_fashion_mnist, normalize
+
+    return normalize(load_fashion_mnist(split)[0][start:start + n])
+
+
 def test_a_baseline_defined_outside_the_library_runs_every_path(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")  # noqa: F841  (the export check runs the ONNX file)
     from qwt.export import export_onnx, run, session
 
     assert "test_clipped_rtn" in list_baselines()
-    config = PTQConfig(method=ClippedRTN(ratio=0.7), w_bits=4, a_bits=6)
-    model = qwt.quantize(qwt.create_model("vit_fmnist"), _images(16, 0), config)
+    config = PTQConfig(method=ClippedRTN(ratio=0.7), w_bits=4, a_bits=4)
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist(0, 32), config)
     qkv = model.blocks[0].attn.qkv
     expected = qkv.weight.abs().amax(1) * 0.7 * 2 / 15
     assert torch.equal(qkv.weight_quantizer.delta.reshape(-1), expected)  # the hook set the grid
     assert qkv.input_quantizer.channel_axis is None  # default activation hooks: nothing channel-wise
-    qwt.apply_qwt(model, _images(96, 1), qwt.QwTConfig(fp16_eval=False), batch_size=32, progress=False)
-    test = _images(64, 2)
+    qwt.apply_qwt(model, _fmnist(32, 128), qwt.QwTConfig(fp16_eval=False), batch_size=32, progress=False)
+    test = _fmnist(0, 500, "test")
     with torch.no_grad():
         logits = model(test)
 
@@ -59,9 +65,11 @@ def test_a_baseline_defined_outside_the_library_runs_every_path(tmp_path):
 
     path = export_onnx(reloaded, test[:1], tmp_path / "toy.onnx")
     exported = run(session(path), test)
-    # The same tolerance as the library's own simulation exports: op order differs between torch and
-    # onnxruntime, so a value on a rounding boundary may land one code apart.
-    assert ((exported - logits).abs() <= 1e-3).float().mean() >= 0.95
+    # onnxruntime's softmax differs from torch's in the last bits, and this baseline's post-softmax quantiser is
+    # uniform (as percentile's): attention probabilities near a code boundary land one code apart in most
+    # images (percentile W4A4 behaves the same). So, as tests/test_export.py does where rounding differs
+    # everywhere: mean |Δ| ≤ 5 % of the logits' spread, and the prediction kept for ≥ 98 % of the images.
+    assert (exported - logits).abs().mean() <= 0.05 * logits.std()
     assert (exported.argmax(1) == logits.argmax(1)).float().mean() >= 0.98
 
 

@@ -14,7 +14,7 @@ from qwt.ptq.baselines import GPTQ
 from qwt.ptq.baselines.gptq import gptq_layer
 from qwt.quant.gptq import hessian_update, layer_columns
 from qwt.quant.modules import QuantConv2d, QuantLinear, quant_modules
-from qwt.quant.quantizers import UniformQuantizer, search_uniform
+from qwt.quant.quantizers import RoundingQuantizer, UniformQuantizer, search_uniform
 
 
 def plain_gptq(weight, hessian, delta, zero, levels, damp, block_size, act_order):
@@ -55,7 +55,7 @@ def plain_gptq(weight, hessian, delta, zero, levels, damp, block_size, act_order
 
 def _layer(inputs: int, outputs: int, bits: int, seed: int) -> QuantLinear:
     torch.manual_seed(seed)
-    layer = QuantLinear(nn.Linear(inputs, outputs), None, UniformQuantizer(bits, channel_axis=0))
+    layer = QuantLinear(nn.Linear(inputs, outputs), None, RoundingQuantizer(bits, channel_axis=0))
     layer.weight_quantizer.enabled = True
     layer.quantized_weight()  # calibrate the per-channel grid on the weight, as the PTQ pass does
     return layer
@@ -105,12 +105,14 @@ def test_gptq_equals_a_plain_restatement_of_the_published_loop(act_order, group_
         delta, zero = torch.cat(deltas, 1), torch.cat(zeros, 1)
     expected = plain_gptq(w, plain_h, delta, zero, 2**bits, 0.01, 128, act_order)
 
+    rtn = layer.weight_quantizer(w)
     gptq_layer(layer, hessian, GPTQ(act_order=act_order, group_size=group_size))
-    assert torch.equal(layer.weight, expected.float())
+    assert torch.equal(layer.weight, w)  # the float weight stays
+    assert torch.equal(layer.weight_quantizer(layer.weight), expected.float())  # the quantiser gives GPTQ's
     if group_size is not None:
         assert torch.equal(layer.weight_quantizer.delta, delta) and torch.equal(layer.weight_quantizer.zero_point, zero)
-    assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)  # round-to-nearest reproduces it
-    assert not torch.equal(layer.weight, layer.weight_quantizer(w))  # and it is not round-to-nearest of w
+    else:
+        assert not torch.equal(layer.weight_quantizer(w), rtn)  # and it is not round-to-nearest
 
 
 @pytest.mark.parametrize("groups", [1, 2, 8])
@@ -133,9 +135,10 @@ def test_a_dead_input_channel_stays_finite():
         hessian = hessian_update(hessian, layer_columns(layer, x))
     assert hessian[0, 7, 7] == 0
     gptq_layer(layer, hessian, GPTQ())
-    assert torch.isfinite(layer.weight).all()
-    zero_code = layer.weight_quantizer(torch.zeros_like(layer.weight))[:, 7]
-    assert torch.equal(layer.weight[:, 7], zero_code)  # the dead column holds the grid's image of 0
+    quantized = layer.weight_quantizer(layer.weight)
+    assert torch.isfinite(quantized).all()
+    zero_code = UniformQuantizer.fake_quant(layer.weight_quantizer, torch.zeros_like(layer.weight))[:, 7]
+    assert torch.equal(quantized[:, 7], zero_code)  # the dead column holds the grid's image of 0
 
 
 def _fmnist_calib() -> torch.Tensor:
@@ -166,16 +169,18 @@ def _output_error(layer: nn.Module, fp_weight: torch.Tensor, columns: torch.Tens
     return float(torch.matmul(columns.double(), diff.double().transpose(1, 2)).pow(2).sum())
 
 
-@pytest.mark.parametrize("model_name", ["vit_fmnist", "resnet18"])
+@pytest.mark.parametrize("model_name", ["vit_fmnist", "efficientnet"])
 def test_gptq_beats_round_to_nearest_on_every_layer(model_name):
     """Weights only (A16), the same per-channel grid: only the rounding differs. Each layer's output error is
     measured on the inputs GPTQ fitted it to (produced by the GPTQ-rounded layers before it)."""
     if model_name == "vit_fmnist":
         fp, data = qwt.create_model("vit_fmnist"), _fmnist_calib()
-    else:
+    else:  # depthwise (grouped) and pointwise convs; random weights, eval-mode BatchNorm
+        import timm
+
         torch.manual_seed(0)
-        fp = qwt.create_model("resnet18", smoke=True, num_classes=10)
-        data = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        fp = timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()
+        data = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # ≥ 2×2 maps in the last stage
     gptq = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(method=GPTQ(activations="percentile"), w_bits=3, a_bits=16))
     rtn = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(method="percentile", w_bits=3, a_bits=16))
     fp_weights = dict(fp.named_parameters())
@@ -201,13 +206,15 @@ def test_act_order_and_groups_change_the_result_and_keep_it_valid(tmp_path):
         for name, layer in layers.items():
             if isinstance(layer, (QuantLinear, QuantConv2d)):
                 q = layer.weight_quantizer
-                assert torch.isfinite(layer.weight).all() and torch.equal(q(layer.weight), layer.weight), name
-                codes = torch.round(layer.weight / q.delta) + q.zero_point
-                assert codes.min() >= 0 and codes.max() <= q.levels - 1, name
+                quantized = q(layer.weight)
+                codes = torch.round(quantized / q.delta) + q.zero_point
+                assert torch.isfinite(quantized).all() and codes.min() >= 0 and codes.max() <= q.levels - 1, name
+                assert torch.equal((codes - q.zero_point) * q.delta, quantized), name  # on the grid
                 if options.group_size and layer.weight.shape[1] > 32:
                     assert q.delta.shape == layer.weight.shape  # one grid per row and group of 32 columns
                     assert not torch.equal(q.delta[:, :32], q.delta[:, 32:64])
-        weights[options] = layers["blocks.2.mlp.fc2"].weight.detach().clone()
+        fc2 = layers["blocks.2.mlp.fc2"]
+        weights[options] = fc2.weight_quantizer(fc2.weight).detach().clone()
         if options.group_size and options.act_order:
             saved = qwt.save_quantized(model, tmp_path / "gptq", "vit_fmnist", config)
             with torch.no_grad():
@@ -227,3 +234,15 @@ def test_gptq_options_are_checked():
     with pytest.raises(ValueError, match="LayerNorm → Linear pairs"):
         qwt.quantize(qwt.create_model("resnet18", smoke=True, num_classes=4), torch.zeros(2, 3, 32, 32),
                      PTQConfig(method=GPTQ(activations="repq_vit")))
+
+
+def test_quantisation_off_gives_the_float_model_back():
+    """QwT fits each block towards its output with quantisation off: GPTQ must leave the float weights in place."""
+    fp, data = qwt.create_model("vit_fmnist"), _fmnist_calib()
+    model = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(method="gptq", w_bits=3, a_bits=16))
+    with torch.no_grad():
+        quantized = model(data)
+        with qwt.quant_state(model, weight=False, act=False):
+            # Up to the quantised attention's op order (see qwt.quant.attention).
+            torch.testing.assert_close(model(data), fp(data), rtol=1e-5, atol=1e-5)
+    assert (quantized - fp(data)).abs().max() > 1e-2

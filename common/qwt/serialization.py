@@ -30,13 +30,14 @@ from .models import get_model_entry
 from .ptq import PTQConfig
 from .ptq.surgery import quantize_modules
 from .quant.modules import set_quant_state, swap_module
-from .quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer, check_bits
+from .quant.quantizers import LogSqrt2Quantizer, Quantizer, RoundingQuantizer, UniformQuantizer, check_bits
 from .utils import all_finite
 
 TENSORS, DESCRIPTION = "model.safetensors", "qwt.json"
 FORMAT_VERSION = 3
 _HASH_KEY = "qwt_description_sha256"
-_KINDS: dict[type[Quantizer], str] = {UniformQuantizer: "uniform", LogSqrt2Quantizer: "log_sqrt2"}
+_KINDS: dict[type[Quantizer], str] = {UniformQuantizer: "uniform", LogSqrt2Quantizer: "log_sqrt2",
+                                      RoundingQuantizer: "uniform_rounding"}
 _SHOWN = 5  # differences listed in an error message
 
 
@@ -66,6 +67,8 @@ def _describe_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
         spec: dict[str, Any] = {"kind": _KINDS[type(q)], "n_bits": q.n_bits, "shape": list(q.delta.shape)}
         if isinstance(q, UniformQuantizer):
             spec["channel_axis"] = q.channel_axis
+            if isinstance(q, RoundingQuantizer):
+                spec["offset_shape"] = list(q.offset.shape)
         else:
             spec["floor"] = q.floor
         out[name] = spec
@@ -132,9 +135,15 @@ def _listing(diffs: list[str]) -> str:
     return "; ".join(diffs[:_SHOWN]) + more
 
 
-def _quantizer_buffer(key: str, quantizers: dict[str, Any]) -> str | None:
+def _quantizer_buffer_shape(key: str, quantizers: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape a quantiser's calibrated buffer has according to the description (None: not such a buffer)."""
     owner, _, leaf = key.rpartition(".")
-    return owner if owner in quantizers and leaf in ("delta", "zero_point") else None
+    spec = quantizers.get(owner)
+    if spec is None:
+        return None
+    if leaf in ("delta", "zero_point"):
+        return tuple(spec["shape"])
+    return tuple(spec["offset_shape"]) if leaf == "offset" and "offset_shape" in spec else None
 
 
 def _check_tensors(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -145,8 +154,8 @@ def _check_tensors(state: dict[str, torch.Tensor], reference: dict[str, torch.Te
         ref = reference.get(key)
         if ref is None:
             continue
-        owner = _quantizer_buffer(key, quantizers)
-        shape = tuple(quantizers[owner]["shape"]) if owner else tuple(ref.shape)
+        described = _quantizer_buffer_shape(key, quantizers)
+        shape = described if described is not None else tuple(ref.shape)
         if tensor.dtype != ref.dtype:
             problems.append(f"{key} is {tensor.dtype}, expected {ref.dtype}")
         elif tuple(tensor.shape) != shape:

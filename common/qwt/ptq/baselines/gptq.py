@@ -12,10 +12,12 @@ Hessian, whatever the model, and any calibration forward works (a detector's too
 forward per layer. A module called several times per forward contributes the calls made before the next layer
 is first reached.
 
-The rounded weight is representable by the layer's own weight quantiser: the layer keeps that quantiser's grid
-(per channel from its percentile search, or per static group of ``group_size`` columns from the same search on
-each group) and its weight is replaced by GPTQ's result, which round-to-nearest maps onto itself bit for bit.
-Fake quantisation, saving, loading and export then need nothing GPTQ-specific.
+The result lives in the layer's weight quantiser, a :class:`~qwt.quant.quantizers.RoundingQuantizer`: it keeps
+the grid (per channel from its percentile search, or per static group of ``group_size`` columns from the same
+search on each group) and stores, per weight, the integer offset from round-to-nearest to GPTQ's code. The float
+weight stays the layer's weight, so switching quantisation off gives the float layer (the target QwT fits
+towards), and switching it on gives GPTQ's rounded weight bit for bit; saving, loading and the ONNX simulation
+export handle the quantiser like any other.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import nn
 
 from ...quant.gptq import NotPositiveDefinite, gptq_round, hessian_update, layer_columns
 from ...quant.modules import QuantConv2d, QuantLinear, quant_modules
-from ...quant.quantizers import Quantizer, UniformQuantizer, search_uniform, uniform_fake_quant
+from ...quant.quantizers import Quantizer, RoundingQuantizer, UniformQuantizer, search_uniform
 from .base import Baseline, make_baseline, register_baseline
 
 if TYPE_CHECKING:
@@ -78,7 +80,7 @@ class GPTQ(Baseline):
         return make_baseline(self.activations or ("repq_vit" if token_model else "percentile"))
 
     def weight_quantizer(self, bits: int) -> Quantizer:
-        return UniformQuantizer(bits, channel_axis=0, grid="symmetric" if self.symmetric else "affine")
+        return RoundingQuantizer(bits, channel_axis=0, grid="symmetric" if self.symmetric else "affine")
 
     def after_calibration(self, model: nn.Module, data: Any, forward: CalibrationForward, pairs: NormLinearPairs,
                           on_phase: PhaseHook | None) -> list[str]:
@@ -151,8 +153,11 @@ def _group_grid(weight: torch.Tensor, quantizer: UniformQuantizer, group_size: i
 @torch.no_grad()
 def gptq_layer(layer: nn.Module, hessian: torch.Tensor, options: GPTQ) -> None:
     """Round ``layer``'s weight with GPTQ on its calibrated weight quantiser's grid (per channel, or static groups
-    searched here); store the rounded weight and the grid so round-to-nearest reproduces it."""
+    searched here) and give the quantiser GPTQ's codes; the layer's float weight is left as it is."""
     quantizer = layer.weight_quantizer
+    if not isinstance(quantizer, RoundingQuantizer):
+        raise TypeError(f"GPTQ needs a RoundingQuantizer on the weight (GPTQ.weight_quantizer), got "
+                        f"{type(quantizer).__name__}")
     groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
     weight = layer.weight.detach()
     w = weight.reshape(groups, weight.shape[0] // groups, -1)
@@ -161,13 +166,13 @@ def gptq_layer(layer: nn.Module, hessian: torch.Tensor, options: GPTQ) -> None:
         zero = quantizer.zero_point.reshape(groups, -1, 1).expand_as(w)
     else:
         delta, zero = _group_grid(w, quantizer, options.group_size)
+        quantizer.set_params(delta.reshape(weight.shape), zero.reshape(weight.shape))
     rounded = gptq_round(w, hessian, delta, zero, quantizer.levels, damp=options.damp,
                          block_size=options.block_size, act_order=options.act_order)
-    # FP64 (k − z)·Δ is exact; its FP32 value is the FP32 product, which round-to-nearest maps onto itself.
-    stored = uniform_fake_quant(rounded.to(weight.dtype), delta, zero, quantizer.levels)
-    layer.weight.data.copy_(stored.reshape(weight.shape))
-    if options.group_size is not None:
-        quantizer.set_params(delta.reshape(weight.shape), zero.reshape(weight.shape))
+    # rounded = (k − z)·Δ exactly in FP64, so k is recovered exactly; the quantiser then computes (k − z)·Δ in the
+    # weight's dtype, which is GPTQ's rounded weight in that dtype.
+    codes = torch.round(rounded / delta.double()).add_(zero.double()).to(weight.dtype)
+    quantizer.set_codes(weight, codes.reshape(weight.shape))
     layer.clear_weight_cache()
 
 
