@@ -44,9 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder")
     p.add_argument("--models", nargs="+", default=["vit_fmnist", "efficientnet_lite0"],
                    choices=["vit_fmnist", "efficientnet_lite0"])
-    p.add_argument("--vit-bits", nargs="+", default=["W3A3", "W4A3", "W4A4", "W6A6", "W3A16"],
-                   help="bit settings for the ViT (W3A3/W4A3: where its quantisation loss is large enough to read; "
-                        "A16: weights only)")
+    p.add_argument("--vit-bits", nargs="+", default=["W3A3", "W4A4", "W3A16"],
+                   help="bit settings for the ViT (W3A3: where its quantisation loss is large enough to read; A16: "
+                        "weights only; W4A3 and W6A6, within noise of W4A4, left out to keep the job under 5 minutes)")
     p.add_argument("--cnn-bits", nargs="+", default=["W4A4", "W6A6", "W4A8", "W3A16"],
                    help="bit settings for the CNN (A16: weights only)")
     p.add_argument("--vit-gptq-bits", nargs="*", default=["W4A4", "W3A3", "W3A16"],
