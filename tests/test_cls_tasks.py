@@ -137,3 +137,18 @@ def test_augmented_images_do_not_depend_on_draw_order(dataset):
     backward = [subset[k][0] for k in reversed(range(3))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
     assert not torch.equal(SeededSubset(train, [5], seed=1)[0][0], forward[0])  # the seed matters
+
+
+def test_gptq_from_the_command_line_is_named_in_the_record(dataset, tmp_path):
+    rows = _run("vit", "deit_small", dataset, tmp_path, "--method", "gptq", "--method-option", "act_order=true",
+                "--save", str(tmp_path / "saved"))
+    assert [r["model"] for r in rows] == ["deit_small-gptq-smoke"] * 3  # never next to a paper RepQ-ViT row
+    details = json.loads((tmp_path / "details" / "deit_small_W4A4_gptq_smoke.json").read_text())
+    assert details["ptq"]["method"] == "gptq" and details["ptq"]["method_options"]["act_order"] is True
+    assert qwt.load_quantized(tmp_path / "saved") is not None
+
+
+def test_a_method_the_family_cannot_take_is_refused_before_any_compute(dataset, tmp_path):
+    with pytest.raises(ValueError, match="LayerNorm → Linear pairs"):
+        _run("resnet", "resnet18", dataset, tmp_path / "out", "--method", "repq_vit")
+    assert not (tmp_path / "out").exists()
