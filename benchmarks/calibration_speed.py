@@ -4,7 +4,7 @@
     python benchmarks/calibration_speed.py --model deit_small --device cuda
 
 Random weights and synthetic images (no data loading). Phases: the first calibration pass, RepQ-ViT
-reparameterisation + re-calibration (ViTs only), QwT over every block, and for scale one FP32 forward of all the
+reparameterisation + re-calibration (ViTs only), GPTQ's weight rounding (``--method gptq``), QwT over every block, and for scale one FP32 forward of all the
 calibration + compensation images (``fp_forward_s``: the mean of one run before and one after calibration, both
 in ``fp_forward_runs_s``, since a shared machine's speed drifts), all under the same allocator setting
 (``freed_memory_retained``, see qwt.allocator). ``qwt_peak_mib`` is what the QwT phase adds at its peak to the memory in use
@@ -31,6 +31,7 @@ from qwt.cli import check_device, positive_int, run_cli
 from qwt.compensation import SOLVER_MODES
 from qwt.compensation.features import DISK
 from qwt.environment import environment
+from qwt.ptq import default_baseline, list_baselines
 from qwt.utils import PhaseTimer
 
 _MIB = 2**20
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--method", choices=list_baselines(), default=None,
+                   help="PTQ baseline (default: the family's, RepQ-ViT for ViTs, percentile for CNNs)")
     p.add_argument("--calib-images", type=positive_int, default=32)
     p.add_argument("--comp-images", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=32)
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.feature_device not in (None, DISK):
         check_device(args.feature_device, "--feature-device")
     entry = get_model_entry(args.model)
-    ptq_config = PTQConfig(method=entry.family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits)
+    ptq_config = PTQConfig(method=args.method or default_baseline(entry.family), w_bits=args.w_bits,
+                           a_bits=args.a_bits)
     qwt_config = QwTConfig(solver=args.solver, feature_device=args.feature_device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,10 +152,12 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": args.model + ("-smoke" if args.smoke else ""), "device": name, "threads": torch.get_num_threads(),
         "images": args.calib_images + args.comp_images, "calib_images": args.calib_images,
-        "comp_images": args.comp_images, "bits": ptq_config.tag, "solver": args.solver,
+        "comp_images": args.comp_images, "bits": ptq_config.tag, "method": ptq_config.method.name,
+        "solver": args.solver,
         "feature_device": args.feature_device or args.device,
         "calibrate_s": round(timer.phases["calibrate"], 3),
         "reparameterize_s": round(timer.phases.get("reparameterize+recalibrate", 0.0), 3),
+        "gptq_s": round(timer.phases.get("gptq", 0.0), 3),
         "fp_forward_s": round(fp_forward, 3), "fp_forward_runs_s": [round(r, 3) for r in fp_runs],
         "ptq_s": round(ptq, 3), "qwt_s": round(qwt_s, 3),
         "total_s": round(total, 3), "ratio_to_fp_forward": round(total / fp_forward, 2),
@@ -171,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args: argparse.Namespace) -> None:
     figures = run(args)
-    print(f"{figures['model']} {figures['bits']} on {figures['device']} ({figures['threads']} threads), "
+    print(f"{figures['model']} {figures['bits']} {figures['method']} on {figures['device']} "
+          f"({figures['threads']} threads), "
           f"{figures['calib_images']} calibration + {figures['comp_images']} compensation images")
-    for key in ("calibrate_s", "reparameterize_s", "qwt_s", "total_s", "fp_forward_s"):
+    for key in ("calibrate_s", "reparameterize_s", "gptq_s", "qwt_s", "total_s", "fp_forward_s"):
         print(f"  {key:18s} {figures[key]:9.3f}")
     print(f"  {'QwT peak memory':18s} {figures['qwt_peak_mib']:9.1f} MiB (features {figures['feature_mib']:.1f} MiB)")
     print(json.dumps(figures), flush=True)

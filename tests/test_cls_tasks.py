@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qwt
+from qwt.ptq import default_baseline
 from qwt.tasks.classification import build_parser, run
 from qwt.compensation import Compensated
 from qwt.data.synthetic import write_class_folders
@@ -72,7 +73,7 @@ def test_compensation_reduces_block_error_and_gate_zeroes(model):
     fp = qwt.create_model(model, smoke=True, num_classes=4)
     gen = torch.Generator().manual_seed(1)
     calib, comp = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(48, 3, 32, 32, generator=gen)
-    method = entry.family.methods[0]
+    method = default_baseline(entry.family)
     q = qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig(method=method))
     plan = entry.family.plan(q)
     first = next(s.path for s in plan.steps if s.compensate)
@@ -139,3 +140,18 @@ def test_augmented_images_do_not_depend_on_draw_order(dataset):
     backward = [subset[k][0] for k in reversed(range(3))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
     assert not torch.equal(SeededSubset(train, [5], seed=1)[0][0], forward[0])  # the seed matters
+
+
+def test_gptq_from_the_command_line_is_named_in_the_record(dataset, tmp_path):
+    rows = _run("vit", "deit_small", dataset, tmp_path, "--method", "gptq", "--method-option", "act_order=true",
+                "--save", str(tmp_path / "saved"))
+    assert [r["model"] for r in rows] == ["deit_small-gptq-smoke"] * 3  # never next to a paper RepQ-ViT row
+    details = json.loads((tmp_path / "details" / "deit_small_W4A4_gptq_smoke.json").read_text())
+    assert details["ptq"]["method"] == "gptq" and details["ptq"]["method_options"]["act_order"] is True
+    assert qwt.load_quantized(tmp_path / "saved") is not None
+
+
+def test_a_method_the_family_cannot_take_is_refused_before_any_compute(dataset, tmp_path):
+    with pytest.raises(ValueError, match="LayerNorm → Linear pairs"):
+        _run("resnet", "resnet18", dataset, tmp_path / "out", "--method", "repq_vit")
+    assert not (tmp_path / "out").exists()

@@ -37,14 +37,15 @@ from .models import get_model_entry
 from .ptq import PTQConfig
 from .ptq.surgery import quantize_modules
 from .quant.modules import set_quant_state, swap_module
-from .quant.quantizers import GRIDS, LogSqrt2Quantizer, Quantizer, UniformQuantizer, _to_rows
+from .quant.quantizers import GRIDS, LogSqrt2Quantizer, Quantizer, RoundingQuantizer, UniformQuantizer, _to_rows
 from .utils import all_finite
 
 TENSORS, DESCRIPTION = "model.safetensors", "qwt.json"
 #: 4: per-tensor SHA-256 (``tensors``) and the uniform quantisers' ``grid`` in the description.
 FORMAT_VERSION = 4
 _HASH_KEY = "qwt_description_sha256"
-_KINDS: dict[type[Quantizer], str] = {UniformQuantizer: "uniform", LogSqrt2Quantizer: "log_sqrt2"}
+_KINDS: dict[type[Quantizer], str] = {UniformQuantizer: "uniform", LogSqrt2Quantizer: "log_sqrt2",
+                                      RoundingQuantizer: "uniform_rounding"}
 _SHOWN = 5  # differences listed in an error message
 
 #: Bounds on what a description may declare, checked before anything is built. A real description is a few
@@ -93,6 +94,8 @@ def _describe_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(q, UniformQuantizer):
             spec["channel_axis"] = q.channel_axis
             spec["grid"] = q.grid
+            if isinstance(q, RoundingQuantizer):
+                spec["offset_shape"] = list(q.offset.shape)
         else:
             spec["floor"] = q.floor
         out[name] = spec
@@ -163,9 +166,15 @@ def _listing(diffs: list[str]) -> str:
     return "; ".join(diffs[:_SHOWN]) + more
 
 
-def _quantizer_buffer(key: str, quantizers: dict[str, Any]) -> str | None:
+def _quantizer_buffer_shape(key: str, quantizers: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape a quantiser's calibrated buffer has according to the description (None: not such a buffer)."""
     owner, _, leaf = key.rpartition(".")
-    return owner if owner in quantizers and leaf in ("delta", "zero_point") else None
+    spec = quantizers.get(owner)
+    if spec is None:
+        return None
+    if leaf in ("delta", "zero_point"):
+        return tuple(spec["shape"])
+    return tuple(spec["offset_shape"]) if leaf == "offset" and "offset_shape" in spec else None
 
 
 def _tensor_problems(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -176,8 +185,8 @@ def _tensor_problems(state: dict[str, torch.Tensor], reference: dict[str, torch.
         ref = reference.get(key)
         if ref is None:
             continue
-        owner = _quantizer_buffer(key, quantizers)
-        shape = tuple(quantizers[owner]["shape"]) if owner else tuple(ref.shape)
+        described = _quantizer_buffer_shape(key, quantizers)
+        shape = described if described is not None else tuple(ref.shape)
         if tensor.dtype != ref.dtype:
             problems.append(f"{key} is {tensor.dtype}, expected {ref.dtype}")
         elif tuple(tensor.shape) != shape:

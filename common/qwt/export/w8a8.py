@@ -33,9 +33,9 @@ from ..compensation.modules import compensation_precision
 from ..environment import cpu_flags
 from ..family import Family, family_of, get_family
 from ..ptq import PTQConfig, calibrate
-from ..ptq.surgery import act_quantizer, quantize_modules
+from ..ptq import act_quantizer, quantize_modules
 from ..quant.modules import QuantConv2d, QuantModule, quant_modules, swap_module
-from ..quant.quantizers import Quantizer, UniformQuantizer
+from ..quant.quantizers import Quantizer, RoundingQuantizer, UniformQuantizer
 
 W8A8 = PTQConfig(method="percentile", w_bits=8, a_bits=8)
 _ACT_RANGE = (0, 255)
@@ -131,7 +131,6 @@ def calibrate_w8a8(fp_model: nn.Module, calib_images: torch.Tensor, *, family: F
     """
     model = copy.deepcopy(fp_model).eval()
     fam = family_of(model) if family is None else get_family(family) if isinstance(family, str) else family
-    fam.check_method(W8A8)
     cnn = fam.plan(model).form == "conv"
     if cnn:
         fold_batchnorm(model)
@@ -192,6 +191,9 @@ def _check(q: Quantizer, where: str, weight: bool) -> None:
     if weight:
         if q.channel_axis is None or not bool((z == 128).all()):
             raise ValueError(f"{where}: weights need a symmetric per-channel grid (zero point 0); {hint}")
+        if isinstance(q, RoundingQuantizer) and q.offset.numel():
+            raise ValueError(f"{where}: the QDQ view rounds weights to nearest and would drop GPTQ's rounding; "
+                             "export this model with mode='simulate'")
     elif q.delta.numel() != 1 or float(z) != round(float(z)) or not 0 <= float(z) <= 255:
         raise ValueError(f"{where}: activations need one scale and an integer zero point in 0..255 "
                          f"(got {q.delta.numel()} scales, z={z.flatten()[:3].tolist()}); {hint}")

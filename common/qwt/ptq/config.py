@@ -1,13 +1,15 @@
 """What to quantise and how: one frozen config applied to a model (the torchao style)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from ..quant.quantizers import check_bits
+from ..quant.quantizers import MAX_BITS, MIN_BITS, check_bits
+from .baselines import Baseline, make_baseline, resolve_baseline
 
-Method = Literal["repq_vit", "percentile"]
 LayerMap = Literal["qwt", "repq_vit"]
+#: ``a_bits`` value that leaves every activation in float: weights-only quantisation (W4A16, W3A16).
+FLOAT_ACTIVATIONS = 16
 
 
 def bit_tag(w_bits: int, a_bits: int, conv_act_bits: int | None = None) -> str:
@@ -22,8 +24,11 @@ def bit_tag(w_bits: int, a_bits: int, conv_act_bits: int | None = None) -> str:
 class PTQConfig:
     """Post-training quantisation settings.
 
-    method: ``repq_vit`` (channel-wise post-LayerNorm inputs reparameterised, log-√2 post-softmax) or
-        ``percentile`` (every activation per tensor, uniform softmax quantiser, no reparameterisation).
+    method: a registered baseline's name or a :class:`~qwt.ptq.baselines.Baseline` instance (stored as the
+        instance): ``repq_vit`` (channel-wise post-LayerNorm inputs reparameterised, log-√2 post-softmax),
+        ``percentile`` (every activation per tensor, uniform softmax quantiser, no reparameterisation), ``gptq``
+        (GPTQ-rounded weights, activations as RepQ-ViT on token models and percentile on CNNs), or your own.
+    a_bits: 2..8, or 16 (:data:`FLOAT_ACTIVATIONS`): no activation quantiser anywhere (weights only).
     layer_map: ``qwt`` keeps patch-embed and classifier head at W8A8 as the QwT authors do; ``repq_vit`` is
         RepQ-ViT's original map (patch-embed input 8-bit, weights and head at W/A bits).
     log_floor: clamp of x/Δ before log2 in the log-√2 quantiser (QwT authors: 1e-6; RepQ-ViT: None).
@@ -31,7 +36,7 @@ class PTQConfig:
         code did this with 8 bits, so its "W4/A4" table was really W4/A8. None = use ``a_bits``.
     """
 
-    method: Method = "repq_vit"
+    method: Baseline | str = "repq_vit"
     w_bits: int = 4
     a_bits: int = 4
     layer_map: LayerMap = "qwt"
@@ -39,26 +44,49 @@ class PTQConfig:
     conv_act_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("repq_vit", "percentile"):
-            raise ValueError(f"unknown PTQ method {self.method!r}; choose 'repq_vit' or 'percentile'")
+        object.__setattr__(self, "method", resolve_baseline(self.method))
         if self.layer_map not in ("qwt", "repq_vit"):
             raise ValueError(f"unknown layer map {self.layer_map!r}; choose 'qwt' or 'repq_vit'")
         check_bits(self.w_bits)
-        check_bits(self.a_bits)
+        if self.a_bits != FLOAT_ACTIVATIONS:
+            try:
+                check_bits(self.a_bits)
+            except ValueError:
+                raise ValueError(f"a_bits must be an integer in {MIN_BITS}..{MAX_BITS}, or {FLOAT_ACTIVATIONS} to "
+                                 f"leave activations in float (weights only), got {self.a_bits!r}") from None
         if self.conv_act_bits is not None:
             check_bits(self.conv_act_bits)
+            if self.float_activations:
+                raise ValueError(f"conv_act_bits has no effect with a_bits={FLOAT_ACTIVATIONS} (no activation is "
+                                 "quantised); leave it unset")
         if self.log_floor is not None and not (isinstance(self.log_floor, (int, float)) and 0 < self.log_floor < 1):
             raise ValueError(f"log_floor must be in (0, 1) or None (no floor), got {self.log_floor!r}")
 
     @property
+    def float_activations(self) -> bool:
+        """Weights only: no activation is quantised."""
+        return self.a_bits == FLOAT_ACTIVATIONS
+
+    @property
     def tag(self) -> str:
-        """The bit label of rows, tables and file names: ``W4A4``, or ``W4A4-convA8`` when conv inputs have their
-        own width (every setting that changes the arithmetic shows, so a W4A8-conv run never passes for W4A4)."""
+        """The bit label of rows, tables and file names: ``W4A4`` (``W3A16``: weights only), or ``W4A4-convA8``
+        when conv inputs have their own width (every setting that changes the arithmetic shows, so a W4A8-conv run
+        never passes for W4A4)."""
         return bit_tag(self.w_bits, self.a_bits, self.conv_act_bits)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON-able values; the method by name, with ``method_options`` for a baseline that has some."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["method"] = self.method.name
+        options = self.method.options()
+        if options:
+            data["method_options"] = options
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PTQConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PTQConfig:
+        data = dict(data)
+        options = data.pop("method_options", None)
+        if "method" in data:
+            data["method"] = make_baseline(data["method"], options)
         return cls(**data)

@@ -1,4 +1,5 @@
-"""Fake quantisers: the asymmetric uniform one and the log-√2 one of RepQ-ViT.
+"""Fake quantisers: the asymmetric uniform one, the log-√2 one of RepQ-ViT, and a uniform weight quantiser
+whose rounding an algorithm decided (GPTQ).
 
 Both calibrate lazily: the first tensor they see while enabled sets their parameters, which then stay frozen.
 Parameters live in buffers (empty until calibrated), so a calibrated model round-trips through a state dict.
@@ -260,6 +261,41 @@ class UniformQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, channel_axis={self.channel_axis}, grid={self.grid}, enabled={self.enabled}"
+
+
+class RoundingQuantizer(UniformQuantizer):
+    """Uniform weight quantiser with a rounding decided per weight by an algorithm (GPTQ):
+    x̂ = (clamp(round(x/Δ) + z, 0, L−1) + r − z)·Δ with an integer offset r per element (int16 buffer).
+
+    The offsets make the quantiser map the layer's float weight onto the algorithm's codes, so the float weight
+    stays the layer's weight (what QwT fits towards with quantisation off) while the quantised weight is the
+    algorithm's, bit for bit. Without offsets (before the algorithm ran) it is the plain uniform quantiser.
+    """
+
+    def __init__(self, n_bits: int, channel_axis: int | None = 0, grid: Grid = "affine") -> None:
+        super().__init__(n_bits, channel_axis, grid)
+        self.register_buffer("offset", torch.empty(0, dtype=torch.int16))
+
+    def reset(self) -> None:
+        super().reset()
+        self.offset = torch.empty(0, dtype=torch.int16, device=self.delta.device)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest codes of ``x`` on this grid, as :meth:`fake_quant` computes them."""
+        return (x / self.delta).round_().add_(self.zero_point).clamp_(0, self.levels - 1)
+
+    def set_codes(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Make the quantiser map ``x`` (the float weight) to the integer ``codes`` (0..L−1, a float tensor)."""
+        self.offset = (codes - self.codes(x)).to(torch.int16)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset.numel() == 0:
+            return super().fake_quant(x)
+        offset = self.offset.to(x.dtype)
+        if _needs_grad(x):
+            q = torch.clamp(round_ste(x / self.delta) + self.zero_point, 0, self.levels - 1) + offset
+            return (q - self.zero_point) * self.delta
+        return self.codes(x).add_(offset).sub_(self.zero_point).mul_(self.delta)
 
 
 class LogSqrt2Quantizer(Quantizer):

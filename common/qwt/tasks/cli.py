@@ -7,13 +7,16 @@ without CNNs (detection) does not offer the CNN-only flags.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from ..cli import check_device, finite_float
 from ..compensation import SOLVER_MODES, QwTConfig
 from ..compensation.features import DISK
 from ..family import Family
-from ..ptq import PTQConfig
+from ..ptq import PTQConfig, default_baseline, list_baselines
+from ..ptq.baselines import make_baseline
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,8 @@ CLASSIFICATION = FlagDefaults()
 DETECTION = FlagDefaults(layer_map="repq_vit", log_floor=None, comp_precision="fp32", cnn=False)
 
 #: Values of the CNN-only flags; a task without CNNs gets them as fixed defaults, so its configs are unchanged.
-CNN_DEFAULTS = {"method": None, "conv_act_bits": None, "kernel_size": 1, "channels_per_group": 64}
+CNN_DEFAULTS = {"method": None, "method_option": [], "conv_act_bits": None, "kernel_size": 1,
+                "channels_per_group": 64}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -55,14 +59,30 @@ def _floor(text: str) -> float | None:
     return value
 
 
+def _method_option(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value  # a plain word, e.g. activations=percentile
+
+
 def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     """PTQ and QwT flags (bits, baseline, layer map, log floor, solver, compensation precision and shape)."""
     g = p.add_argument_group("quantisation (PTQ)")
     g.add_argument("--w-bits", type=int, default=4, help="weight bits")
-    g.add_argument("--a-bits", type=int, default=4, help="activation bits")
+    g.add_argument("--a-bits", type=int, default=4, help="activation bits (16: weights only)")
     if defaults.cnn:
-        g.add_argument("--method", choices=["repq_vit", "percentile"], default=CNN_DEFAULTS["method"],
-                       help="PTQ baseline (default: the model family's first: RepQ-ViT for ViTs, percentile for CNNs)")
+        g.add_argument("--method", choices=list_baselines(), default=CNN_DEFAULTS["method"],
+                       help="PTQ baseline (default: RepQ-ViT where the model family supports it, else percentile); "
+                            "gptq: GPTQ-rounded weights with RepQ-ViT (token models) or percentile (CNNs) "
+                            "activations")
+        g.add_argument("--method-option", type=_method_option, action="append",
+                       default=CNN_DEFAULTS["method_option"], metavar="NAME=VALUE",
+                       help="an option of the PTQ method (JSON value; repeatable), e.g. for gptq: act_order=true, "
+                            "group_size=128, damp=0.01, symmetric=true, activations=percentile")
     g.add_argument("--layer-map", choices=["qwt", "repq_vit"], default=defaults.layer_map,
                    help="qwt: patch-embed and classifier W8A8 (the QwT authors' classification code); "
                         "repq_vit: RepQ-ViT's original map")
@@ -97,7 +117,10 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
                         "(temporary files); the result is the same")
 
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
-    return PTQConfig(method=args.method or family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits,
+    """The PTQ config of the flags, refused now (before any compute) if the method does not fit the family."""
+    method = make_baseline(args.method or default_baseline(family), dict(args.method_option))
+    method.check_family(family)
+    return PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits,
                      layer_map=args.layer_map, log_floor=args.log_floor, conv_act_bits=args.conv_act_bits)
 
 

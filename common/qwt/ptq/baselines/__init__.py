@@ -1,0 +1,9 @@
+"""PTQ baselines as types: the built-ins (RepQ-ViT, percentile, GPTQ) and the registry a new one joins."""
+from .base import (Baseline, act_quantizer, default_baseline, list_baselines, make_baseline, register_baseline,
+                   resolve_baseline, weight_quantizer)
+from .gptq import GPTQ
+from .percentile import Percentile
+from .repq_vit import RepQViT
+
+__all__ = ["Baseline", "RepQViT", "Percentile", "GPTQ", "register_baseline", "list_baselines", "make_baseline",
+           "resolve_baseline", "default_baseline", "act_quantizer", "weight_quantizer"]
