@@ -31,12 +31,12 @@ from .ptq import PTQConfig
 from .ptq.surgery import quantize_modules
 from .quant.modules import set_quant_state, swap_module
 from .quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer, check_bits
+from .quant.rtn import MinMaxWeightQuantizer
 from .utils import all_finite
 
 TENSORS, DESCRIPTION = "model.safetensors", "qwt.json"
 FORMAT_VERSION = 3
 _HASH_KEY = "qwt_description_sha256"
-_KINDS: dict[type[Quantizer], str] = {UniformQuantizer: "uniform", LogSqrt2Quantizer: "log_sqrt2"}
 _SHOWN = 5  # differences listed in an error message
 
 
@@ -63,12 +63,8 @@ def _describe_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
             continue
         if not q.calibrated:
             raise InputError(f"quantiser {name} is not calibrated: quantise and calibrate the model before saving")
-        spec: dict[str, Any] = {"kind": _KINDS[type(q)], "n_bits": q.n_bits, "shape": list(q.delta.shape)}
-        if isinstance(q, UniformQuantizer):
-            spec["channel_axis"] = q.channel_axis
-        else:
-            spec["floor"] = q.floor
-        out[name] = spec
+        spec: dict[str, Any] = {"kind": q.kind, "n_bits": q.n_bits, "shape": list(q.delta.shape)}
+        out[name] = spec | {setting: getattr(q, setting) for setting in q.settings}
     return out
 
 
@@ -116,14 +112,16 @@ def _quantizer_differences(expected: nn.Module, actual: dict[str, dict[str, Any]
         q = built.get(name)
         if q is None:
             continue
-        if _KINDS[type(q)] != spec["kind"]:
-            diffs.append(f"{name}: the model's quantiser is {spec['kind']}, the config gives {_KINDS[type(q)]}")
+        if q.kind != spec["kind"]:
+            diffs.append(f"{name}: the model's quantiser is {spec['kind']}, the config gives {q.kind}")
         elif q.n_bits != spec["n_bits"]:
             diffs.append(f"{name}: the model quantises to {spec['n_bits']} bits, the config to {q.n_bits}")
         elif isinstance(q, LogSqrt2Quantizer) and q.floor != spec["floor"]:
             diffs.append(f"{name}: the model's log floor is {spec['floor']}, the config's {q.floor}")
         elif isinstance(q, UniformQuantizer) and spec["channel_axis"] not in (q.channel_axis, None):
             diffs.append(f"{name}: the model's channel axis is {spec['channel_axis']}, the config's {q.channel_axis}")
+        elif isinstance(q, MinMaxWeightQuantizer) and q.group_size != spec["group_size"]:
+            diffs.append(f"{name}: the model's weight group size is {spec['group_size']}, the config's {q.group_size}")
     return diffs
 
 
@@ -169,6 +167,18 @@ def _reference_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return model.state_dict()
 
 
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies safetensors can write: a tensor that shares storage with an earlier one (a language model's
+    tied input embedding and output head) is cloned; loading fills both from equal values."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        value = value.detach().contiguous().cpu()
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
 def check_save_target(directory: str | Path) -> Path:
     """A folder ``save_quantized`` may write: new, or a previous save it replaces; never other content."""
     directory = Path(directory)
@@ -189,7 +199,7 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     if affine is not None:
         raise InputError(f"{affine} carries channel-wise compensation, which the saved format does not describe; "
                          "export the model to ONNX instead (qwt.export folds it into the weights)")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = _untied(model.state_dict())
     description = {
         "format_version": FORMAT_VERSION,
         "model": model_name,
@@ -261,14 +271,12 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
         for name, q in model.named_modules():
             if isinstance(q, Quantizer):
                 spec = quantizers[name]
-                if spec["kind"] != _KINDS[type(q)]:
+                if spec["kind"] != q.kind:
                     raise InputError(f"{directory / DESCRIPTION}: {name} is {spec['kind']}, the structure has "
-                                     f"{_KINDS[type(q)]}")
+                                     f"{q.kind}")
                 q.n_bits = check_bits(spec["n_bits"])
-                if isinstance(q, UniformQuantizer):
-                    q.channel_axis = spec["channel_axis"]
-                else:
-                    q.floor = spec["floor"]
+                for setting in q.settings:
+                    setattr(q, setting, spec[setting])
     except (KeyError, TypeError) as err:
         raise InputError(
             f"{directory / DESCRIPTION} is incomplete or malformed ({type(err).__name__}: {err})") from None

@@ -62,14 +62,21 @@ class QuantModule:
 
 
 class QuantLinear(nn.Linear, QuantModule):
-    def __init__(self, linear: nn.Linear, input_quantizer: Quantizer, weight_quantizer: Quantizer) -> None:
+    """``input_quantizer=None`` keeps the input in floating point (weight-only quantisation)."""
+
+    def __init__(self, linear: nn.Linear, input_quantizer: Quantizer | None, weight_quantizer: Quantizer) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.input_quantizer, self.weight_quantizer = input_quantizer, weight_quantizer
 
+    def activation_quantizers(self) -> list[Quantizer]:
+        return [] if self.input_quantizer is None else [self.input_quantizer]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
 
 class QuantConv2d(nn.Conv2d, QuantModule):
