@@ -171,40 +171,59 @@ def smollm2_dir() -> Path:
     return directory
 
 
-def load_causal_lm(model: str | None, device: str = "cpu") -> tuple[nn.Module, Any, str]:
-    """(model in FP32, eval mode; tokenizer; a label) from a local checkpoint folder, or SmolLM2-135M-Instruct
-    when ``model`` is None. Nothing is downloaded: a name that is not a local folder is refused.
-
-    SmolLM2 comes as a GGUF whose weights are Q4_1 (4-bit, 32-weight blocks); transformers dequantises them to
-    FP32, and that dequantised model is the "FP" reference of every table.
-    """
+def _source(model: str | None) -> tuple[Path, dict[str, Any], str]:
+    """(folder, from_pretrained kwargs, label) of a local checkpoint, or SmolLM2's GGUF when ``model`` is None;
+    a name that is not a local folder, or a folder without config or tokenizer, is refused."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kwargs: dict[str, Any] = {"local_files_only": True}
     if model is None:
-        directory, label = smollm2_dir(), "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to FP32)"
-        kwargs["gguf_file"] = SMOLLM2_GGUF
-    else:
-        directory, label = Path(model), Path(model).name
-        if not directory.is_dir():
-            raise InputError(f"--model {model}: not a local folder; nothing is downloaded at run time: fetch the "
-                             "checkpoint first (e.g. `hf download NAME --local-dir DIR`) and pass DIR")
-        if not (directory / "config.json").is_file():
-            raise InputError(f"--model {model}: no config.json there; pass a Hugging Face checkpoint folder")
-        if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            raise InputError(f"--model {model}: no tokenizer there (tokenizer.json / tokenizer.model); save the "
-                             "tokenizer next to the weights (tokenizer.save_pretrained(DIR))")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return smollm2_dir(), {"local_files_only": True, "gguf_file": SMOLLM2_GGUF}, \
+            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to FP32 = the FP reference)"
+    directory = Path(model)
+    if not directory.is_dir():
+        raise InputError(f"--model {model}: not a local folder; nothing is downloaded at run time: fetch the "
+                         "checkpoint first (e.g. `hf download NAME --local-dir DIR`) and pass DIR")
+    if not (directory / "config.json").is_file():
+        raise InputError(f"--model {model}: no config.json there; pass a Hugging Face checkpoint folder")
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise InputError(f"--model {model}: no tokenizer there (tokenizer.json / tokenizer.model); save the "
+                         "tokenizer next to the weights (tokenizer.save_pretrained(DIR))")
+    return directory, {"local_files_only": True}, directory.name
+
+
+def _loading(directory: Path, what: str, load):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+        return load()
     except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"{directory}: cannot load a causal LM and its tokenizer ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0]})") from None
+        raise InputError(f"{directory}: cannot load the {what} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def load_tokenizer(model: str | None) -> Any:
+    """The tokenizer of :func:`load_causal_lm`'s model, alone (fast: no weights are read)."""
+    from transformers import AutoTokenizer
+
+    directory, kwargs, _ = _source(model)
+    return _loading(directory, "tokenizer", lambda: AutoTokenizer.from_pretrained(directory, **kwargs))
+
+
+def load_causal_lm(model: str | None, device: str = "cpu") -> tuple[nn.Module, Any, str]:
+    """(model in FP32, eval mode, no KV cache; tokenizer; a label) from a local checkpoint folder, or
+    SmolLM2-135M-Instruct when ``model`` is None. Nothing is downloaded.
+
+    SmolLM2 comes as a GGUF whose weights are Q4_1 (4-bit, 32-weight blocks); transformers dequantises them to
+    FP32, and that dequantised model is the "FP" reference of every table.
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory, kwargs, label = _source(model)
+    tokenizer = load_tokenizer(model)
+    lm = _loading(directory, "causal LM",
+                  lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs))
     if not is_decoder_lm(lm):
         raise InputError(f"{directory}: {type(lm).__name__} has no decoder layers of the Llama layout "
-                         f"(model.layers); supported: Llama, Qwen2, Mistral and models of the same layout")
+                         "(model.layers); supported: Llama, Qwen2, Mistral and models of the same layout")
     lm.config.use_cache = False
     return lm.to(device).eval(), tokenizer, label

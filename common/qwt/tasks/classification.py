@@ -40,7 +40,7 @@ from ..ptq import PTQConfig
 from ..report import atomic_write, markdown_table, write_run
 from ..serialization import check_save_target, save_quantized
 from ..utils import seed_everything
-from .cli import CLASSIFICATION, add_quant_flags, ptq_config, qwt_config
+from .cli import CLASSIFICATION, add_quant_flags, init_distributed, ptq_config, qwt_config
 
 TASKS: dict[str, dict[str, Any]] = {
     "vit": {"out": "results/cls_vit", "families": ("vit", "swin")},
@@ -82,17 +82,6 @@ def build_parser(task: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def _init_distributed(device: str) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), world
-
-
 def _sharded_eval(model: nn.Module, loader, device: str, world: int, desc: str, progress: bool) -> float:
     """Top-1 over the whole val set: each rank holds a shard (see make_loaders); counts are summed."""
     acc = top1_accuracy(model, loader, len(loader), device, desc, progress)
@@ -131,7 +120,7 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
     entry = get_model_entry(args.model)
     ptq_cfg, qwt_cfg = ptq_config(args, entry.family), qwt_config(args)
     check_qwt_config(qwt_cfg)
-    rank, world = _init_distributed(args.device)
+    rank, world = init_distributed(args.device)
     seed_everything(args.seed)
     pre = entry.preprocessing
     data_dir = args.data_dir

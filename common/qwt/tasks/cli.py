@@ -6,7 +6,11 @@ task differs (detection: RepQ-ViT's original layer map, no log floor, FP32 compe
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
 
 from ..cli import finite_float
 from ..compensation import SOLVER_MODES, QwTConfig
@@ -81,3 +85,15 @@ def qwt_config(args: argparse.Namespace) -> QwTConfig:
     return QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
                      fp16_eval=args.comp_precision == "fp16", kernel_size=args.kernel_size,
                      channels_per_group=args.channels_per_group, feature_device=args.feature_device)
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): joins the process group when run under torchrun (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
