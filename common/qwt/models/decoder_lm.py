@@ -194,6 +194,7 @@ def _loading(directory: Path, what: str, load):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         return load()
     except (OSError, ValueError, KeyError) as err:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..api import apply_qwt, quantize
 from ..cli import check_device, check_writable_dir, finite_float, positive_int, run_cli
 from ..compensation import QwTConfig
+from ..compensation.guard import heldout_batches
 from ..data.text import (CALIBRATION_NOVELS, EVALUATION_NOVELS, read_austen, read_text_files, read_wikitext2,
                          token_windows)
 from ..environment import environment
@@ -235,6 +236,7 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
         raise InputError(f"--window {args.window} is above the model's maximum positions ({max_positions})")
     calib, evaluation, data = load_windows(args, tokenizer)
     comp = calib[rank::world]  # QwT's share on this rank; PTQ calibrates on the same windows everywhere
+    heldout_batches(math.ceil(comp.shape[0] / args.batch_size), args.guard_fraction)  # refused now, not later
     ptq_calib = calib[: args.ptq_windows]
 
     fp_scores = score_windows(fp_model, evaluation, args.batch_size, args.device, progress, "FP")
