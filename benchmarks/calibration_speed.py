@@ -27,6 +27,7 @@ import torch
 from qwt import PTQConfig, QwTConfig, apply_qwt, create_model, get_model_entry, quantize
 from qwt.allocator import freed_memory_retained, release_freed_memory, retain_freed_memory
 from qwt.compensation import SOLVER_MODES
+from qwt.ptq import default_baseline
 from qwt.utils import PhaseTimer
 
 _MIB = 2**20
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     fp_runs = [fp_forward_seconds(fp_model, (calib, comp), args.batch_size)]
 
     timer = PhaseTimer()
-    quantize(model, calib, PTQConfig(method=entry.family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits),
+    quantize(model, calib, PTQConfig(method=default_baseline(entry.family), w_bits=args.w_bits, a_bits=args.a_bits),
              on_phase=timer)
     ptq = timer.total
     memory = PeakMemory(device)

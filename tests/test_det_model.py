@@ -14,7 +14,7 @@ from qwt import QwTConfig, apply_qwt, quantize
 from qwt.compensation import LinearCompensated
 from qwt.ptq import PTQConfig, attention_matmuls, calibrate, quantize_modules, reparameterize_model
 from qwt.quant import (LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantWindowAttention, Quantizer, quant_state,
-                       set_quant_state)
+                       UniformQuantizer, set_quant_state)
 from qwt.tasks.detection.checkpoint import convert_mmdet2_swin, load_detector_weights
 from qwt.tasks.detection.configs import MODELS, build_detector, detector_config
 from qwt.tasks.detection.plan import (MMDET_SWIN, NORM_LINEAR_PAIRS, detector_forward, detector_layer_rule,
@@ -200,8 +200,13 @@ def test_whole_detector_is_quantised_with_the_authors_map():
     assert per_channel == {n for n in linears if n.endswith(("w_msa.qkv", "ffn.layers.0.0", "reduction"))}
     assert len(per_channel) == 2 * 8 + 3
     assert sum(isinstance(m, QuantWindowAttention) for m in model.modules()) == 8
-    with pytest.raises(ValueError, match="repq_vit"):
-        quantize(_detector(), _batch(), PTQConfig(method="percentile"), family=MMDET_SWIN, forward=detector_forward)
+    # The percentile baseline needs nothing of a family: on the detector its post-norm inputs and softmax
+    # outputs get per-tensor uniform quantisers.
+    other = _detector()
+    quantize_modules(other, detector_layer_rule(other, PTQConfig(method="percentile", layer_map="repq_vit")))
+    assert not any(isinstance(m, QuantLinear) and m.input_quantizer.channel_axis is not None for m in other.modules())
+    softmax = [m.matmul2.a_quantizer for m in other.modules() if isinstance(m, QuantWindowAttention)]
+    assert len(softmax) == 8 and all(type(q) is UniformQuantizer for q in softmax)
 
 
 def test_calibration_covers_the_whole_detector_and_reparam_keeps_the_fp_function():

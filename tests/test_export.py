@@ -15,7 +15,7 @@ from qwt.export import (OutputQuantized, calibrate_w8a8, export_onnx, fold_batch
 from qwt.export.w8a8 import set_integer_grids
 from qwt.compensation.channelwise import fold_channelwise
 from qwt.ptq import calibrate
-from qwt.ptq.surgery import act_quantizer, weight_quantizer
+from qwt.ptq import act_quantizer, weight_quantizer
 from qwt.quant.modules import QuantConv2d
 from qwt.quant.quantizers import search_uniform
 

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 import qwt  # noqa: E402
 from qwt.compensation import BlockPlan, Step, fit_compensation  # noqa: E402
 from qwt.models.decoder_lm import build_from_config, tiny_config  # noqa: E402
-from qwt.ptq.surgery import act_quantizer  # noqa: E402
+from qwt.ptq.baselines import GPTQ, RTN, act_quantizer  # noqa: E402
 from qwt.quant.modules import QuantLinear, quant_state  # noqa: E402
 from qwt.quant.rtn import MinMaxWeightQuantizer, TokenQuantizer  # noqa: E402
 from qwt.tasks import llm  # noqa: E402
@@ -116,8 +116,9 @@ def test_guard_needs_batches_to_fit_and_to_hold_out():
 
 @pytest.mark.parametrize("model_type,config", [
     ("llama", W4A8),
-    ("qwen2", qwt.PTQConfig(method="rtn", w_bits=3, a_bits=None)),
-    ("llama", qwt.PTQConfig(method="rtn", w_bits=4, a_bits=6, w_group_size=32, act_granularity="tensor")),
+    ("qwen2", qwt.PTQConfig(method="rtn", w_bits=3, a_bits=16)),
+    ("llama", qwt.PTQConfig(method=RTN(group_size=32, activations="tensor"), w_bits=4, a_bits=6)),
+    ("llama", qwt.PTQConfig(method=GPTQ(activations="rtn"), w_bits=4, a_bits=8)),
 ])
 @pytest.mark.parametrize("form", ["dense", "channelwise"])
 def test_save_load_round_trip_is_bit_identical(tmp_path, model_type, config, form):
@@ -187,21 +188,23 @@ def test_perplexity_equals_a_plain_restatement():
     assert llm.agreement(q, scores) == 100.0 * int(same.sum()) / same.numel()
 
 
-@pytest.mark.parametrize("tag,expected", [
-    ("W4A8", dict(w_bits=4, a_bits=8, w_group_size=None, act_granularity="token")),
-    ("W3A16", dict(w_bits=3, a_bits=None)),
-    ("W4g128A6-static", dict(w_bits=4, a_bits=6, w_group_size=128, act_granularity="tensor")),
+@pytest.mark.parametrize("tag,method,expected", [
+    ("W4A8", "rtn", RTN(group_size=None, activations="token")),
+    ("W3A16", "rtn", RTN()),
+    ("W4g128A6-static", "rtn", RTN(group_size=128, activations="tensor")),
+    ("W4g128A8", "gptq", GPTQ(group_size=128, activations="rtn")),
 ])
-def test_bit_tags(tag, expected):
-    config = llm.parse_bits(tag)
-    assert all(getattr(config, k) == v for k, v in expected.items())
+def test_bit_tags(tag, method, expected):
+    config = llm.parse_bits(tag, method)
+    assert config.method == expected and config.tag == tag.split("-")[0].replace("g128", "")
     assert llm.bits_label(config) == tag
 
 
-@pytest.mark.parametrize("tag", ["W4A9", "W1A8", "W4A16-static", "4/8", "W4A8x"])
-def test_unknown_bits_are_refused(tag):
+@pytest.mark.parametrize("tag,method", [("W4A9", "rtn"), ("W1A8", "rtn"), ("W4A16-static", "rtn"), ("4/8", "rtn"),
+                                        ("W4A8x", "rtn"), ("W4g0A8", "rtn"), ("W4A8-static", "gptq")])
+def test_unknown_bits_are_refused(tag, method):
     with pytest.raises(qwt.errors.InputError, match="--bits"):
-        llm.parse_bits(tag)
+        llm.parse_bits(tag, method)
 
 
 def _char_tokenizer():

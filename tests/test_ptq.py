@@ -111,4 +111,4 @@ def test_cnn_refuses_repq_and_bad_configs():
     with pytest.raises(ValueError, match="2..8"):
         PTQConfig(a_bits=1)
     with pytest.raises(ValueError, match="method"):
-        PTQConfig(method="gptq")
+        PTQConfig(method="no_such_method")

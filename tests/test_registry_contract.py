@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import qwt
+from qwt.ptq import default_baseline
 from qwt.compensation import infer_stride
 from qwt.models.registry import _REGISTRY
 
@@ -34,7 +35,7 @@ def test_registered_model_honours_the_family_contract(name, tmp_path):
     images = entry.reduced_batch(g) if entry.reduced_batch else torch.randn(8, *entry.reduced_input, generator=g)
     with torch.no_grad():
         reference = _logits(fp(images))
-    config = qwt.PTQConfig(method=family.methods[0], w_bits=4, a_bits=4)
+    config = qwt.PTQConfig(method=default_baseline(family), w_bits=4, a_bits=4)
     model = qwt.quantize(copy.deepcopy(fp), images, config)
     with torch.no_grad(), qwt.quant_state(model, weight=False, act=False):
         torch.testing.assert_close(_logits(model(images)), reference, atol=1e-4, rtol=1e-4)  # reparameterisation is exact

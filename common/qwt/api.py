@@ -26,7 +26,7 @@ def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, f
     (default ``model(calib)``). Returns the model, quantisation on.
     """
     fam = _resolve(model, family)
-    fam.check_method(config)
+    config.method.check_family(fam)
     extra = {"forward": forward} if forward is not None else {}
     apply_ptq(model, calib, config, fam.layer_rule(model, config), fam.norm_linear_pairs, on_phase=on_phase, **extra)
     return model

@@ -1,9 +1,9 @@
 """Model families: everything the library needs to know about one kind of network, in one object.
 
-A family says how to recognise its models, which layers get which quantisers (its layer rule), which
-LayerNorm → Linear pairs RepQ-ViT reparameterises, how QwT walks the model (stem, blocks, compensation form),
-which PTQ methods apply, which modules form the classifier (trained by QwT*), and which layer ends each residual
-branch of a block (where channel-wise compensation acts and where a W8A8 conv output is quantised). Each family
+A family says how to recognise its models, which layers get which bits (its layer rule, token model or CNN),
+which LayerNorm → Linear pairs it has (RepQ-ViT reparameterises them; a baseline that needs them refuses a family
+without), how QwT walks the model (stem, blocks, compensation form), which modules form the classifier (trained
+by QwT*), and which layer ends each residual branch of a block (where channel-wise compensation acts and where a W8A8 conv output is quantised). Each family
 is defined and registered in its model file (``qwt/models/<family>.py``), as timm keeps a model's config next to
 its code.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .compensation.blockwise import BlockPlan
-from .ptq.config import Method, PTQConfig
+from .ptq.config import PTQConfig
 from .ptq.repq_vit import NormLinearPairs
 from .ptq.surgery import LayerRule
 from .registry import Registry
@@ -27,17 +27,11 @@ class Family:
     matches: Callable[[nn.Module], bool]
     layer_rule: Callable[[nn.Module, PTQConfig], LayerRule]
     plan: Callable[[nn.Module], BlockPlan]
-    methods: tuple[Method, ...]
     norm_linear_pairs: NormLinearPairs = ()
     classifier: tuple[str, ...] = ()  # module paths of the classifier head(s)
     #: (model, block path) → the last Linear/Conv of each residual branch of that block, relative to it (the
     #: shortcut excluded); None if the family does not say (channel-wise compensation then refuses it).
     residual_branches: Callable[[nn.Module, str], list[str]] | None = None
-
-    def check_method(self, config: PTQConfig) -> None:
-        if config.method not in self.methods:
-            raise ValueError(f"{self.name} models support PTQ method(s) {', '.join(self.methods)}, "
-                             f"not {config.method!r}")
 
 
 _FAMILIES: Registry[Family] = Registry("model family")

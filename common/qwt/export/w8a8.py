@@ -30,7 +30,7 @@ from torch import nn
 from ..compensation.modules import Compensated
 from ..family import Family, family_of, get_family
 from ..ptq import PTQConfig, calibrate
-from ..ptq.surgery import act_quantizer, quantize_modules
+from ..ptq import act_quantizer, quantize_modules
 from ..quant.modules import QuantConv2d, QuantModule, quant_modules, swap_module
 from ..quant.quantizers import Quantizer, UniformQuantizer
 
@@ -117,7 +117,6 @@ def calibrate_w8a8(fp_model: nn.Module, calib_images: torch.Tensor, *, family: F
     """
     model = copy.deepcopy(fp_model).eval()
     fam = family_of(model) if family is None else get_family(family) if isinstance(family, str) else family
-    fam.check_method(W8A8)
     cnn = fam.plan(model).form == "conv"
     if cnn:
         fold_batchnorm(model)

@@ -23,8 +23,8 @@ from ..compensation.blockwise import BlockPlan, Step
 from ..errors import InputError
 from ..family import Family, register_family
 from ..ptq.config import PTQConfig
-from ..ptq.rtn import rtn_rule
 from ..ptq.surgery import LayerRule
+from ..quant.modules import QuantLinear
 from .registry import ModelEntry, register_model
 
 LAYERS = "model.layers"  # the decoder layers' path in a *ForCausalLM model of this layout
@@ -46,8 +46,18 @@ def is_decoder_lm(model: nn.Module) -> bool:
 
 
 def decoder_lm_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
-    """RTN (qwt.ptq.rtn) on every Linear inside a decoder layer; embeddings and lm_head stay FP."""
-    return rtn_rule(config, lambda name: name.startswith(LAYERS + "."))
+    """Every Linear inside a decoder layer: the baseline's weight quantiser at W bits and its activation
+    quantiser at A bits (none with A16); embeddings, norms, attention matmuls and lm_head stay FP."""
+    weight = config.method.weight_quantizer
+    act = config.method.activations_for(token_model=True)
+
+    def rule(name: str, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, nn.Linear) and name.startswith(LAYERS + "."):
+            inputs = None if config.float_activations else act.activation_quantizer(config.a_bits)
+            return QuantLinear(module, inputs, weight(config.w_bits))
+        return None
+
+    return rule
 
 
 class _Stop(Exception):
@@ -113,7 +123,7 @@ def decoder_lm_plan(model: nn.Module) -> BlockPlan:
 
 
 DECODER_LM = register_family(Family(
-    name="decoder_lm", matches=is_decoder_lm, layer_rule=decoder_lm_rule, plan=decoder_lm_plan, methods=("rtn",),
+    name="decoder_lm", matches=is_decoder_lm, layer_rule=decoder_lm_rule, plan=decoder_lm_plan,
     residual_branches=lambda model, block_path: list(BRANCHES)))
 
 

@@ -74,7 +74,7 @@ def efficientnet_residual_branches(model: nn.Module, path: str) -> list[str]:
 
 EFFICIENTNET = register_family(Family(
     name="efficientnet", matches=lambda m: isinstance(m, timm.models.efficientnet.EfficientNet),
-    layer_rule=efficientnet_layer_rule, plan=efficientnet_plan, methods=("percentile",), classifier=("classifier",),
+    layer_rule=efficientnet_layer_rule, plan=efficientnet_plan, classifier=("classifier",),
     residual_branches=efficientnet_residual_branches))
 
 register_model(ModelEntry("efficientnet_lite0", EFFICIENTNET, efficientnet_lite0,

@@ -1,70 +1,82 @@
 """What to quantise and how: one frozen config applied to a model (the torchao style)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from ..quant.quantizers import check_bits
+from ..quant.quantizers import MAX_BITS, MIN_BITS, check_bits
+from .baselines import Baseline, make_baseline, resolve_baseline
 
-Method = Literal["repq_vit", "percentile", "rtn"]
 LayerMap = Literal["qwt", "repq_vit"]
-#: Activations of ``rtn``: per token, min-max at run time (dynamic), or one static per-tensor grid (percentile).
-ActGranularity = Literal["token", "tensor"]
+#: ``a_bits`` value that leaves every activation in float: weights-only quantisation (W4A16, W3A16).
+FLOAT_ACTIVATIONS = 16
 
 
 @dataclass(frozen=True)
 class PTQConfig:
     """Post-training quantisation settings.
 
-    method: ``repq_vit`` (channel-wise post-LayerNorm inputs reparameterised, log-√2 post-softmax) or
-        ``percentile`` (every activation per tensor, uniform softmax quantiser, no reparameterisation).
+    method: a registered baseline's name or a :class:`~qwt.ptq.baselines.Baseline` instance (stored as the
+        instance): ``repq_vit`` (channel-wise post-LayerNorm inputs reparameterised, log-√2 post-softmax),
+        ``percentile`` (every activation per tensor, uniform softmax quantiser, no reparameterisation), ``gptq``
+        (GPTQ-rounded weights, activations as RepQ-ViT on token models and percentile on CNNs), or your own.
+    a_bits: 2..8, or 16 (:data:`FLOAT_ACTIVATIONS`): no activation quantiser anywhere (weights only).
     layer_map: ``qwt`` keeps patch-embed and classifier head at W8A8 as the QwT authors do; ``repq_vit`` is
         RepQ-ViT's original map (patch-embed input 8-bit, weights and head at W/A bits).
     log_floor: clamp of x/Δ before log2 in the log-√2 quantiser (QwT authors: 1e-6; RepQ-ViT: None).
     conv_act_bits: CNNs only; force every conv input to this width. The first release of the authors' ResNet
         code did this with 8 bits, so its "W4/A4" table was really W4/A8. None = use ``a_bits``.
-    ``rtn`` (language models, qwt.ptq.rtn): min-max round-to-nearest weights per output channel, or per group of
-    ``w_group_size`` input columns; Linear inputs per token at run time (``act_granularity="token"``) or per
-    tensor, static (``"tensor"``); ``a_bits=None`` leaves activations in floating point (weights only, "A16").
     """
 
-    method: Method = "repq_vit"
+    method: Baseline | str = "repq_vit"
     w_bits: int = 4
-    a_bits: int | None = 4
+    a_bits: int = 4
     layer_map: LayerMap = "qwt"
     log_floor: float | None = 1e-6
     conv_act_bits: int | None = None
-    w_group_size: int | None = None
-    act_granularity: ActGranularity = "token"
 
     def __post_init__(self) -> None:
-        if self.method not in ("repq_vit", "percentile", "rtn"):
-            raise ValueError(f"unknown PTQ method {self.method!r}; choose 'repq_vit', 'percentile' or 'rtn'")
-        if self.method != "rtn" and (self.a_bits is None or self.w_group_size is not None):
-            raise ValueError(f"weights-only quantisation and weight groups need method 'rtn', not {self.method!r}")
-        if self.w_group_size is not None and self.w_group_size < 1:
-            raise ValueError(f"w_group_size must be ≥ 1 or None (per output channel), got {self.w_group_size}")
-        if self.act_granularity not in ("token", "tensor"):
-            raise ValueError(f"unknown act_granularity {self.act_granularity!r}; choose 'token' or 'tensor'")
+        object.__setattr__(self, "method", resolve_baseline(self.method))
         if self.layer_map not in ("qwt", "repq_vit"):
             raise ValueError(f"unknown layer map {self.layer_map!r}; choose 'qwt' or 'repq_vit'")
         check_bits(self.w_bits)
-        if self.a_bits is not None:
-            check_bits(self.a_bits)
+        if self.a_bits != FLOAT_ACTIVATIONS:
+            try:
+                check_bits(self.a_bits)
+            except ValueError:
+                raise ValueError(f"a_bits must be an integer in {MIN_BITS}..{MAX_BITS}, or {FLOAT_ACTIVATIONS} to "
+                                 f"leave activations in float (weights only), got {self.a_bits!r}") from None
         if self.conv_act_bits is not None:
             check_bits(self.conv_act_bits)
+            if self.float_activations:
+                raise ValueError(f"conv_act_bits has no effect with a_bits={FLOAT_ACTIVATIONS} (no activation is "
+                                 "quantised); leave it unset")
         if self.log_floor is not None and not (isinstance(self.log_floor, (int, float)) and 0 < self.log_floor < 1):
             raise ValueError(f"log_floor must be in (0, 1) or None (no floor), got {self.log_floor!r}")
 
     @property
+    def float_activations(self) -> bool:
+        """Weights only: no activation is quantised."""
+        return self.a_bits == FLOAT_ACTIVATIONS
+
+    @property
     def tag(self) -> str:
-        """Short bit label, e.g. ``W4A4``; ``W3A16`` for weights only, ``W4g128A8`` with weight groups."""
-        group = f"g{self.w_group_size}" if self.w_group_size else ""
-        return f"W{self.w_bits}{group}A{16 if self.a_bits is None else self.a_bits}"
+        """Short bit label, e.g. ``W4A4`` (``W3A16``: weights only)."""
+        return f"W{self.w_bits}A{self.a_bits}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON-able values; the method by name, with ``method_options`` for a baseline that has some."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["method"] = self.method.name
+        options = self.method.options()
+        if options:
+            data["method_options"] = options
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PTQConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PTQConfig:
+        data = dict(data)
+        options = data.pop("method_options", None)
+        if "method" in data:
+            data["method"] = make_baseline(data["method"], options)
         return cls(**data)

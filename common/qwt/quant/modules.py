@@ -49,7 +49,7 @@ class QuantModule:
         self._weight_cache = None
 
     def activation_quantizers(self) -> list[Quantizer]:
-        return [self.input_quantizer]
+        return [q for q in (self.input_quantizer,) if isinstance(q, Quantizer)]
 
     def weight_quantizers(self) -> list[Quantizer]:
         return [self.weight_quantizer] if hasattr(self, "weight_quantizer") else []
@@ -61,35 +61,33 @@ class QuantModule:
             q.enabled = act
 
 
-class QuantLinear(nn.Linear, QuantModule):
-    """``input_quantizer=None`` keeps the input in floating point (weight-only quantisation)."""
+def _or_float(quantizer: Quantizer | None) -> nn.Module:
+    """A quantiser, or an identity where the activation stays in float (weights-only settings)."""
+    return nn.Identity() if quantizer is None else quantizer
 
+
+class QuantLinear(nn.Linear, QuantModule):
     def __init__(self, linear: nn.Linear, input_quantizer: Quantizer | None, weight_quantizer: Quantizer) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.input_quantizer, self.weight_quantizer = input_quantizer, weight_quantizer
-
-    def activation_quantizers(self) -> list[Quantizer]:
-        return [] if self.input_quantizer is None else [self.input_quantizer]
+        self.input_quantizer, self.weight_quantizer = _or_float(input_quantizer), weight_quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 
 class QuantConv2d(nn.Conv2d, QuantModule):
     """Quantised conv; keeps timm's TF-style dynamic 'same' padding (``Conv2dSame``) when the source had it."""
 
-    def __init__(self, conv: nn.Conv2d, input_quantizer: Quantizer, weight_quantizer: Quantizer) -> None:
+    def __init__(self, conv: nn.Conv2d, input_quantizer: Quantizer | None, weight_quantizer: Quantizer) -> None:
         nn.Module.__init__(self)
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                      "transposed", "output_padding", "groups", "padding_mode"):
             setattr(self, attr, getattr(conv, attr))
         self.weight, self.bias = conv.weight, conv.bias
         self.same_pad = type(conv).__name__ == "Conv2dSame"
-        self.input_quantizer, self.weight_quantizer = input_quantizer, weight_quantizer
+        self.input_quantizer, self.weight_quantizer = _or_float(input_quantizer), weight_quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(x)
@@ -103,12 +101,12 @@ class QuantConv2d(nn.Conv2d, QuantModule):
 class QuantMatMul(nn.Module, QuantModule):
     """a @ b with both operands fake-quantised (the attention matmuls of RepQ-ViT)."""
 
-    def __init__(self, a_quantizer: Quantizer, b_quantizer: Quantizer) -> None:
+    def __init__(self, a_quantizer: Quantizer | None, b_quantizer: Quantizer | None) -> None:
         super().__init__()
-        self.a_quantizer, self.b_quantizer = a_quantizer, b_quantizer
+        self.a_quantizer, self.b_quantizer = _or_float(a_quantizer), _or_float(b_quantizer)
 
     def activation_quantizers(self) -> list[Quantizer]:
-        return [self.a_quantizer, self.b_quantizer]
+        return [q for q in (self.a_quantizer, self.b_quantizer) if isinstance(q, Quantizer)]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.a_quantizer(a) @ self.b_quantizer(b)

@@ -36,7 +36,7 @@ from ..experiment import check_qwt_config, compensated_blocks, ptq_then_qwt
 from ..finetune import FinetuneConfig, ShardedBatches, finetune
 from ..models import ModelEntry, get_model_entry, list_models
 from ..models.checkpoint import check_checkpoint
-from ..ptq import PTQConfig
+from ..ptq import PTQConfig, default_baseline
 from ..report import atomic_write, markdown_table, write_run
 from ..serialization import check_save_target, save_quantized
 from ..utils import seed_everything
@@ -96,13 +96,23 @@ def _sharded_eval(model: nn.Module, loader, device: str, world: int, desc: str, 
 def run_label(args: argparse.Namespace) -> str:
     """The model name in rows and tables: smoke and ``--val-limit`` runs are marked, so neither can pass for a
     full-data result or match a paper row."""
-    return args.model + ("-smoke" if args.smoke else "") + (f"-val{args.val_limit}" if args.val_limit else "")
+    return (args.model + _method_suffix(args, "-") + ("-smoke" if args.smoke else "")
+            + (f"-val{args.val_limit}" if args.val_limit else ""))
+
+
+def _method_suffix(args: argparse.Namespace, sep: str) -> str:
+    """A PTQ method other than the family's default is named in labels and record names, so that its rows
+    neither overwrite the default method's nor stand next to a paper row measured with another method."""
+    if args.method is None or args.method == default_baseline(get_model_entry(args.model).family):
+        return ""
+    return sep + args.method
 
 
 def run_stem(args: argparse.Namespace) -> str:
     """File stem of a run's record: ``OUT/<stem>.json``."""
     subset = f"_val{args.val_limit}" if args.val_limit else ""
-    return f"{args.model}_W{args.w_bits}A{args.a_bits}{'_smoke' if args.smoke else ''}{subset}"
+    return (f"{args.model}_W{args.w_bits}A{args.a_bits}{_method_suffix(args, '_')}{'_smoke' if args.smoke else ''}"
+            f"{subset}")
 
 
 def _check_inputs(args: argparse.Namespace) -> None:

@@ -6,8 +6,10 @@ task differs (detection: RepQ-ViT's original layer map, no log floor, FP32 compe
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,7 +17,8 @@ import torch.distributed as dist
 from ..cli import finite_float
 from ..compensation import SOLVER_MODES, QwTConfig
 from ..family import Family
-from ..ptq import PTQConfig
+from ..ptq import PTQConfig, default_baseline, list_baselines
+from ..ptq.baselines import make_baseline
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,27 @@ def _floor(text: str) -> float | None:
     return value
 
 
+def _method_option(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value  # a plain word, e.g. activations=percentile
+
+
 def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     """PTQ and QwT flags (bits, baseline, layer map, log floor, solver, compensation precision and shape)."""
     g = p.add_argument_group("quantisation (PTQ)")
     g.add_argument("--w-bits", type=int, default=4)
     g.add_argument("--a-bits", type=int, default=4)
-    g.add_argument("--method", choices=["repq_vit", "percentile"], default=None,
-                   help="PTQ baseline (default: the model family's first: RepQ-ViT for ViTs, percentile for CNNs)")
+    g.add_argument("--method", choices=list_baselines(), default=None,
+                   help="PTQ baseline (default: RepQ-ViT where the model family supports it, else percentile); "
+                        "gptq: GPTQ-rounded weights with RepQ-ViT (token models) or percentile (CNNs) activations")
+    g.add_argument("--method-option", type=_method_option, action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the PTQ method (JSON value; repeatable), e.g. for gptq: act_order=true, "
+                        "group_size=128, damp=0.01, symmetric=true, activations=percentile")
     g.add_argument("--layer-map", choices=["qwt", "repq_vit"], default=defaults.layer_map,
                    help="qwt: patch-embed and classifier W8A8 (the QwT authors' classification code); "
                         "repq_vit: RepQ-ViT's original map")
@@ -77,7 +94,10 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
 
 
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
-    return PTQConfig(method=args.method or family.methods[0], w_bits=args.w_bits, a_bits=args.a_bits,
+    """The PTQ config of the flags, refused now (before any compute) if the method does not fit the family."""
+    method = make_baseline(args.method or default_baseline(family), dict(args.method_option))
+    method.check_family(family)
+    return PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits,
                      layer_map=args.layer_map, log_floor=args.log_floor, conv_act_bits=args.conv_act_bits)
 
 

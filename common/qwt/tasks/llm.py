@@ -1,7 +1,7 @@
 """QwT for decoder-only language models (``QwT-llm/main.py``, ``scripts/llm.sh``).
 
 One run: load a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default: its dequantised Q4_1 weights
-are the "FP" reference) → for each bit setting: RTN PTQ (qwt.ptq.rtn) → QwT per decoder layer, dense (token-wise
+are the "FP" reference) → for each bit setting: RTN PTQ (qwt.ptq.baselines.rtn; or GPTQ) → QwT per decoder layer, dense (token-wise
 ``W x + b`` on the hidden states) and channel-wise (``o_proj`` / ``down_proj``), each with the held-out guard →
 held-out perplexity and next-token top-1 agreement with the FP model. Text: calibration on four Jane Austen
 novels, evaluation on the other two (qwt.data.text), or the user's files, or WikiText-2 with its standard
@@ -37,6 +37,8 @@ from ..environment import environment
 from ..errors import InputError
 from ..models.decoder_lm import build_from_config, config_dict, load_causal_lm, load_tokenizer, tiny_config
 from ..ptq import PTQConfig
+from ..ptq.baselines import GPTQ, RTN
+from ..ptq.config import FLOAT_ACTIVATIONS
 from ..report import atomic_write
 from ..serialization import check_save_target, save_quantized
 from ..size import model_size_mb
@@ -47,26 +49,32 @@ _TAG = re.compile(r"^W(\d+)(?:g(\d+))?A(\d+)(-static)?$")
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
 
 
-def parse_bits(tag: str) -> PTQConfig:
+def parse_bits(tag: str, method: str = "rtn") -> PTQConfig:
     """``W4A8`` (per-token dynamic inputs), ``W4A8-static`` (per-tensor static), ``W3A16`` (weights only),
-    ``W4g128A8`` (weights per group of 128 input columns)."""
+    ``W4g128A8`` (weights per group of 128 input columns). ``method``: ``rtn`` rounds weights to nearest (min-max
+    grid), ``gptq`` with GPTQ (its percentile grid; per-token inputs only)."""
     m = _TAG.match(tag)
     if m is None:
         raise InputError(f"--bits {tag!r}: expected W<bits>[g<group>]A<bits>[-static], e.g. W4A8, W3A16, "
                          "W4g128A8, W4A8-static")
-    w, group, a, static = int(m[1]), m[2], int(m[3]), bool(m[4])
-    if a == 16 and static:
+    w, group, a, static = int(m[1]), int(m[2]) if m[2] else None, int(m[3]), bool(m[4])
+    if a == FLOAT_ACTIVATIONS and static:
         raise InputError(f"--bits {tag}: A16 leaves activations in floating point; -static does not apply")
+    if method == "gptq" and static:
+        raise InputError(f"--bits {tag}: GPTQ rows use per-token inputs; drop -static or use --method rtn")
     try:
-        return PTQConfig(method="rtn", w_bits=w, a_bits=None if a == 16 else a,
-                         w_group_size=int(group) if group else None, act_granularity="tensor" if static else "token")
+        baseline = RTN(group_size=group, activations="tensor" if static else "token") if method == "rtn" else \
+            GPTQ(group_size=group, activations="rtn")
+        return PTQConfig(method=baseline, w_bits=w, a_bits=a)
     except ValueError as err:
-        raise InputError(f"--bits {tag}: {err} (activations: 2..8 or 16)") from None
+        raise InputError(f"--bits {tag}: {err}") from None
 
 
 def bits_label(config: PTQConfig) -> str:
-    static = config.a_bits is not None and config.act_granularity == "tensor"
-    return config.tag + ("-static" if static else "")
+    """The tag :func:`parse_bits` reads back."""
+    group = getattr(config.method, "group_size", None)
+    static = not config.float_activations and getattr(config.method, "activations", None) == "tensor"
+    return f"W{config.w_bits}{f'g{group}' if group else ''}A{config.a_bits}{'-static' if static else ''}"
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------
@@ -192,7 +200,7 @@ def qwt_config(args: argparse.Namespace, form: str) -> QwTConfig:
 
 def _check(args: argparse.Namespace) -> list[PTQConfig]:
     """Every input check that needs no model: bits, folders, device, text files."""
-    configs = [parse_bits(tag) for tag in args.bits]
+    configs = [parse_bits(tag, args.method) for tag in args.bits]
     check_device(args.device)
     check_writable_dir(args.out, "--out")
     if args.save is not None:
@@ -250,11 +258,11 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
         start = time.perf_counter()
         base = quantize(copy.deepcopy(fp_model), ptq_calib, config, forward=lambda m, x: m(input_ids=x.to(args.device)))
         ptq_seconds = time.perf_counter() - start
-        rows.append(_row(tag, "rtn", score_windows(base, evaluation, args.batch_size, args.device, progress, tag),
+        rows.append(_row(tag, args.method, score_windows(base, evaluation, args.batch_size, args.device, progress, tag),
                          fp_scores, calib_seconds=ptq_seconds, size_mb=model_size_mb(base),
                          peak_memory_mb=peak_memory_mb(args.device)))
         if tag == args.continuation_bits:
-            continuations[f"{tag} RTN"] = greedy_continuation(base, tokenizer, PROMPT, args.continuation_tokens,
+            continuations[f"{tag} {args.method.upper()}"] = greedy_continuation(base, tokenizer, PROMPT, args.continuation_tokens,
                                                               args.device)
         for form in args.forms:
             model = copy.deepcopy(base)
@@ -263,7 +271,7 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
             start = time.perf_counter()
             reports = apply_qwt(model, comp, qwt_config(args, form), batch_size=args.batch_size, progress=progress)
             seconds = ptq_seconds + time.perf_counter() - start
-            method = "rtn+qwt" if form == "dense" else "rtn+qwt-channelwise"
+            method = f"{args.method}+qwt" + ("" if form == "dense" else "-channelwise")
             memory = peak_memory_mb(args.device)
             rows.append(_row(tag, method, score_windows(model, evaluation, args.batch_size, args.device, progress,
                                                         f"{tag} {method}"),
@@ -271,7 +279,7 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
                              layers_kept=sum(r.applied for r in reports), layers=len(reports)))
             blocks[f"{tag} {method}"] = [r.to_dict() for r in reports]
             if form == "dense" and tag == args.continuation_bits:
-                continuations[f"{tag} RTN + QwT"] = greedy_continuation(model, tokenizer, PROMPT,
+                continuations[f"{tag} {args.method.upper()} + QwT"] = greedy_continuation(model, tokenizer, PROMPT,
                                                                         args.continuation_tokens, args.device)
             if form == "dense" and args.save is not None and rank == 0:
                 save_quantized(model, args.save / tag, "hf_causal_lm", config, {"config": config_dict(fp_model)},
@@ -292,7 +300,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- results -----------------------------------------------------------------------------------------------------
 
-_METHOD_NAMES = {"fp": "FP", "rtn": "RTN", "rtn+qwt": "RTN + QwT", "rtn+qwt-channelwise": "RTN + QwT channel-wise"}
+def method_name(method: str) -> str:
+    """``rtn+qwt-channelwise`` → ``RTN + QwT channel-wise``."""
+    base, _, qwt = method.partition("+")
+    return base.upper() + {"": "", "qwt": " + QwT", "qwt-channelwise": " + QwT channel-wise"}[qwt]
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -305,12 +316,12 @@ def markdown(summary: dict[str, Any]) -> str:
              "| bits | method | perplexity | gap closed | agreement % | layers kept | calib s | peak MB | size MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next((b for b in rows if b["bits"] == r["bits"] and b["method"] == "rtn"), None)
+        base = next((b for b in rows if b["bits"] == r["bits"] and b["method"] == r["method"].split("+")[0]), None)
         closed = "–"
-        if r["method"].startswith("rtn+") and base is not None and base["perplexity"] > fp["perplexity"]:
+        if "+" in r["method"] and base is not None and base["perplexity"] > fp["perplexity"]:
             closed = f"{100 * (base['perplexity'] - r['perplexity']) / (base['perplexity'] - fp['perplexity']):.0f} %"
         kept = f"{r['layers_kept']}/{r['layers']}" if "layers" in r else "–"
-        lines.append(f"| {r['bits']} | {_METHOD_NAMES[r['method']]} | {r['perplexity']:.2f} | {closed} | "
+        lines.append(f"| {r['bits']} | {method_name(r['method'])} | {r['perplexity']:.2f} | {closed} | "
                      f"{r['agreement']:.1f} | {kept} | {r['calib_seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
                      f"{r['size_mb']:.1f} |")
     cont = summary["continuations"]
@@ -328,14 +339,14 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     rows = summary["rows"]
     fp = next(r for r in rows if r["method"] == "fp")["perplexity"]
     tags = list(dict.fromkeys(r["bits"] for r in rows if r["method"] != "fp"))
-    methods = [m for m in ("rtn", "rtn+qwt", "rtn+qwt-channelwise") if any(r["method"] == m for r in rows)]
-    colors = {"rtn": "#9aa5b1", "rtn+qwt": "#2f7ed8", "rtn+qwt-channelwise": "#8bbc21"}
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "fp"))
+    colors = {"": "#9aa5b1", "qwt": "#2f7ed8", "qwt-channelwise": "#8bbc21"}
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(tags)), 4))
     for k, method in enumerate(methods):
         values = [next((r["perplexity"] for r in rows if r["bits"] == t and r["method"] == method), 0) for t in tags]
         bars = ax.bar([i + (k - (len(methods) - 1) / 2) * width for i in range(len(tags))], values, width,
-                      label=_METHOD_NAMES[method], color=colors[method])
+                      label=method_name(method), color=colors[method.partition("+")[2]])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.axhline(fp, color="black", linestyle="dashed", label=f"FP ({fp:.2f})")
     ax.set_yscale("log")
@@ -369,6 +380,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--bits", nargs="+", default=["W4A8", "W3A16"],
                    help="settings: W<w>[g<group>]A<a>[-static]; A16 = weights only; -static = per-tensor static "
                         "inputs instead of per-token dynamic")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="weight baseline: rtn (min-max round to nearest) or gptq (GPTQ weights, per-token inputs; "
+                        "slow on CPU: one partial calibration forward per Linear)")
     p.add_argument("--forms", nargs="+", choices=["dense", "channelwise"], default=["dense", "channelwise"],
                    help="QwT rows: dense (W x + b per decoder layer) and/or channel-wise (o_proj, down_proj)")
     g = p.add_argument_group("text")

@@ -1,0 +1,127 @@
+"""What a PTQ baseline is: a small type whose hooks say which quantiser goes where and what runs after
+calibration; baselines register by name so configs, command lines and saved models keep naming them.
+
+The surgery walk asks the baseline for each quantiser it places (weights; inputs after a norm; the post-softmax
+operand; every other activation), and the PTQ sequence calls :meth:`Baseline.after_calibration` once the
+calibration forward has fitted every quantiser. Nothing else in the library knows which baseline it runs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from ...quant.quantizers import Quantizer, UniformQuantizer
+from ...registry import Registry
+
+if TYPE_CHECKING:  # the family module imports the PTQ config, which imports this one
+    from ...family import Family
+    from .. import CalibrationForward, PhaseHook
+    from ..repq_vit import NormLinearPairs
+
+
+def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:
+    """Activation quantiser: per tensor, or per channel along the last (feature) axis."""
+    return UniformQuantizer(bits, channel_axis=-1 if per_channel else None)
+
+
+def weight_quantizer(bits: int) -> UniformQuantizer:
+    """Weight quantiser: per output channel."""
+    return UniformQuantizer(bits, channel_axis=0)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A PTQ baseline. Subclasses are frozen dataclasses (their fields are the baseline's options, saved with a
+    model) with a class-level ``name``; the defaults below are plain round-to-nearest with per-tensor uniform
+    activations and per-channel uniform weights."""
+
+    name: ClassVar[str]
+    #: One line for ``--help`` and error messages.
+    summary: ClassVar[str] = ""
+
+    def check_family(self, family: Family) -> None:
+        """Refuse (ValueError, one line naming the fix) a family that lacks what this baseline needs."""
+
+    def activations_for(self, token_model: bool) -> Baseline:
+        """The baseline whose activation hooks and post-calibration step apply to a token model or a CNN:
+        itself, unless it only decides weights (see GPTQ)."""
+        return self
+
+    def weight_quantizer(self, bits: int) -> Quantizer:
+        return weight_quantizer(bits)
+
+    def activation_quantizer(self, bits: int) -> Quantizer:
+        """Any activation without a more specific hook below."""
+        return act_quantizer(bits)
+
+    def post_norm_quantizer(self, bits: int) -> Quantizer:
+        """The input of a Linear fed by a LayerNorm."""
+        return self.activation_quantizer(bits)
+
+    def softmax_quantizer(self, bits: int, log_floor: float | None) -> Quantizer:
+        """The attention probabilities (the first operand of attn @ v)."""
+        return self.activation_quantizer(bits)
+
+    def after_calibration(self, model: nn.Module, data: Any, forward: CalibrationForward, pairs: NormLinearPairs,
+                          on_phase: PhaseHook | None) -> list[str]:
+        """Runs once every quantiser is calibrated (weights rounded to nearest so far); returns the names of the
+        norms it reparameterised. ``data``/``forward`` are the calibration set and its forward."""
+        return []
+
+    def options(self) -> dict[str, Any]:
+        """The baseline's settings as saved with a model (empty for a baseline without options)."""
+        return asdict(self)
+
+
+_BASELINES: Registry[type[Baseline]] = Registry("PTQ method")
+
+
+def register_baseline(cls: type[Baseline]) -> type[Baseline]:
+    """Class decorator: make ``cls`` available by its ``name`` (``--method NAME``, saved models)."""
+    return _BASELINES.add(cls.name, cls)
+
+
+def list_baselines() -> list[str]:
+    return sorted(_BASELINES)
+
+
+def make_baseline(name: str, options: dict[str, Any] | None = None) -> Baseline:
+    """The registered baseline ``name`` with ``options`` (its dataclass fields); unknown options are refused."""
+    cls = _BASELINES.lookup(name)
+    options = options or {}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"PTQ method {name!r} has no option(s) {', '.join(unknown)}"
+                         f"{'; it takes ' + ', '.join(sorted(known)) if known else ''}")
+    return cls(**options)
+
+
+def resolve_baseline(method: str | Baseline) -> Baseline:
+    """A baseline instance from a registered name or an instance."""
+    if isinstance(method, Baseline):
+        return method
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a registered PTQ method name or a Baseline, got {method!r}")
+    return make_baseline(method)
+
+
+#: The order in which a family's default baseline is chosen: the first one the family supports.
+_DEFAULT_ORDER = ("repq_vit", "percentile")
+
+
+def default_baseline(family: Family) -> str:
+    """The baseline a family gets when none is asked for: RepQ-ViT where it applies, else percentile."""
+    for name in _DEFAULT_ORDER:
+        try:
+            make_baseline(name).check_family(family)
+        except ValueError:
+            continue
+        return name
+    raise ValueError(f"no built-in PTQ method supports the {family.name} family")
+
+
+__all__ = ["Baseline", "act_quantizer", "weight_quantizer", "register_baseline",
+           "list_baselines", "make_baseline", "resolve_baseline", "default_baseline"]

@@ -1,0 +1,99 @@
+"""PTQ baselines as types: a baseline defined here, outside the library, goes through every path by name."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import qwt
+from qwt.ptq import Baseline, PTQConfig, default_baseline, list_baselines, register_baseline
+from qwt.quant.modules import quant_modules
+
+
+@register_baseline
+@dataclass(frozen=True)
+class ClippedRTN(Baseline):
+    """Round-to-nearest weights on a symmetric grid clipped at ``ratio`` × max|w| per output channel; the
+    activations keep the default (per-tensor uniform percentile) quantisers."""
+
+    name = "test_clipped_rtn"
+    ratio: float = 0.8
+
+    def after_calibration(self, model, data, forward, pairs, on_phase):
+        for _, module in quant_modules(model):
+            for q in module.weight_quantizers():
+                hi = module.weight.detach().flatten(1).abs().amax(1) * self.ratio
+                shape = (-1,) + (1,) * (module.weight.dim() - 1)
+                delta = (2 * hi / (q.levels - 1)).reshape(shape)
+                q.set_params(delta, torch.full_like(delta, q.levels // 2))
+        return []
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_baseline_defined_outside_the_library_runs_every_path(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")  # noqa: F841  (the export check runs the ONNX file)
+    from qwt.export import export_onnx, run, session
+
+    assert "test_clipped_rtn" in list_baselines()
+    config = PTQConfig(method=ClippedRTN(ratio=0.7), w_bits=4, a_bits=6)
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _images(16, 0), config)
+    qkv = model.blocks[0].attn.qkv
+    expected = qkv.weight.abs().amax(1) * 0.7 * 2 / 15
+    assert torch.equal(qkv.weight_quantizer.delta.reshape(-1), expected)  # the hook set the grid
+    assert qkv.input_quantizer.channel_axis is None  # default activation hooks: nothing channel-wise
+    qwt.apply_qwt(model, _images(96, 1), qwt.QwTConfig(fp16_eval=False), batch_size=32, progress=False)
+    test = _images(64, 2)
+    with torch.no_grad():
+        logits = model(test)
+
+    saved = qwt.save_quantized(model, tmp_path / "toy", "vit_fmnist", config)
+    assert '"method": "test_clipped_rtn"' in (saved / "qwt.json").read_text()
+    reloaded = qwt.load_quantized(saved)
+    with torch.no_grad():
+        assert torch.equal(reloaded(test), logits)
+
+    path = export_onnx(reloaded, test[:1], tmp_path / "toy.onnx")
+    exported = run(session(path), test)
+    # The same tolerance as the library's own simulation exports: op order differs between torch and
+    # onnxruntime, so a value on a rounding boundary may land one code apart.
+    assert ((exported - logits).abs() <= 1e-3).float().mean() >= 0.95
+    assert (exported.argmax(1) == logits.argmax(1)).float().mean() >= 0.98
+
+
+def test_options_round_trip_and_unknown_names_are_refused():
+    config = PTQConfig(method=ClippedRTN(ratio=0.5))
+    assert config.to_dict()["method_options"] == {"ratio": 0.5}
+    assert PTQConfig.from_dict(config.to_dict()) == config
+    assert "method_options" not in PTQConfig(method="percentile").to_dict()  # saved JSON of a built-in unchanged
+    with pytest.raises(ValueError, match="no option"):
+        PTQConfig.from_dict({**config.to_dict(), "method_options": {"ratio": 0.5, "bogus": 1}})
+    with pytest.raises(ValueError, match="unknown PTQ method 'nope'"):
+        PTQConfig(method="nope")
+
+
+def test_families_state_what_they_provide_and_baselines_decide():
+    assert default_baseline(qwt.get_family("vit")) == "repq_vit"
+    assert default_baseline(qwt.get_family("resnet")) == "percentile"
+    with pytest.raises(ValueError, match="LayerNorm → Linear pairs.*resnet"):
+        qwt.quantize(qwt.create_model("resnet18", smoke=True, num_classes=4), torch.zeros(1, 3, 32, 32),
+                     PTQConfig(method="repq_vit"))
+
+
+def test_weights_only_setting_places_no_activation_quantiser():
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _images(8, 0), PTQConfig(method="percentile", a_bits=16))
+    assert PTQConfig(a_bits=16).tag == "W4A16"
+    assert not any(module.activation_quantizers() for _, module in quant_modules(model))
+    fp = qwt.create_model("vit_fmnist")
+    test = _images(8, 3)
+    with torch.no_grad(), qwt.quant_state(model, weight=False, act=True):
+        # With weights in float it is the float model (up to the attention's op order, see qwt.quant.attention).
+        torch.testing.assert_close(model(test), fp(test), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2..8, or 16"):
+        PTQConfig(a_bits=12)
+    with pytest.raises(ValueError, match="no effect"):
+        PTQConfig(a_bits=16, conv_act_bits=8)

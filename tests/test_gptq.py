@@ -1,0 +1,229 @@
+"""GPTQ: the library's loop against a plain re-statement of the published algorithm, and its effect on models."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qwt
+from qwt.ptq import PTQConfig
+from qwt.ptq.baselines import GPTQ
+from qwt.ptq.baselines.gptq import gptq_layer
+from qwt.quant.gptq import hessian_update, layer_columns
+from qwt.quant.modules import QuantConv2d, QuantLinear, quant_modules
+from qwt.quant.quantizers import UniformQuantizer, search_uniform
+
+
+def plain_gptq(weight, hessian, delta, zero, levels, damp, block_size, act_order):
+    """GPTQ's fasterquant loop for one 2-D weight, as published, in FP64; ``delta``/``zero`` per weight."""
+    W, H = weight.double().clone(), hessian.clone()
+    delta, zero = delta.double(), zero.double()
+    n = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H, delta, zero = W[:, perm], H[perm][:, perm], delta[:, perm], zero[:, perm]
+    H[range(n), range(n)] += damp * torch.mean(torch.diag(H))
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            q = torch.clamp(torch.round(w / delta[:, i1 + i]) + zero[:, i1 + i], 0, levels - 1)
+            q = (q - zero[:, i1 + i]) * delta[:, i1 + i]
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return Q
+
+
+def _layer(inputs: int, outputs: int, bits: int, seed: int) -> QuantLinear:
+    torch.manual_seed(seed)
+    layer = QuantLinear(nn.Linear(inputs, outputs), None, UniformQuantizer(bits, channel_axis=0))
+    layer.weight_quantizer.enabled = True
+    layer.quantized_weight()  # calibrate the per-channel grid on the weight, as the PTQ pass does
+    return layer
+
+
+def _batches(inputs: int, seed: int, dead: int | None = None) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(inputs, generator=g) * 2  # uneven input scales make the Hessian's diagonal matter
+    batches = [torch.randn(3, 40, inputs, generator=g) * scale for _ in range(4)]
+    if dead is not None:
+        for x in batches:
+            x[..., dead] = 0
+    return batches
+
+
+def _plain_hessian(batches: list[torch.Tensor]) -> torch.Tensor:
+    H = torch.zeros(batches[0].shape[-1], batches[0].shape[-1], dtype=torch.float64)
+    for x in batches:
+        x = x.reshape(-1, x.shape[-1]).double()
+        H += 2 * x.T.matmul(x)
+    return H
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_gptq_equals_a_plain_restatement_of_the_published_loop(act_order, group_size):
+    inputs, bits = 300, 3  # 300 columns: two full lazy batches of 128 and a partial one
+    layer = _layer(inputs, 24, bits, seed=0)
+    batches = _batches(inputs, seed=1)
+    hessian = None
+    for x in batches:
+        hessian = hessian_update(hessian, layer_columns(layer, x))
+    plain_h = _plain_hessian(batches)
+    assert torch.equal(hessian[0], plain_h)
+
+    w = layer.weight.detach().clone()
+    if group_size is None:
+        delta = layer.weight_quantizer.delta.expand_as(w)
+        zero = layer.weight_quantizer.zero_point.expand_as(w)
+    else:  # static groups: the weight quantiser's own search on each group of columns of the original weight
+        deltas, zeros = [], []
+        for start in range(0, inputs, group_size):
+            part = w[:, start:start + group_size]
+            d, z = search_uniform(part, bits, "affine")
+            deltas.append(d[:, None].expand_as(part))
+            zeros.append(z[:, None].expand_as(part))
+        delta, zero = torch.cat(deltas, 1), torch.cat(zeros, 1)
+    expected = plain_gptq(w, plain_h, delta, zero, 2**bits, 0.01, 128, act_order)
+
+    gptq_layer(layer, hessian, GPTQ(act_order=act_order, group_size=group_size))
+    assert torch.equal(layer.weight, expected.float())
+    if group_size is not None:
+        assert torch.equal(layer.weight_quantizer.delta, delta) and torch.equal(layer.weight_quantizer.zero_point, zero)
+    assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)  # round-to-nearest reproduces it
+    assert not torch.equal(layer.weight, layer.weight_quantizer(w))  # and it is not round-to-nearest of w
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_conv_columns_are_what_the_conv_multiplies(groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=groups)
+    x = torch.randn(2, 8, 9, 9)
+    cols = layer_columns(conv, x)  # (G, N·L, C/G·9)
+    w = conv.weight.reshape(groups, 16 // groups, -1)
+    out = torch.matmul(cols, w.transpose(1, 2))  # (G, N·L, out/G)
+    reference = F.conv2d(x, conv.weight, None, 2, 1, 1, groups)  # (N, out, 5, 5)
+    reference = reference.reshape(2, groups, 16 // groups, 25).permute(1, 0, 3, 2).reshape(groups, 50, -1)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dead_input_channel_stays_finite():
+    layer = _layer(40, 12, 4, seed=2)
+    hessian = None
+    for x in _batches(40, seed=3, dead=7):
+        hessian = hessian_update(hessian, layer_columns(layer, x))
+    assert hessian[0, 7, 7] == 0
+    gptq_layer(layer, hessian, GPTQ())
+    assert torch.isfinite(layer.weight).all()
+    zero_code = layer.weight_quantizer(torch.zeros_like(layer.weight))[:, 7]
+    assert torch.equal(layer.weight[:, 7], zero_code)  # the dead column holds the grid's image of 0
+
+
+def _fmnist_calib() -> torch.Tensor:
+    from qwt.data.fashion_mnist import load_fashion_mnist, normalize
+
+    return normalize(load_fashion_mnist("train")[0][:32])
+
+
+def _layer_inputs(model: nn.Module, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every weight layer's GEMM input columns, as the quantised model produces them."""
+    seen: dict[str, torch.Tensor] = {}
+    names = {m: name for name, m in quant_modules(model) if isinstance(m, (QuantLinear, QuantConv2d))}
+
+    def keep(module: nn.Module, args: tuple) -> None:
+        seen.setdefault(names[module], layer_columns(module, module.input_quantizer(args[0])))
+
+    hooks = [m.register_forward_pre_hook(keep) for m in names]
+    with torch.no_grad():
+        model(data)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def _output_error(layer: nn.Module, fp_weight: torch.Tensor, columns: torch.Tensor) -> float:
+    groups = columns.shape[0]
+    diff = (layer.weight_quantizer(layer.weight) - fp_weight).detach().reshape(groups, fp_weight.shape[0] // groups, -1)
+    return float(torch.matmul(columns.double(), diff.double().transpose(1, 2)).pow(2).sum())
+
+
+@pytest.mark.parametrize("model_name", ["vit_fmnist", "resnet18"])
+def test_gptq_beats_round_to_nearest_on_every_layer(model_name):
+    """Weights only (A16), the same per-channel grid: only the rounding differs. Each layer's output error is
+    measured on the inputs GPTQ fitted it to (produced by the GPTQ-rounded layers before it)."""
+    if model_name == "vit_fmnist":
+        fp, data = qwt.create_model("vit_fmnist"), _fmnist_calib()
+    else:
+        torch.manual_seed(0)
+        fp = qwt.create_model("resnet18", smoke=True, num_classes=10)
+        data = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    gptq = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(method=GPTQ(activations="percentile"), w_bits=3, a_bits=16))
+    rtn = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(method="percentile", w_bits=3, a_bits=16))
+    fp_weights = dict(fp.named_parameters())
+    inputs = _layer_inputs(gptq, data)
+    rtn_layers = dict(quant_modules(rtn))
+    worse = []
+    for name, columns in inputs.items():
+        layer, fp_w = dict(quant_modules(gptq))[name], fp_weights[f"{name}.weight"]
+        assert torch.equal(rtn_layers[name].weight_quantizer.delta, layer.weight_quantizer.delta)  # same grid
+        e_gptq, e_rtn = _output_error(layer, fp_w, columns), _output_error(rtn_layers[name], fp_w, columns)
+        if not e_gptq < e_rtn:
+            worse.append((name, e_gptq, e_rtn))
+    assert len(inputs) > 10 and not worse
+
+
+def test_act_order_and_groups_change_the_result_and_keep_it_valid(tmp_path):
+    fp, data = qwt.create_model("vit_fmnist"), _fmnist_calib()
+    weights = {}
+    for options in (GPTQ(), GPTQ(act_order=True), GPTQ(group_size=32), GPTQ(act_order=True, group_size=32)):
+        config = PTQConfig(method=options, w_bits=3, a_bits=4)
+        model = qwt.quantize(copy.deepcopy(fp), data, config)
+        layers = dict(quant_modules(model))
+        for name, layer in layers.items():
+            if isinstance(layer, (QuantLinear, QuantConv2d)):
+                q = layer.weight_quantizer
+                assert torch.isfinite(layer.weight).all() and torch.equal(q(layer.weight), layer.weight), name
+                codes = torch.round(layer.weight / q.delta) + q.zero_point
+                assert codes.min() >= 0 and codes.max() <= q.levels - 1, name
+                if options.group_size and layer.weight.shape[1] > 32:
+                    assert q.delta.shape == layer.weight.shape  # one grid per row and group of 32 columns
+                    assert not torch.equal(q.delta[:, :32], q.delta[:, 32:64])
+        weights[options] = layers["blocks.2.mlp.fc2"].weight.detach().clone()
+        if options.group_size and options.act_order:
+            saved = qwt.save_quantized(model, tmp_path / "gptq", "vit_fmnist", config)
+            with torch.no_grad():
+                assert torch.equal(qwt.load_quantized(saved)(data), model(data))
+    default = weights.pop(GPTQ())
+    for options, w in weights.items():
+        assert not torch.equal(w, default), options
+
+
+def test_gptq_options_are_checked():
+    with pytest.raises(ValueError, match="damp"):
+        GPTQ(damp=-1)
+    with pytest.raises(ValueError, match="group_size"):
+        GPTQ(group_size=0)
+    with pytest.raises(ValueError, match="unknown PTQ method"):
+        GPTQ(activations="nope")
+    with pytest.raises(ValueError, match="LayerNorm → Linear pairs"):
+        qwt.quantize(qwt.create_model("resnet18", smoke=True, num_classes=4), torch.zeros(2, 3, 32, 32),
+                     PTQConfig(method=GPTQ(activations="repq_vit")))
