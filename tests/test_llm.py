@@ -231,9 +231,13 @@ def local_model(tmp_path_factory):
 
 
 def _main(argv, capsys):
+    """Exit status and the stderr lines that name a problem (argparse's own refusals add a usage line)."""
     capsys.readouterr()
-    code = llm.main("test", [str(a) for a in argv])
-    return code, capsys.readouterr().err.strip().splitlines()
+    try:
+        code = llm.main("test", [str(a) for a in argv])
+    except SystemExit as exit:
+        code = exit.code
+    return code, [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
 
 
 def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, capsys):
@@ -259,7 +263,7 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
     (["--model", "HuggingFaceTB/SmolLM2-135M"], "not a local folder"),
     (["--bits", "W4A99"], "--bits"),
     (["--calib-text", "/nonexistent.txt", "--eval-text", "/nonexistent.txt"], "no such text file"),
-    (["--guard-fraction", "1.5"], "guard_fraction"),
+    (["--guard-fraction", "1.5"], "--guard-fraction: must be in [0, 1)"),
 ])
 def test_refusals_before_any_compute(argv, message, tmp_path, capsys):
     code, err = _main(argv + ["--out", tmp_path / "out"], capsys)

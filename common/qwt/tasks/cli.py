@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..cli import finite_float
+from ..cli import finite_float, guard_fraction
 from ..compensation import SOLVER_MODES, QwTConfig
 from ..family import Family
 from ..ptq import PTQConfig, default_baseline, list_baselines
@@ -87,6 +87,10 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g.add_argument("--kernel-size", type=int, default=1, help="grouped-conv compensation kernel (CNNs)")
     g.add_argument("--channels-per-group", "--factor", type=int, default=64,
                    help="input channels per group of the conv compensation (CNNs; the authors' --factor)")
+    g.add_argument("--guard-fraction", type=guard_fraction, default=0.0,
+                   help="held-out guard (not in the paper): hold this fraction of the compensation batches out of "
+                        "each block's fit and keep a compensation only if it lowers the error there (0: off, "
+                        "the authors' behaviour)")
     g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
                    help="where block features wait between blocks (default: the model's device): cpu keeps GPU "
                         "memory flat in the number of compensation images, disk keeps process memory flat "
@@ -104,7 +108,8 @@ def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
 def qwt_config(args: argparse.Namespace) -> QwTConfig:
     return QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
                      fp16_eval=args.comp_precision == "fp16", kernel_size=args.kernel_size,
-                     channels_per_group=args.channels_per_group, feature_device=args.feature_device)
+                     channels_per_group=args.channels_per_group, feature_device=args.feature_device,
+                     guard_fraction=args.guard_fraction)
 
 
 def init_distributed(device: str) -> tuple[int, int]:

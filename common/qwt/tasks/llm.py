@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import apply_qwt, quantize
-from ..cli import check_device, check_writable_dir, finite_float, positive_int, run_cli
+from ..cli import check_device, check_writable_dir, finite_float, guard_fraction, positive_int, run_cli
 from ..compensation import QwTConfig
 from ..compensation.guard import heldout_batches
 from ..data.text import (CALIBRATION_NOVELS, EVALUATION_NOVELS, read_austen, read_text_files, read_wikitext2,
@@ -398,7 +398,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--eval-windows", type=positive_int, default=None,
                    help="evaluate on this many windows spread evenly over the text (default: all)")
     g = p.add_argument_group("compensation")
-    g.add_argument("--guard-fraction", type=finite_float, default=0.25,
+    g.add_argument("--guard-fraction", type=guard_fraction, default=0.25,
                    help="held-out guard: fraction of calibration batches held out of each layer's fit; a layer "
                         "keeps its compensation only if it lowers the error there (0: off)")
     g.add_argument("--ridge", type=finite_float, default=1.0, help="ridge λ added to XᵀX (FP64)")
