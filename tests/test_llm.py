@@ -296,3 +296,45 @@ def test_refusals_that_need_the_model(local_model, tmp_path, capsys):
         code, err = _main(argv + base, capsys)
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
         assert not (tmp_path / "out").exists()
+
+
+def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = plain_ptq(_lm("llama"))
+    comp = _ids(32, seed=2)
+    share = comp.shape[0] // world
+    reports = qwt.apply_qwt(model, comp[rank * share:(rank + 1) * share],
+                            qwt.QwTConfig(guard_fraction=0.25, fp16_eval=False), batch_size=4, progress=False)
+    if rank == 0:
+        torch.save({"r2": [r.r2 for r in reports], "guard": [r.extra["guard"] for r in reports],
+                    "weight": model.model.layers[1].comp_weight.detach()}, out)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_fit_what_one_process_fits(tmp_path):
+    """Each rank fits on its half of the windows (its own held-out batches); the all-reduced statistics, the
+    guard's included, give the single process's layer fits and guard decisions."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path / "rank0.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    model = plain_ptq(_lm("llama"))
+    reports = qwt.apply_qwt(model, _ids(32, seed=2), qwt.QwTConfig(guard_fraction=0.25, fp16_eval=False),
+                            batch_size=4, progress=False)
+    for r, r2, guard in zip(reports, got["r2"], got["guard"]):
+        assert abs(r.r2 - r2) < 1e-6  # FP64 sums in another order, over FP32 features
+        assert guard["kept"] == r.extra["guard"]["kept"] and guard["heldout_batches"] == 1
+        assert math.isclose(guard["heldout_error"], r.extra["guard"]["heldout_error"], rel_tol=1e-9)
+        assert math.isclose(guard["heldout_error_compensated"], r.extra["guard"]["heldout_error_compensated"],
+                            rel_tol=1e-6)
+    torch.testing.assert_close(got["weight"], model.model.layers[1].comp_weight.detach(), rtol=1e-4, atol=1e-5)
