@@ -120,23 +120,28 @@ def test_guard_needs_batches_to_fit_and_to_hold_out():
     ("llama", qwt.PTQConfig(method=RTN(group_size=32, activations="tensor"), w_bits=4, a_bits=6)),
     ("llama", qwt.PTQConfig(method=GPTQ(activations="rtn"), w_bits=4, a_bits=8)),
 ])
-@pytest.mark.parametrize("form", ["dense", "channelwise"])
-def test_save_load_round_trip_is_bit_identical(tmp_path, model_type, config, form):
+def test_save_load_round_trip_is_bit_identical(tmp_path, model_type, config):
     fp = _lm(model_type)
     model = qwt.quantize(copy.deepcopy(fp), _ids(4), config)
-    qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(fp16_eval=False, compensation=form, guard_fraction=0.25),
-                  batch_size=4, progress=False)
+    qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(fp16_eval=False, guard_fraction=0.25), batch_size=4,
+                  progress=False)
     with torch.no_grad():
         logits = model(_ids(4, seed=3)).logits
-    if form == "channelwise":  # the saved format does not describe channel-wise compensation: refused
-        with pytest.raises(qwt.errors.InputError, match="channel-wise"):
-            qwt.save_quantized(model, tmp_path / "m", "hf_causal_lm", config, {"config": tiny_config(model_type)})
-        return
     qwt.save_quantized(model, tmp_path / "m", "hf_causal_lm", config, {"config": tiny_config(model_type)})
     loaded = qwt.load_quantized(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(loaded(_ids(4, seed=3)).logits, logits)
     assert qwt.model_size_mb(loaded) == qwt.model_size_mb(model)
+
+
+def test_channelwise_lm_compensation_is_refused_by_the_saved_format(tmp_path):
+    model = plain_ptq(_lm("llama"))
+    reports = qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(compensation="channelwise"), batch_size=4,
+                            progress=False)
+    assert any(r.applied for r in reports)
+    assert all(set(r.extra["r2_per_layer"]) == {"self_attn.o_proj", "mlp.down_proj"} for r in reports)
+    with pytest.raises(qwt.errors.InputError, match="channel-wise"):
+        qwt.save_quantized(model, tmp_path / "m", "hf_causal_lm", W4A8, {"config": tiny_config("llama")})
 
 
 def test_tied_embedding_counts_once_in_the_size():
