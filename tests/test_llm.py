@@ -4,19 +4,20 @@ import copy
 import json
 import math
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
+import transformers  # the language-model extra (requirements-llm.txt), installed by scripts/install.sh
 
-transformers = pytest.importorskip("transformers")
-
-import qwt  # noqa: E402
-from qwt.compensation import BlockPlan, Step, fit_compensation  # noqa: E402
-from qwt.models.decoder_lm import build_from_config, tiny_config  # noqa: E402
-from qwt.ptq.baselines import GPTQ, RTN, act_quantizer  # noqa: E402
-from qwt.quant.modules import QuantLinear, quant_state  # noqa: E402
-from qwt.quant.rtn import MinMaxWeightQuantizer, TokenQuantizer  # noqa: E402
-from qwt.tasks import llm  # noqa: E402
+import qwt
+from qwt.compensation import BlockPlan, Step, fit_compensation
+from qwt.models.decoder_lm import build_from_config, tiny_config
+from qwt.ptq.baselines import GPTQ, RTN, act_quantizer
+from qwt.quant.modules import QuantLinear, quant_state
+from qwt.quant.rtn import MinMaxWeightQuantizer, TokenQuantizer
+from qwt.tasks import llm
 
 W4A8 = qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8)
 
@@ -343,3 +344,14 @@ def test_two_gloo_ranks_fit_what_one_process_fits(tmp_path):
         assert math.isclose(guard["heldout_error_compensated"], r.extra["guard"]["heldout_error_compensated"],
                             rel_tol=1e-6)
     torch.testing.assert_close(got["weight"], model.model.layers[1].comp_weight.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_smoke_script_runs_on_smollm2_tokenizer_and_the_austen_corpus(tmp_path):
+    """scripts/llm.sh --smoke as CI runs it: installed SmolLM2 tokenizer, the fetched corpus, a random model."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "llm.sh"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["data"]["source"] == "janeaustenr" and summary["data"]["evaluation_windows"] == 8
+    assert len(summary["rows"]) == 7 and all(math.isfinite(r["perplexity"]) for r in summary["rows"])
