@@ -355,3 +355,17 @@ def test_smoke_script_runs_on_smollm2_tokenizer_and_the_austen_corpus(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data"]["source"] == "janeaustenr" and summary["data"]["evaluation_windows"] == 8
     assert len(summary["rows"]) == 7 and all(math.isfinite(r["perplexity"]) for r in summary["rows"])
+
+
+def test_hidden_states_on_disk_give_the_same_bits(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fp = _lm("qwen2")
+    memory, disk = plain_ptq(fp), plain_ptq(fp)
+    for model, where in ((memory, None), (disk, "disk")):
+        qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(guard_fraction=0.25, feature_device=where),
+                      batch_size=4, progress=False)
+    a, b = memory.state_dict(), disk.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(tmp_path.iterdir()) == []
