@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qwt import PTQConfig, QwTConfig, create_model  # noqa: E402
-from qwt.cli import check_writable_dir, hold_output_dir, positive_int, run_cli  # noqa: E402
+from qwt.cli import check_writable_dir, guard_fraction, hold_output_dir, positive_int, run_cli  # noqa: E402
 from qwt.compensation import SOLVER_MODES  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment  # noqa: E402
@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solver", choices=SOLVER_MODES, default="streaming",
                    help="QwT least-squares solver: FP64 Cholesky, the same with FP32 batch products (faster), or "
                         "the authors' FP32 arithmetic")
+    p.add_argument("--guard-fraction", type=guard_fraction, default=0.0,
+                   help="held-out guard (not in the paper): hold this fraction of the compensation batches out of "
+                        "each block's fit and keep a compensation only if it lowers the error there (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -137,7 +140,8 @@ def run_model(args: argparse.Namespace, label: str, fp: nn.Module, calib: torch.
     rows.append({"model": label, "bits": "FP", "method": "fp", "top1": evaluate(fp, "FP"), "calib_seconds": 0.0})
     for tag, method in settings:
         seed_everything(args.seed)
-        res = ptq_then_qwt(label, fp, calib, comp, evaluate, bits_config(tag, method), QwTConfig(solver=args.solver),
+        qwt_cfg = QwTConfig(solver=args.solver, guard_fraction=args.guard_fraction)
+        res = ptq_then_qwt(label, fp, calib, comp, evaluate, bits_config(tag, method), qwt_cfg,
                            progress=not args.no_progress)
         name = tag if method != "gptq" else f"{tag} GPTQ"
         labelled = [{**r, "bits": name, "baseline": method} for r in res.rows]

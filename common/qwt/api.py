@@ -10,7 +10,7 @@ from torch import nn
 from .compensation import BlockPlan, BlockReport, QwTConfig, fit_compensation
 from .errors import InputError
 from .family import Family, family_of, get_family
-from .inputs import check_float32_model, check_images
+from .inputs import check_float32_model
 from .ptq import CalibrationForward, PTQConfig, PhaseHook, apply_ptq
 from .quant.modules import quant_modules
 
@@ -39,9 +39,9 @@ def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, f
         raise InputError(f"the model is already quantised ({quantized} quantised layers): quantise a fresh copy of "
                          "the float model (its bits cannot be changed in place)")
     check_float32_model(model)
-    if isinstance(calib, torch.Tensor):
-        check_images(calib, "calibration images")
     fam = _resolve(model, family)
+    if isinstance(calib, torch.Tensor):
+        fam.check_inputs(calib, "calibration inputs")
     config.method.check_family(fam)
     extra = {"forward": forward} if forward is not None else {}
     apply_ptq(model, calib, config, fam.layer_rule(model, config), fam.norm_linear_pairs, on_phase=on_phase, **extra)

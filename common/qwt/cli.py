@@ -77,6 +77,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def guard_fraction(text: str) -> float:
+    """argparse type: the held-out guard's fraction, in [0, 1) (0: no guard)."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0 turns the guard off), got {text}")
+    return value
+
+
 def check_device(device: str, flag: str = "--device") -> str:
     """Refuse a CUDA device that this machine does not have, before anything is built."""
     try:

@@ -18,6 +18,7 @@ from .compensation.blockwise import BlockPlan
 from .ptq.config import PTQConfig
 from .ptq.repq_vit import NormLinearPairs
 from .ptq.surgery import LayerRule
+from .inputs import InputCheck, check_images
 from .registry import Registry
 
 
@@ -32,6 +33,8 @@ class Family:
     #: (model, block path) → the last Linear/Conv of each residual branch of that block, relative to it (the
     #: shortcut excluded); None if the family does not say (channel-wise compensation then refuses it).
     residual_branches: Callable[[nn.Module, str], list[str]] | None = None
+    #: refuses inputs the family's models do not take (images by default; token ids for language models)
+    check_inputs: InputCheck = check_images
 
 
 _FAMILIES: Registry[Family] = Registry("model family")

@@ -1,6 +1,11 @@
 """What ``quantize`` and ``apply_qwt`` accept: checked up front, so a wrong input is refused in one line instead of
-failing deep inside a layer, or (integer images) calibrating every quantiser on the wrong range without a word."""
+failing deep inside a layer, or (integer images) calibrating every quantiser on the wrong range without a word.
+
+A family names the check for its models' inputs (:attr:`qwt.Family.check_inputs`, and the same on its
+:class:`~qwt.compensation.BlockPlan`): images for vision models, token ids for language models."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,6 +24,22 @@ def check_images(images: torch.Tensor, what: str) -> torch.Tensor:
     if images.shape[0] == 0:
         raise InputError(f"{what} are empty (0 images): pass at least one image")
     return images
+
+
+def check_token_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse a tensor that is not a non-empty (N, T) batch of integer token ids."""
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise InputError(f"{what} are {ids.dtype}: pass integer token ids from the model's tokenizer")
+    if ids.dim() != 2:
+        raise InputError(f"{what} have shape {tuple(ids.shape)}: expected a batch of windows (N, T); "
+                         "add the batch axis with ids.unsqueeze(0)")
+    if ids.numel() == 0:
+        raise InputError(f"{what} are empty: pass at least one window of at least one token")
+    return ids
+
+
+#: (tensor, what it is) → the tensor, or InputError.
+InputCheck = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 def check_float32_model(model: nn.Module) -> None:

@@ -38,14 +38,13 @@ from .ptq import PTQConfig
 from .ptq.surgery import quantize_modules
 from .quant.modules import set_quant_state, swap_module
 from .quant.quantizers import GRIDS, LogSqrt2Quantizer, Quantizer, RoundingQuantizer, UniformQuantizer, _to_rows
+from .quant.rtn import MinMaxWeightQuantizer
 from .utils import all_finite
 
 TENSORS, DESCRIPTION = "model.safetensors", "qwt.json"
 #: 4: per-tensor SHA-256 (``tensors``) and the uniform quantisers' ``grid`` in the description.
 FORMAT_VERSION = 4
 _HASH_KEY = "qwt_description_sha256"
-_KINDS: dict[type[Quantizer], str] = {UniformQuantizer: "uniform", LogSqrt2Quantizer: "log_sqrt2",
-                                      RoundingQuantizer: "uniform_rounding"}
 _SHOWN = 5  # differences listed in an error message
 
 #: Bounds on what a description may declare, checked before anything is built. A real description is a few
@@ -90,14 +89,10 @@ def _describe_quantizers(model: nn.Module) -> dict[str, dict[str, Any]]:
             continue
         if not q.calibrated:
             raise InputError(f"quantiser {name} is not calibrated: quantise and calibrate the model before saving")
-        spec: dict[str, Any] = {"kind": _KINDS[type(q)], "n_bits": q.n_bits, "shape": list(q.delta.shape)}
-        if isinstance(q, UniformQuantizer):
-            spec["channel_axis"] = q.channel_axis
-            spec["grid"] = q.grid
-            if isinstance(q, RoundingQuantizer):
-                spec["offset_shape"] = list(q.offset.shape)
-        else:
-            spec["floor"] = q.floor
+        spec: dict[str, Any] = {"kind": q.kind, "n_bits": q.n_bits, "shape": list(q.delta.shape)}
+        spec |= {setting: getattr(q, setting) for setting in q.settings}
+        if isinstance(q, RoundingQuantizer):
+            spec["offset_shape"] = list(q.offset.shape)
         out[name] = spec
     return out
 
@@ -148,8 +143,8 @@ def _quantizer_differences(expected: nn.Module, actual: dict[str, dict[str, Any]
         q = built.get(name)
         if q is None:
             continue
-        if _KINDS[type(q)] != spec["kind"]:
-            diffs.append(f"{name}: the model's quantiser is {spec['kind']}, the config gives {_KINDS[type(q)]}")
+        if q.kind != spec["kind"]:
+            diffs.append(f"{name}: the model's quantiser is {spec['kind']}, the config gives {q.kind}")
         elif q.n_bits != spec["n_bits"]:
             diffs.append(f"{name}: the model quantises to {spec['n_bits']} bits, the config to {q.n_bits}")
         elif isinstance(q, LogSqrt2Quantizer) and q.floor != spec["floor"]:
@@ -158,6 +153,8 @@ def _quantizer_differences(expected: nn.Module, actual: dict[str, dict[str, Any]
             diffs.append(f"{name}: the model's channel axis is {spec['channel_axis']}, the config's {q.channel_axis}")
         elif isinstance(q, UniformQuantizer) and spec["grid"] not in GRIDS:
             diffs.append(f"{name}: unknown grid {spec['grid']!r}")
+        elif isinstance(q, MinMaxWeightQuantizer) and q.group_size != spec["group_size"]:
+            diffs.append(f"{name}: the model's weight group size is {spec['group_size']}, the config's {q.group_size}")
     return diffs
 
 
@@ -379,6 +376,18 @@ def _recognised_save(directory: Path) -> str | None:
     return None
 
 
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies safetensors can write: a tensor that shares storage with an earlier one (a language model's
+    tied input embedding and output head) is cloned; loading fills both from equal values."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        value = value.detach().contiguous().cpu()
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
 def check_save_target(directory: str | Path) -> Path:
     """A folder ``save_quantized`` may write: new, empty, or a previous save it replaces; never other content.
 
@@ -412,7 +421,7 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     if affine is not None:
         raise InputError(f"{affine} carries channel-wise compensation, which the saved format does not describe; "
                          "export the model to ONNX instead (qwt.export folds it into the weights)")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = _untied(model.state_dict())
     description = {
         "format_version": FORMAT_VERSION,
         "model": model_name,
@@ -511,8 +520,8 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
     for name, q in model.named_modules():
         if isinstance(q, Quantizer):  # the described settings (checked against the config by _verify)
             spec = description["quantizers"][name]
-            if isinstance(q, UniformQuantizer):
-                q.channel_axis, q.grid = spec["channel_axis"], spec["grid"]
+            for setting in q.settings:
+                setattr(q, setting, spec[setting])
     _reference_state(model, state)
     model.load_state_dict(state, strict=True)
     model.to(map_location).eval()

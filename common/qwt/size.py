@@ -3,7 +3,8 @@
 Each module's own parameters (buffers, hence quantiser parameters, excluded): a ``weight`` of a module with a
 ``weight_quantizer`` counts that quantiser's bits per element, a compensation weight 16 bits when it is applied
 in FP16 (``fp16_eval``, the authors' default) and 32 otherwise, everything else its dtype width. Zero
-compensations still count: they exist in the model.
+compensations still count: they exist in the model. A parameter
+shared by two modules (tied embeddings) counts once.
 """
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from .compensation.modules import Compensated
 
 
 def model_size_bits(model: nn.Module) -> int:
-    total = 0
+    total, seen = 0, set()
     for module in model.modules():
         quantizer = getattr(module, "weight_quantizer", None)
         for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # a tied parameter (a language model's embedding and output head) counts once
+                continue
+            seen.add(id(param))
             if name == "weight" and quantizer is not None:
                 bits = quantizer.n_bits
             elif name == "comp_weight" and isinstance(module, Compensated) and module.fp16_eval:

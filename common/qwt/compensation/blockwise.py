@@ -15,17 +15,18 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..inputs import check_images
+from ..inputs import InputCheck, check_images
 from ..quant.modules import quant_state, set_quant_state, swap_module
 from .channelwise import channelwise_block_fit
 from .features import DISK, FeatureStore, FeatureStores
+from .guard import guard_decision, heldout_batches
 from .modules import Compensated, ConvCompensated, LinearCompensated
 from .solver import (SOLVER_MODES, FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError,
                      SolverMode)
@@ -67,6 +68,8 @@ class BlockPlan:
     stem: Callable[[torch.Tensor], torch.Tensor]
     steps: list[Step]
     form: Form
+    #: refuses inputs the stem does not take (images by default; token ids for language models)
+    check_inputs: InputCheck = check_images
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class QwTConfig:
     #: ``dense``: the authors' W x + b beside each block; ``channelwise``: a per-channel gain and bias on each
     #: residual branch's last layer, folded into its weights at export (qwt.compensation.channelwise).
     compensation: Literal["dense", "channelwise"] = "dense"
+    #: held-out guard (not in the paper): this fraction of the compensation batches is held out of each block's
+    #: fit, and the compensation is kept only if it lowers the block's error on them; 0 turns it off (default).
+    guard_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         # Settings that would make QwT silently do nothing or something undefined are refused here; a start
@@ -106,6 +112,8 @@ class QwTConfig:
             raise ValueError(f"ridge must be ≥ 0 (or None for the authors' default), got {self.ridge}")
         if self.solver not in SOLVER_MODES:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVER_MODES)}")
+        if not (math.isfinite(self.guard_fraction) and 0 <= self.guard_fraction < 1):
+            raise ValueError(f"guard_fraction must be in [0, 1) (0: no held-out guard), got {self.guard_fraction}")
         if self.start_block < 0:
             raise ValueError(f"start_block must be ≥ 0, got {self.start_block}")
         if self.compensation not in ("dense", "channelwise"):
@@ -227,7 +235,8 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
 
     def fit_block(model: nn.Module, step: Step, feats: FeatureStore, index: int, device: torch.device):
         module = model.get_submodule(step.path)
-        outputs, fit, meta = feats.sibling(), None, {}
+        outputs, fit, held, meta = feats.sibling(), None, None, {}
+        held_out = heldout_batches(len(feats), config.guard_fraction)
         for k in range(len(feats)):
             x = feats.get(k, device)
             with quant_state(module, weight=False, act=False):
@@ -235,15 +244,22 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
             y_q = step.run(module, x)
             if fit is None:
                 fit, meta = _fitter(form, x, y_q, config)
+                if held_out:  # the guard's rows: FP64 statistics whatever the solver, never fitted on
+                    held = _fitter(form, x, y_q, replace(config, solver="streaming"))[0]
             shared = y_fp.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-            fit.update(x, y_fp - y_q if shared else y_fp.sub_(y_q))  # in the FP output's buffer unless that is x
+            target = y_fp - y_q if shared else y_fp.sub_(y_q)  # in the FP output's buffer unless that is x
+            (held if k in held_out else fit).update(x, target)
             outputs.put(k, y_q)
-        del x, y_fp, y_q
+        del x, y_fp, y_q, target
         fit.reduce()
         result, reason = _solve(fit, step.path, config.skip_degenerate)
         if reason is not None:
             meta = {**meta, "skipped": reason}
         applied = reason is None and result.r2 > config.r2_threshold and index >= config.start_block
+        if held is not None:
+            held.reduce()
+            meta["guard"] = guard_decision(held.error(), held.error(result.weight, result.bias), len(held_out))
+            applied = applied and meta["guard"]["kept"]
         weight, bias = (result.weight, result.bias) if applied else (
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))
         wrapper = _wrap(form, module, weight, bias, meta, config.fp16_eval)
@@ -276,7 +292,8 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
         if residual_branches is None:
             raise ValueError("channel-wise compensation needs residual_branches: which layer ends each residual "
                              "branch of a block (qwt.apply_qwt takes it from the model's family)")
-        fit_block = channelwise_block_fit(residual_branches, config.r2_threshold, config.start_block)
+        fit_block = channelwise_block_fit(residual_branches, config.r2_threshold, config.start_block,
+                                          config.guard_fraction)
     else:
         fit_block = dense_block_fit(plan.form, config)
     model.eval()
@@ -286,7 +303,7 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
         feats, device = stores.new(), None
         for k, batch in enumerate(_batches(images, batch_size)):
             if isinstance(batch, torch.Tensor):
-                check_images(batch, "compensation images")
+                plan.check_inputs(batch, "compensation inputs")
             x = plan.stem(batch)
             if device is None:
                 device = x.device

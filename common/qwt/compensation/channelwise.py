@@ -16,6 +16,7 @@ from torch import nn
 
 from ..quant.modules import QuantModule, quant_state, swap_module
 from .features import FeatureStore
+from .guard import guard_decision, heldout_batches
 
 
 class ChannelAffine(nn.Module):
@@ -64,10 +65,21 @@ class _AffineFit:
         # A constant or anti-correlated channel has no usable gain: correct its mean only.
         gain = torch.where((var_q > 1e-12 * sqq.clamp_min(1e-30)) & (gain > 0), gain, torch.ones_like(gain))
         bias = (sf - gain * sq) / n
-        sse_before = (sff - 2 * sqf + sqq).sum()
-        sse_after = (sff + gain**2 * sqq + n * bias**2 - 2 * gain * sqf - 2 * bias * sf + 2 * gain * bias * sq).sum()
+        sse_before = self.error()
+        sse_after = self._sse(gain, bias)
         r2 = float(1 - sse_after / sse_before) if sse_before > 0 else 0.0
         return gain.float(), bias.float(), r2
+
+    def _sse(self, gain: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        n, sq, sf, sqq, sqf, sff = self.sums
+        return (sff + gain**2 * sqq + n * bias**2 - 2 * gain * sqf - 2 * bias * sf + 2 * gain * bias * sq).sum()
+
+    def error(self, gain: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ (z_fp − corrected z_q)² over the rows summed here: uncorrected when no (gain, bias) is given."""
+        if gain is None:
+            n, sq, sf, sqq, sqf, sff = self.sums
+            return (sff - 2 * sqf + sqq).sum()
+        return self._sse(gain.to(self.sums), bias.to(self.sums))
 
 
 def _record(block: nn.Module, names: list[str], run: Callable[[], torch.Tensor]
@@ -94,16 +106,17 @@ def _target(block: nn.Module, name: str) -> str:
 
 
 def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str]], r2_threshold: float = 0.0,
-                          start_block: int = 0) -> Callable:
+                          start_block: int = 0, guard_fraction: float = 0.0) -> Callable:
     """The channel-wise form as a per-block fit for :func:`qwt.compensation.fit_compensation` (its ``BlockFit``).
 
     ``residual_branches(model, block_path)`` names the target layers (the family's). A layer is corrected only
-    when its fit's R² > ``r2_threshold`` and the block index ≥ ``start_block``; the block's R² is the smallest of
-    its layers'.
+    when its fit's R² > ``r2_threshold`` and the block index ≥ ``start_block``, and, with ``guard_fraction`` > 0,
+    when the correction lowers the layer's error on the held-out batches (not fitted on); the block's R² is the
+    smallest of its layers'.
     """
-
     def fit_block(model: nn.Module, step, feats: FeatureStore, index: int, device: torch.device):
         module = model.get_submodule(step.path)
+        held_out = heldout_batches(len(feats), guard_fraction)
         names = [_target(module, name) for name in residual_branches(model, step.path)]
 
         def record(names: list[str], k: int) -> dict[str, torch.Tensor]:
@@ -114,21 +127,28 @@ def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str
             for k in range(len(feats)):
                 for name, z in record(names, k).items():
                     targets[name].put(k, z)
-        r2s = {}
+        r2s, guards = {}, {}
         for name in names:
             layer = module.get_submodule(name)
-            fit = _AffineFit(1 if isinstance(layer, nn.Conv2d) else -1)
+            axis = 1 if isinstance(layer, nn.Conv2d) else -1
+            fit, held = _AffineFit(axis), _AffineFit(axis)
             for k in range(len(feats)):
-                fit.update(record([name], k)[name], targets[name].get(k, device))
+                (held if k in held_out else fit).update(record([name], k)[name], targets[name].get(k, device))
             targets[name].clear()
             fit.reduce()
             gain, bias, r2s[name] = fit.solve()
-            if r2s[name] > r2_threshold and index >= start_block:
+            keep = r2s[name] > r2_threshold and index >= start_block
+            if held_out:
+                held.reduce()
+                guards[name] = guard_decision(float(held.error()), float(held.error(gain, bias)), len(held_out))
+                keep = keep and guards[name]["kept"]
+            if keep:
                 swap_module(module, name, ChannelAffine(layer, gain, bias))
         for k in range(len(feats)):
             feats.put(k, step.run(module, feats.get(k, device)))
         applied = any(isinstance(module.get_submodule(n), ChannelAffine) for n in names)
-        return min(r2s.values()), applied, {"form": "channelwise", "r2_per_layer": r2s}
+        meta = {"form": "channelwise", "r2_per_layer": r2s}
+        return min(r2s.values()), applied, meta | ({"guard_per_layer": guards} if guards else {})
 
     return fit_block
 

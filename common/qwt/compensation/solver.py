@@ -85,6 +85,10 @@ class _LeastSquares:
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _join(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_split`: (G, unknowns, outputs)."""
+        raise NotImplementedError
+
     def _system(self, x: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
         """(rows, unknowns, outputs) that one batch adds to each group's system."""
         raise NotImplementedError
@@ -222,9 +226,24 @@ class _LeastSquares:
                 "feature channels?); falling back to the minimum-norm pseudo-inverse solution", RuntimeWarning)
             theta = torch.linalg.pinv(lhs, hermitian=True) @ cross
         _require_finite_features(theta, "solution")
-        # Σ‖T − AΘ‖² = ΣT² − 2·⟨Θ, AᵀT⟩ + ⟨Θ, AᵀA·Θ⟩, all in FP64.
-        ss_res = self.t_sq - 2 * (theta * cross).sum() + (theta * (gram @ theta)).sum()
-        return theta.float(), float(ss_res.clamp_min(0))
+        return theta.float(), self._residual(theta)
+
+    def _residual(self, theta: torch.Tensor) -> float:
+        """Σ‖T − AΘ‖² = ΣT² − 2·⟨Θ, AᵀT⟩ + ⟨Θ, AᵀA·Θ⟩ over the accumulated rows, all in FP64."""
+        ss_res = self.t_sq - 2 * (theta * self.cross).sum() + (theta * (self.gram @ theta)).sum()
+        return float(ss_res.clamp_min(0))
+
+    @torch.no_grad()
+    def error(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> float:
+        """Squared error Σ‖T − c(x)‖² of the compensation (weight, bias) on the rows accumulated here (streaming
+        statistics), or ΣT², the error without compensation, when none is given. The held-out guard scores a
+        fit on rows it was not fitted on this way, without another pass over them."""
+        if self.mode == "reference" or self.t_sum is None:
+            raise ValueError("error() needs streaming statistics of at least one batch")
+        if weight is None:
+            return float(self.t_sq)
+        theta = self._join(weight.to(self.gram), bias.to(self.gram))
+        return self._residual(theta)
 
 
 
@@ -271,6 +290,9 @@ class LinearLeastSquares(_LeastSquares):
 
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return theta[0, :-1].contiguous(), theta[0, -1].contiguous()
+
+    def _join(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.cat([weight, bias[None]])[None]
 
     def _system(self, x: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
         return x.numel() // x.shape[-1], x.shape[-1] + 1, t.shape[-1]
@@ -328,6 +350,11 @@ class GroupedConvLeastSquares(_LeastSquares):
         weight = theta[:, :-1, :].transpose(1, 2)  # (G, C_out/G, C_in/G·k²)
         weight = weight.reshape(self.out_channels, self.in_channels // g, k, k).contiguous()
         return weight, theta[:, -1, :].reshape(-1).contiguous()
+
+    def _join(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        w = weight.reshape(g, self.out_channels // g, -1).transpose(1, 2)
+        return torch.cat([w, bias.reshape(g, 1, -1)], dim=1)
 
     def _system(self, x: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
         k = self.kernel_size

@@ -1,5 +1,5 @@
 """Model families and the model registry. Each family file defines and registers its family and models."""
-from . import convnext, efficientnet, resnet, swin, vit, vit_fmnist  # noqa: F401  (registration)
+from . import convnext, decoder_lm, efficientnet, resnet, swin, vit, vit_fmnist  # noqa: F401  (registration)
 from .convnext import convnext_plan
 from .efficientnet import efficientnet_plan
 from .registry import ModelEntry, create_model, get_model_entry, list_models, register_model

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..data.imagenet import Preprocessing
@@ -19,7 +20,9 @@ class ModelEntry:
     description: str
     preprocessing: Preprocessing | None = None  # ImageNet evaluation transform; None for non-ImageNet models
     reduced: dict = field(default_factory=lambda: {"smoke": True})  # build kwargs of a CPU-sized variant
-    reduced_input: tuple[int, int, int] = (3, 32, 32)  # one image of that variant
+    reduced_input: tuple[int, ...] = (3, 32, 32)  # one image of that variant
+    #: a batch of 8 inputs for the reduced variant when they are not images (token ids); None: Gaussian images
+    reduced_batch: Callable[[torch.Generator], torch.Tensor] | None = None
 
 _REGISTRY: Registry[ModelEntry] = Registry("model")
 

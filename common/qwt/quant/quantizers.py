@@ -183,7 +183,14 @@ def search_log_sqrt2(flat: torch.Tensor, n_bits: int, floor: float | None) -> to
 
 
 class Quantizer(nn.Module):
-    """Common state: bit width, on/off switch, lazily filled parameter buffers."""
+    """Common state: bit width, on/off switch, lazily filled parameter buffers.
+
+    ``kind`` names the class in saved models; ``settings`` are the attributes (besides ``n_bits``) a saved model
+    records and restores, so a quantiser type describes itself to :mod:`qwt.serialization`.
+    """
+
+    kind: str = ""
+    settings: tuple[str, ...] = ()
 
     def __init__(self, n_bits: int) -> None:
         super().__init__()
@@ -234,6 +241,9 @@ class Quantizer(nn.Module):
 class UniformQuantizer(Quantizer):
     """Asymmetric uniform quantiser, per tensor (``channel_axis=None``) or per channel along one axis."""
 
+    kind = "uniform"
+    settings = ("channel_axis", "grid")
+
     def __init__(self, n_bits: int, channel_axis: int | None = None, grid: Grid = "affine") -> None:
         super().__init__(n_bits)
         if grid not in GRIDS:
@@ -272,6 +282,8 @@ class RoundingQuantizer(UniformQuantizer):
     algorithm's, bit for bit. Without offsets (before the algorithm ran) it is the plain uniform quantiser.
     """
 
+    kind = "uniform_rounding"
+
     def __init__(self, n_bits: int, channel_axis: int | None = 0, grid: Grid = "affine") -> None:
         super().__init__(n_bits, channel_axis, grid)
         self.register_buffer("offset", torch.empty(0, dtype=torch.int16))
@@ -304,6 +316,9 @@ class LogSqrt2Quantizer(Quantizer):
     ``floor`` clamps x/Δ before log2: the QwT authors' copy uses 1e-6 (tiny values then decode to Δ·2⁻²⁰ at
     A ≥ 6 bits instead of 0); RepQ-ViT has no floor (``None``). Identical at A ≤ 5 bits.
     """
+
+    kind = "log_sqrt2"
+    settings = ("floor",)
 
     def __init__(self, n_bits: int, floor: float | None = 1e-6) -> None:
         super().__init__(n_bits)

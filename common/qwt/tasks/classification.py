@@ -42,7 +42,7 @@ from ..ptq.config import bit_tag
 from ..report import atomic_write, markdown_table, write_run
 from ..serialization import check_save_target, save_quantized
 from ..utils import seed_everything
-from .cli import CLASSIFICATION, add_quant_flags, ptq_config, qwt_config
+from .cli import CLASSIFICATION, add_quant_flags, init_distributed, ptq_config, qwt_config
 
 TASKS: dict[str, dict[str, Any]] = {
     "vit": {"out": "results/cls_vit", "families": ("vit", "swin")},
@@ -82,17 +82,6 @@ def build_parser(task: str, description: str) -> argparse.ArgumentParser:
                    help="reduced random-init model + synthetic data written to a temp folder (CI)")
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def _init_distributed(device: str) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), world
 
 
 def _sharded_eval(model: nn.Module, loader, device: str, world: int, desc: str, progress: bool) -> float:
@@ -164,7 +153,7 @@ def run(args: argparse.Namespace, task: str) -> list[dict[str, Any]]:
 
 def _distributed_run(args: argparse.Namespace, entry: ModelEntry, ptq_cfg: PTQConfig, qwt_cfg: QwTConfig,
                      star_cfg: FinetuneConfig | None) -> list[dict[str, Any]]:
-    rank, world = _init_distributed(args.device)
+    rank, world = init_distributed(args.device)
     seed_everything(args.seed)
     pre = entry.preprocessing
     data_dir = args.data_dir

