@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 
 import qwt  # noqa: E402
 from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
-from qwt.cli import check_writable_dir, positive_int, run_cli  # noqa: E402
+from qwt.cli import check_writable_dir, hold_output_dir, positive_int, run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment as run_environment, kernels_note  # noqa: E402
 from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, resolve_weight_dtype, run, session  # noqa: E402
@@ -240,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     check_writable_dir(args.out, "--out")
+    with hold_output_dir(args.out, "--out"):  # a second deploy run on the same --out is refused
+        return _deploy(args)
+
+
+def _deploy(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     start, load_start = time.perf_counter(), os.getloadavg()
     works = workloads(args)

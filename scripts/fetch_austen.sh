@@ -2,7 +2,7 @@
 # Fetch the six Jane Austen novels (Debian package r-cran-janeaustenr, an R lazy-load database) without
 # installing the package (that would pull in R): apt-get download + dpkg-deb -x, then copy the R package folder to
 # $QWT_DATA/janeaustenr (default /usr/local/share/qwt-data as root, ~/.cache/qwt-data otherwise), where
-# qwt.data.austen looks for it. Does nothing if the corpus is already there.
+# qwt.data.text looks for it. Does nothing if the corpus is already there.
 set -euo pipefail
 if [ -n "${QWT_DATA:-}" ]; then DATA="$QWT_DATA"
 elif [ "$(id -u)" -eq 0 ]; then DATA=/usr/local/share/qwt-data

@@ -165,3 +165,14 @@ def test_main_refuses_a_save_folder_with_foreign_files(tmp_path, capsys):
     (tmp_path / "m" / "notes.txt").write_text("mine")
     err = _main_refusal(["--save", str(tmp_path / "m"), "--out", str(tmp_path / "out")], capsys)
     assert "files a save did not write (notes.txt)" in err and (tmp_path / "m" / "notes.txt").exists()
+
+
+def test_a_second_deploy_run_on_the_same_out_is_refused(held):
+    # Before: deploy.py had no hold on --out; two runs wrote summary.json and table.md in turn, the last one winning.
+    out, holder = held
+    done = subprocess.run([sys.executable, "scripts/deploy.py", "--models", "vit_fmnist", "--out", str(out)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"is in use by another run (pid {holder.pid}:" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing measured, nothing written
