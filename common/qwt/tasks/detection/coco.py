@@ -9,7 +9,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +18,6 @@ from tqdm.auto import tqdm
 from ...errors import InputError
 from .configs import use_mmdet_registry
 from .draw import DRAWS, aspect_groups, authors_draw, seeded_draw
-
-Config = dict[str, Any]
 
 #: The authors' test resize: longer side ≤ 1333, shorter side ≤ 800, aspect ratio kept.
 TEST_SCALE = (1333, 800)
@@ -49,9 +46,14 @@ def check_coco(root: Path, splits: Sequence[str] = SPLITS) -> None:
         raise InputError(f"COCO under --coco-root {root} is incomplete, missing: {', '.join(missing)}")
 
 
-def _pipeline(scale: tuple[int, int], keep_ratio: bool) -> list[Config]:
-    return [dict(type="LoadImageFromFile"), dict(type="Resize", scale=scale, keep_ratio=keep_ratio),
-            dict(type="PackDetInputs", meta_keys=_META_KEYS)]
+def _pipeline(scale: tuple[int, int], keep_ratio: bool) -> list:
+    """The transforms themselves, not registry names: what mmdet's scope resolves the names to (mmcv's loader,
+    mmdet's Resize and PackDetInputs), built here so that no registry look-up (whose result depends on the
+    process's default-scope state) stands between a run and its images."""
+    from mmcv.transforms import LoadImageFromFile
+    from mmdet.datasets.transforms import PackDetInputs, Resize
+
+    return [LoadImageFromFile(), Resize(scale=scale, keep_ratio=keep_ratio), PackDetInputs(meta_keys=_META_KEYS)]
 
 
 def coco_dataset(root: Path, split: str, scale: tuple[int, int], keep_ratio: bool = True,
