@@ -3,9 +3,9 @@
 A family says how to recognise its models, which layers get which bits (its layer rule, token model or CNN),
 which LayerNorm → Linear pairs it has (RepQ-ViT reparameterises them; a baseline that needs them refuses a family
 without), how QwT walks the model (stem, blocks, compensation form), which modules form the classifier (trained
-by QwT*), and which layer ends each residual branch of a block (where channel-wise compensation acts and where a W8A8 conv output is quantised). Each family
-is defined and registered in its model file (``qwt/models/<family>.py``), as timm keeps a model's config next to
-its code.
+by QwT*), which layer ends each residual branch of a block (where channel-wise compensation acts and where a
+W8A8 conv output is quantised), and what inputs its models take. Each family is defined and registered in its
+model file (``qwt/models/<family>.py``), as timm keeps a model's config next to its code.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from .compensation.blockwise import BlockPlan
+from .inputs import InputCheck, check_images
 from .ptq.config import PTQConfig
 from .ptq.repq_vit import NormLinearPairs
 from .ptq.surgery import LayerRule
-from .inputs import InputCheck, check_images
 from .registry import Registry
 
 

@@ -124,6 +124,7 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
                         "memory flat in the number of compensation images, disk keeps process memory flat "
                         "(temporary files); the result is the same")
 
+
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
     """The PTQ config of the flags, refused now (before any compute) if the method does not fit the family."""
     method = make_baseline(args.method or default_baseline(family), dict(args.method_option))

@@ -262,8 +262,8 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
                          fp_scores, calib_seconds=ptq_seconds, size_mb=model_size_mb(base),
                          peak_memory_mb=peak_memory_mb(args.device)))
         if tag == args.continuation_bits:
-            continuations[f"{tag} {args.method.upper()}"] = greedy_continuation(base, tokenizer, PROMPT, args.continuation_tokens,
-                                                              args.device)
+            continuations[f"{tag} {args.method.upper()}"] = greedy_continuation(
+                base, tokenizer, PROMPT, args.continuation_tokens, args.device)
         for form in args.forms:
             model = copy.deepcopy(base)
             if args.device.startswith("cuda"):
@@ -326,7 +326,8 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{r['size_mb']:.1f} |")
     cont = summary["continuations"]
     lines += ["", f"Greedy continuation ({cont['tokens']} tokens) of: *{cont['prompt']}*", ""]
-    lines += [f"- **{k}**: {json.dumps(v, ensure_ascii=False)}" for k, v in cont.items() if k not in ("prompt", "tokens")]
+    lines += [f"- **{k}**: {json.dumps(v, ensure_ascii=False)}" for k, v in cont.items()
+              if k not in ("prompt", "tokens")]
     return "\n".join(lines) + "\n"
 
 
