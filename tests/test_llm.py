@@ -13,7 +13,7 @@ import transformers  # the language-model extra (requirements-llm.txt), installe
 
 import qwt
 from qwt.compensation import BlockPlan, Step, fit_compensation
-from qwt.models.decoder_lm import build_from_config, tiny_config
+from qwt.models.decoder_lm import build_from_config, config_dict, tiny_config
 from qwt.ptq.baselines import GPTQ, RTN, act_quantizer
 from qwt.quant.modules import QuantLinear, quant_state
 from qwt.quant.rtn import MinMaxWeightQuantizer, TokenQuantizer
@@ -106,6 +106,66 @@ def test_guard_keeps_the_layers_of_a_tiny_llama_and_reports_each_decision():
         g = r.extra["guard"]
         assert g["heldout_batches"] == 2 and g["kept"] == r.applied
         assert g["kept"] == (g["heldout_error_compensated"] < g["heldout_error"])
+
+
+@pytest.mark.parametrize("form", ["dense", "channelwise"])
+def test_removing_every_compensation_gives_the_ptq_model_back(form):
+    fp = _lm("llama")
+    model = plain_ptq(fp)
+    reports = qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(fp16_eval=False, compensation=form),
+                            batch_size=4, progress=False)
+    ids = _ids(2, seed=3)
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, plain_ptq(fp)(ids).logits)
+        for r in reports:
+            qwt.compensation.remove_compensation(model, r.path)
+        assert torch.equal(model(ids).logits, plain_ptq(fp)(ids).logits)
+    assert not any(isinstance(m, (qwt.compensation.Compensated, qwt.compensation.ChannelAffine))
+                   for m in model.modules())
+
+
+def _guard_args():
+    return llm.parse_args(["--batch-size", "4", "--no-progress"], "test")
+
+
+def test_model_guard_keeps_the_baseline_when_every_depth_is_worse():
+    """Compensations scaled up 50×: each depth the guard tries is worse than the baseline on the held-out
+    windows, so the baseline itself comes back and the decision lists every depth tried."""
+    fp = _lm("llama")
+    base, model = plain_ptq(fp), plain_ptq(fp)
+    reports = qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(fp16_eval=False), batch_size=4, progress=False)
+    with torch.no_grad():
+        for r in reports:
+            module = model.get_submodule(r.path)
+            module.comp_weight.mul_(50)
+            module.comp_bias.add_(50)
+    held = _ids(8, seed=4)
+    base_ppl = llm.perplexity(llm.score_windows(base, held, 4, "cpu"))
+    kept, decision = llm.output_guard(base, model, reports, held, base_ppl, _guard_args())
+    assert kept is base and decision["depth"] == 0 and not decision["kept"]
+    assert set(decision["heldout_perplexity_by_depth"]) == {"1", "2"}  # L = 2: depths 2 and round(2·2/4) = 1
+    assert all(v > base_ppl for v in decision["heldout_perplexity_by_depth"].values())
+
+
+def test_model_guard_keeps_the_best_depth_below_the_baseline(tmp_path):
+    """Only the last layer's compensation is corrupted: the guard keeps the first layer's (if that beats the
+    baseline on the held-out windows) and never returns a model worse there than the baseline."""
+    fp = _lm("llama")
+    base, model = plain_ptq(fp), plain_ptq(fp)
+    reports = qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(fp16_eval=False), batch_size=4, progress=False)
+    with torch.no_grad():
+        model.get_submodule(reports[1].path).comp_bias.add_(50)
+    held = _ids(8, seed=4)
+    base_ppl = llm.perplexity(llm.score_windows(base, held, 4, "cpu"))
+    kept, decision = llm.output_guard(base, model, reports, held, base_ppl, _guard_args())
+    tried = decision["heldout_perplexity_by_depth"]
+    assert tried["2"] > base_ppl and decision["depth"] == (1 if tried["1"] < base_ppl else 0)
+    got = llm.perplexity(llm.score_windows(kept, held, 4, "cpu"))
+    assert got == (tried["1"] if decision["depth"] else base_ppl) and got <= base_ppl
+    assert isinstance(kept.get_submodule(reports[1].path), type(base.get_submodule(reports[1].path)))
+    qwt.save_quantized(kept, tmp_path / "saved", "hf_causal_lm", W4A8, {"config": config_dict(fp)})
+    with torch.no_grad():  # a model with some layers compensated and some not saves and reloads bit-identically
+        assert torch.equal(qwt.load_quantized(tmp_path / "saved")(held).logits, kept(held).logits)
 
 
 def test_guard_needs_batches_to_fit_and_to_hold_out():
@@ -262,6 +322,10 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
     assert "threads" in summary["environment"] and (out / "chart.png").is_file() and (out / "table.md").is_file()
     blocks = json.loads((out / "blocks.json").read_text())["W4A8 rtn+qwt"]
     assert len(blocks) == 2 and all("guard" in b["extra"] for b in blocks)
+    for row in summary["rows"][2:]:  # the model-level guard's decision, on held-out calibration windows
+        guard = row["output_guard"]
+        assert guard["heldout_windows"] == 4 and row["layers_kept"] <= guard["depth"] <= row["layers"]
+        assert (guard["depth"] > 0) == (min(guard["heldout_perplexity_by_depth"].values()) < guard["heldout_perplexity"])
     loaded = qwt.load_quantized(save / "W4A8")
     assert qwt.family_of(loaded).name == "decoder_lm"
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..inputs import InputCheck, check_images
 from ..quant.modules import quant_state, set_quant_state, swap_module
-from .channelwise import channelwise_block_fit
+from .channelwise import ChannelAffine, channelwise_block_fit
 from .features import DISK, FeatureStore, FeatureStores
 from .guard import guard_decision, heldout_batches
 from .modules import Compensated, ConvCompensated, LinearCompensated
@@ -271,6 +271,18 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
         return result.r2, applied, meta
 
     return fit_block
+
+
+def remove_compensation(model: nn.Module, path: str) -> None:
+    """Take block ``path``'s compensation out of ``model`` (in place): the dense wrapper gives its block back,
+    channel-wise corrections give their layers back; the quantised block is left as PTQ made it."""
+    block = model.get_submodule(path)
+    if isinstance(block, Compensated):
+        swap_module(model, path, block.block)
+        block = block.block
+    for name, module in list(block.named_modules()):
+        if isinstance(module, ChannelAffine):
+            swap_module(block, name, module.layer)
 
 
 @torch.no_grad()

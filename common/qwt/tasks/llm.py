@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..api import apply_qwt, quantize
 from ..cli import check_device, check_writable_dir, finite_float, guard_fraction, positive_int, run_cli
-from ..compensation import QwTConfig
+from ..compensation import QwTConfig, remove_compensation
 from ..compensation.guard import heldout_batches
 from ..data.text import (CALIBRATION_NOVELS, EVALUATION_NOVELS, read_austen, read_text_files, read_wikitext2,
                          token_windows)
@@ -105,12 +105,12 @@ class Scores:
 
 @torch.no_grad()
 def score_windows(model: nn.Module, windows: torch.Tensor, batch_size: int, device: str,
-                  progress: bool = False, desc: str = "eval") -> Scores:
+                  progress: bool = False, desc: str = "eval", shard: bool = True) -> Scores:
     """Each window of S tokens is scored on its last S − 1 (token t predicted from tokens < t of the same
     window: non-overlapping windows, no context carried across). Under torch.distributed each rank scores
-    windows rank, rank + world, …"""
+    windows rank, rank + world, … (``shard=False``: ``windows`` are already this rank's own)."""
     rank, world = _rank_world()
-    mine = windows[rank::world]
+    mine = windows[rank::world] if shard else windows
     nll, tokens, top1 = 0.0, 0, []
     for batch in tqdm(mine.split(batch_size), desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
@@ -198,6 +198,53 @@ def qwt_config(args: argparse.Namespace, form: str) -> QwTConfig:
                      guard_fraction=args.guard_fraction, feature_device=args.feature_device)
 
 
+def heldout_windows(comp: torch.Tensor, batch_size: int, fraction: float) -> torch.Tensor:
+    """The calibration windows of this rank that the held-out guard keeps out of every layer's fit."""
+    held = heldout_batches(math.ceil(comp.shape[0] / batch_size), fraction)
+    return torch.cat([comp[k * batch_size:(k + 1) * batch_size] for k in sorted(held)]) if held else comp[:0]
+
+
+#: Depths the model-level guard tries when the fully compensated model fails it: compensation on the first
+#: ⌊L·j/4⌉ decoder layers only.
+GUARD_DEPTHS = (3, 2, 1)
+
+
+def output_guard(base: nn.Module, model: nn.Module, reports: list, held: torch.Tensor, base_perplexity: float,
+                 args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """The model-level half of the guard: (the model to keep, the decision).
+
+    The per-layer guard scores each layer on its own input; layers that each improve can still compose into a
+    worse model, and only the model's output shows it. So the compensated model is kept only if its perplexity
+    on the held-out calibration windows (fitted on by no layer) is below the baseline's. If it is not, the
+    compensation is kept on the first 3/4, 1/2 or 1/4 of the layers only (the depth with the lowest held-out
+    perplexity, if below the baseline's), else on none: the baseline itself."""
+    def score(candidate: nn.Module) -> float:
+        return perplexity(score_windows(candidate, held, args.batch_size, args.device, shard=False))
+
+    tried = {len(reports): score(model)}
+    if tried[len(reports)] >= base_perplexity:
+        for j in GUARD_DEPTHS:
+            depth = round(len(reports) * j / 4)
+            if depth in tried or depth == 0:
+                continue
+            candidate = copy.deepcopy(model)
+            for report in reports[depth:]:
+                remove_compensation(candidate, report.path)
+            tried[depth] = score(candidate)
+            del candidate
+    depth = min(tried, key=tried.get)
+    if tried[depth] >= base_perplexity:
+        depth = 0
+    if depth == 0:
+        model = base
+    for report in reports[depth:] if depth else []:
+        remove_compensation(model, report.path)
+    decision = {"heldout_windows": int(_all_sum([float(held.shape[0])])[0]), "heldout_perplexity": base_perplexity,
+                "heldout_perplexity_by_depth": {str(k): v for k, v in sorted(tried.items())},
+                "depth": depth, "kept": depth > 0}
+    return model, decision
+
+
 def _check(args: argparse.Namespace) -> list[PTQConfig]:
     """Every input check that needs no model: bits, folders, device, text files."""
     configs = [parse_bits(tag, args.method) for tag in args.bits]
@@ -244,7 +291,7 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
         raise InputError(f"--window {args.window} is above the model's maximum positions ({max_positions})")
     calib, evaluation, data = load_windows(args, tokenizer)
     comp = calib[rank::world]  # QwT's share on this rank; PTQ calibrates on the same windows everywhere
-    heldout_batches(math.ceil(comp.shape[0] / args.batch_size), args.guard_fraction)  # refused now, not later
+    held = heldout_windows(comp, args.batch_size, args.guard_fraction)  # a bad fraction is refused now
     ptq_calib = calib[: args.ptq_windows]
 
     fp_scores = score_windows(fp_model, evaluation, args.batch_size, args.device, progress, "FP")
@@ -264,19 +311,27 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
         if tag == args.continuation_bits:
             continuations[f"{tag} {args.method.upper()}"] = greedy_continuation(
                 base, tokenizer, PROMPT, args.continuation_tokens, args.device)
+        base_held = perplexity(score_windows(base, held, args.batch_size, args.device, shard=False)) \
+            if held.numel() else None
         for form in args.forms:
             model = copy.deepcopy(base)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(args.device)
             start = time.perf_counter()
             reports = apply_qwt(model, comp, qwt_config(args, form), batch_size=args.batch_size, progress=progress)
+            guard = {}
+            if base_held is not None:
+                model, guard["output_guard"] = output_guard(base, model, reports, held, base_held, args)
+                for report in reports[guard["output_guard"]["depth"]:]:
+                    report.applied, report.extra["dropped_by_model_guard"] = False, True
+            kept = sum(r.applied for r in reports)
             seconds = ptq_seconds + time.perf_counter() - start
             method = f"{args.method}+qwt" + ("" if form == "dense" else "-channelwise")
             memory = peak_memory_mb(args.device)
             rows.append(_row(tag, method, score_windows(model, evaluation, args.batch_size, args.device, progress,
                                                         f"{tag} {method}"),
                              fp_scores, calib_seconds=seconds, size_mb=model_size_mb(model), peak_memory_mb=memory,
-                             layers_kept=sum(r.applied for r in reports), layers=len(reports)))
+                             layers_kept=kept, layers=len(reports), **guard))
             blocks[f"{tag} {method}"] = [r.to_dict() for r in reports]
             if form == "dense" and tag == args.continuation_bits:
                 continuations[f"{tag} {args.method.upper()} + QwT"] = greedy_continuation(model, tokenizer, PROMPT,
@@ -321,6 +376,8 @@ def markdown(summary: dict[str, Any]) -> str:
         if "+" in r["method"] and base is not None and base["perplexity"] > fp["perplexity"]:
             closed = f"{100 * (base['perplexity'] - r['perplexity']) / (base['perplexity'] - fp['perplexity']):.0f} %"
         kept = f"{r['layers_kept']}/{r['layers']}" if "layers" in r else "–"
+        if r.get("output_guard", {}).get("depth", r.get("layers")) != r.get("layers"):
+            kept += f" (model guard: first {r['output_guard']['depth']})"
         lines.append(f"| {r['bits']} | {method_name(r['method'])} | {r['perplexity']:.2f} | {closed} | "
                      f"{r['agreement']:.1f} | {kept} | {r['calib_seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
                      f"{r['size_mb']:.1f} |")
@@ -405,7 +462,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("compensation")
     g.add_argument("--guard-fraction", type=guard_fraction, default=0.25,
                    help="held-out guard: fraction of calibration batches held out of each layer's fit; a layer "
-                        "keeps its compensation only if it lowers the error there (0: off)")
+                        "keeps its compensation only if it lowers the error there, and the compensated model only "
+                        "if its perplexity there is below the baseline's (0: off)")
     g.add_argument("--ridge", type=finite_float, default=1.0, help="ridge λ added to XᵀX (FP64)")
     g.add_argument("--solver", choices=["streaming", "streaming_fp32"], default="streaming")
     g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
