@@ -157,11 +157,18 @@ def test_sigterm_stops_the_table_script_and_its_child(tmp_path):
     record = out / "resnet18_W4A4_smoke.json"
     deadline = time.monotonic() + 120
     while not record.exists() and time.monotonic() < deadline and parent.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.01)
     assert record.exists(), "the first run wrote no record"
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=90) == 130
-    assert json.loads(record.read_text())["complete"] is False
+    # The signal lands during the first run, or on a fast CPU just after it (a smoke run can finish between its
+    # first row and the signal): either way the table stops there, the first record says complete only if it
+    # holds the run's last row, a second run, if one started, is marked incomplete, no child is left and nothing
+    # is assembled.
+    first = json.loads(record.read_text())
+    assert not first["complete"] or first["rows"][-1]["method"] == "ptq+qwt"
+    others = [p for p in out.glob("*_smoke.json") if p != record]
+    assert len(others) <= 1 and all(json.loads(p.read_text())["complete"] is False for p in others)
     children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(out).encode() in _cmdline(p)]
     assert children == []
     assert not (out / "summary.json").exists()
