@@ -143,6 +143,7 @@ def test_model_guard_keeps_the_baseline_when_every_depth_is_worse():
     base_ppl = llm.perplexity(llm.score_windows(base, held, 4, "cpu"))
     kept, decision = llm.output_guard(base, model, reports, held, base_ppl, _guard_args())
     assert kept is base and decision["depth"] == 0 and not decision["kept"]
+    assert not any(r.applied for r in reports) and all(r.extra["dropped_by_model_guard"] for r in reports)
     assert set(decision["heldout_perplexity_by_depth"]) == {"1", "2"}  # L = 2: depths 2 and round(2·2/4) = 1
     assert all(v > base_ppl for v in decision["heldout_perplexity_by_depth"].values())
 

@@ -6,6 +6,6 @@ from .modules import Compensated, ConvCompensated, LinearCompensated
 from .solver import SOLVER_MODES, FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError
 
 __all__ = ["BlockFit", "BlockPlan", "BlockReport", "QwTConfig", "Step", "fit_compensation", "dense_block_fit",
-           "remove_compensation", "channelwise_block_fit", "ChannelAffine", "fold_channelwise", "stage_steps", "conv_groups",
-           "infer_stride", "Compensated", "ConvCompensated", "LinearCompensated", "FitResult",
+           "remove_compensation", "channelwise_block_fit", "ChannelAffine", "fold_channelwise", "stage_steps",
+           "conv_groups", "infer_stride", "Compensated", "ConvCompensated", "LinearCompensated", "FitResult",
            "GroupedConvLeastSquares", "LinearLeastSquares", "SingularSystemError", "SOLVER_MODES"]

@@ -199,9 +199,11 @@ def qwt_config(args: argparse.Namespace, form: str) -> QwTConfig:
 
 
 def heldout_windows(comp: torch.Tensor, batch_size: int, fraction: float) -> torch.Tensor:
-    """The calibration windows of this rank that the held-out guard keeps out of every layer's fit."""
-    held = heldout_batches(math.ceil(comp.shape[0] / batch_size), fraction)
-    return torch.cat([comp[k * batch_size:(k + 1) * batch_size] for k in sorted(held)]) if held else comp[:0]
+    """The calibration windows of this rank that the held-out guard keeps out of every layer's fit (the batches
+    are those fit_compensation splits ``comp`` into)."""
+    batches = comp.split(batch_size)
+    held = heldout_batches(len(batches), fraction)
+    return torch.cat([batches[k] for k in sorted(held)]) if held else comp[:0]
 
 
 #: Depths the model-level guard tries when the fully compensated model fails it: compensation on the first
@@ -211,7 +213,8 @@ GUARD_DEPTHS = (3, 2, 1)
 
 def output_guard(base: nn.Module, model: nn.Module, reports: list, held: torch.Tensor, base_perplexity: float,
                  args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
-    """The model-level half of the guard: (the model to keep, the decision).
+    """The model-level half of the guard: (the model to keep, the decision); ``reports`` of the layers whose
+    compensation it drops are marked not applied.
 
     The per-layer guard scores each layer on its own input; layers that each improve can still compose into a
     worse model, and only the model's output shows it. So the compensated model is kept only if its perplexity
@@ -235,10 +238,12 @@ def output_guard(base: nn.Module, model: nn.Module, reports: list, held: torch.T
     depth = min(tried, key=tried.get)
     if tried[depth] >= base_perplexity:
         depth = 0
+    for report in reports[depth:]:
+        if depth:
+            remove_compensation(model, report.path)
+        report.applied, report.extra["dropped_by_model_guard"] = False, True
     if depth == 0:
         model = base
-    for report in reports[depth:] if depth else []:
-        remove_compensation(model, report.path)
     decision = {"heldout_windows": int(_all_sum([float(held.shape[0])])[0]), "heldout_perplexity": base_perplexity,
                 "heldout_perplexity_by_depth": {str(k): v for k, v in sorted(tried.items())},
                 "depth": depth, "kept": depth > 0}
@@ -322,16 +327,13 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
             guard = {}
             if base_held is not None:
                 model, guard["output_guard"] = output_guard(base, model, reports, held, base_held, args)
-                for report in reports[guard["output_guard"]["depth"]:]:
-                    report.applied, report.extra["dropped_by_model_guard"] = False, True
-            kept = sum(r.applied for r in reports)
             seconds = ptq_seconds + time.perf_counter() - start
             method = f"{args.method}+qwt" + ("" if form == "dense" else "-channelwise")
             memory = peak_memory_mb(args.device)
             rows.append(_row(tag, method, score_windows(model, evaluation, args.batch_size, args.device, progress,
                                                         f"{tag} {method}"),
                              fp_scores, calib_seconds=seconds, size_mb=model_size_mb(model), peak_memory_mb=memory,
-                             layers_kept=kept, layers=len(reports), **guard))
+                             layers_kept=sum(r.applied for r in reports), layers=len(reports), **guard))
             blocks[f"{tag} {method}"] = [r.to_dict() for r in reports]
             if form == "dense" and tag == args.continuation_bits:
                 continuations[f"{tag} {args.method.upper()} + QwT"] = greedy_continuation(model, tokenizer, PROMPT,
@@ -376,7 +378,7 @@ def markdown(summary: dict[str, Any]) -> str:
         if "+" in r["method"] and base is not None and base["perplexity"] > fp["perplexity"]:
             closed = f"{100 * (base['perplexity'] - r['perplexity']) / (base['perplexity'] - fp['perplexity']):.0f} %"
         kept = f"{r['layers_kept']}/{r['layers']}" if "layers" in r else "–"
-        if r.get("output_guard", {}).get("depth", r.get("layers")) != r.get("layers"):
+        if "output_guard" in r and r["output_guard"]["depth"] < r["layers"]:
             kept += f" (model guard: first {r['output_guard']['depth']})"
         lines.append(f"| {r['bits']} | {method_name(r['method'])} | {r['perplexity']:.2f} | {closed} | "
                      f"{r['agreement']:.1f} | {kept} | {r['calib_seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
