@@ -88,6 +88,32 @@ def test_compensation_images_are_a_seeded_224_draw(coco):
         compensation_set(coco, 7, 224, "seeded", 0, classes=CLASSES)
 
 
+def test_compensation_draws_stay_the_same_across_many_draws_in_one_process(coco, monkeypatch):
+    """mmengine 0.10's ``get_subset`` deep-copies through a memo shared by every call in the process; once a freed
+    dataset's id is reused, a "copy" is a stale object from an earlier draw (seen: a CocoDataset called as a
+    transform). The draw must not go through it, and many draws with ids recycled in between must agree."""
+    import gc
+
+    from mmengine.dataset import BaseDataset
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the compensation draw went through BaseDataset's shared deep-copy memo")
+
+    monkeypatch.setattr(BaseDataset, "get_subset", refuse)
+    monkeypatch.setattr(BaseDataset, "_copy_without_annotation", refuse)
+    first: dict[int, list[torch.Tensor]] = {}
+    for k in range(16):
+        seed = k % 2
+        drawn = compensation_set(coco, 2, 224, "seeded", seed, classes=CLASSES)
+        pixels = [drawn[i]["inputs"] for i in range(len(drawn))]
+        assert all(p.shape[-2:] == (224, 224) for p in pixels)
+        expected = first.setdefault(seed, pixels)
+        assert all(torch.equal(a, b) for a, b in zip(pixels, expected)), f"draw {k} (seed {seed}) changed"
+        del drawn, pixels
+        gc.collect()
+    assert not all(torch.equal(a, b) for a, b in zip(first[0], first[1]))
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "common"), os.environ.get("PYTHONPATH", "")])}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ...errors import InputError
@@ -47,9 +47,8 @@ def check_coco(root: Path, splits: Sequence[str] = SPLITS) -> None:
 
 
 def _pipeline(scale: tuple[int, int], keep_ratio: bool) -> list:
-    """The transforms themselves, not registry names: what mmdet's scope resolves the names to (mmcv's loader,
-    mmdet's Resize and PackDetInputs), built here so that no registry look-up (whose result depends on the
-    process's default-scope state) stands between a run and its images."""
+    """The transforms themselves (mmcv's loader, mmdet's Resize and PackDetInputs: what mmdet's registry names
+    resolve to), so the pipeline does not depend on the process's default registry scope."""
     from mmcv.transforms import LoadImageFromFile
     from mmdet.datasets.transforms import PackDetInputs, Resize
 
@@ -101,7 +100,29 @@ def compensation_set(root: Path, count: int, size: int, draw: str = "seeded", se
         order = seeded_draw(len(dataset), count, seed)
     else:
         raise ValueError(f"unknown compensation draw {draw!r}; choose one of {DRAWS}")
-    return dataset.get_subset(order)
+    return DrawnImages(dataset, order)
+
+
+class DrawnImages(Dataset):
+    """The drawn images of a dataset, in draw order: an index view, nothing copied.
+
+    Not mmengine's ``BaseDataset.get_subset``: in mmengine 0.10 it deep-copies the dataset through
+    ``_copy_without_annotation(memo=dict())``, a mutable default shared by every call in the process. Once an
+    object of an earlier copy is freed and Python reuses its id for a new one (a transform of the next dataset),
+    the memo hands back the stale earlier object: the "copy" loads images through another dataset's pipeline
+    (another resize, or not a transform at all)."""
+
+    def __init__(self, dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+    def get_data_info(self, index: int) -> dict:
+        return self.dataset.get_data_info(self.indices[index])
 
 
 def compensation_images(model: nn.Module, images, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
