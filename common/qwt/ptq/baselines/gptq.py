@@ -21,7 +21,6 @@ export handle the quantiser like any other.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,14 +58,13 @@ class GPTQ(Baseline):
     activations: str | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
-            raise ValueError(f"GPTQ damp must be a finite number ≥ 0, got {self.damp!r}")
+        super().__post_init__()  # the types; the ranges here
+        if self.damp < 0:
+            raise ValueError(f"GPTQ damp must be ≥ 0, got {self.damp!r}")
         for name in ("block_size", "group_size"):
             value = getattr(self, name)
-            if not (value is None and name == "group_size") and not (
-                    isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"GPTQ {name} must be a positive integer{' or None' * (name == 'group_size')}, "
-                                 f"got {value!r}")
+            if value is not None and value < 1:
+                raise ValueError(f"GPTQ {name} must be ≥ 1{' or None' * (name == 'group_size')}, got {value!r}")
         if self.activations is not None:
             if self.activations == self.name:
                 raise ValueError("GPTQ activations must name another baseline (e.g. repq_vit, percentile)")
