@@ -246,3 +246,38 @@ def test_quantisation_off_gives_the_float_model_back():
             # Up to the quantised attention's op order (see qwt.quant.attention).
             torch.testing.assert_close(model(data), fp(data), rtol=1e-5, atol=1e-5)
     assert (quantized - fp(data)).abs().max() > 1e-2
+
+
+def _codes(layer: nn.Module) -> torch.Tensor:
+    """The integer codes of a layer's quantised weight on its quantiser's grid."""
+    q = layer.weight_quantizer
+    return torch.round(q(layer.weight).detach() / q.delta) + q.zero_point
+
+
+def test_symmetric_gptq_uses_every_code_of_the_published_grid(tmp_path):
+    """symmetric=True: z = L/2 and Δ = 2·m/(L − 1) for the m = max(|lo|, |hi|) of one of the search's percentile
+    pairs (published GPTQ's symmetric grid), not m/(L/2 − 1), which leaves code 0 to clipped values; the
+    rounded weights are on the grid, every code of a 3-bit layer is used, and the model saves and loads."""
+    from qwt.quant.percentile import PERCENTILES, row_quantiles
+
+    config = PTQConfig(method=GPTQ(symmetric=True), w_bits=3, a_bits=4)
+    data = _fmnist_calib()
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), data, config)
+    layers = [(n, m) for n, m in quant_modules(model) if isinstance(m, (QuantLinear, QuantConv2d))]
+    k = len(PERCENTILES)
+    for name, layer in layers:
+        q = layer.weight_quantizer
+        assert q.grid == "symmetric_full" and torch.equal(q.zero_point, torch.full_like(q.zero_point, q.levels // 2))
+        rows = layer.weight.detach().flatten(1)
+        quantiles = row_quantiles(rows, [1.0 - p for p in PERCENTILES] + list(PERCENTILES))
+        steps = 2 * torch.maximum(quantiles[:, :k].abs(), quantiles[:, k:].abs()) / (q.levels - 1)
+        assert (steps == q.delta.reshape(-1, 1)).any(1).all(), name
+        codes = _codes(layer)
+        assert codes.min() >= 0 and codes.max() <= q.levels - 1, name
+        assert torch.equal((codes - q.zero_point) * q.delta, q(layer.weight)), name  # on the grid
+        if q.n_bits == 3:
+            assert codes.unique().tolist() == list(range(8)), name
+    assert sum(layer.weight_quantizer.n_bits == 3 for _, layer in layers) > 10
+    saved = qwt.save_quantized(model, tmp_path / "symmetric", "vit_fmnist", config)
+    with torch.no_grad():
+        assert torch.equal(qwt.load_quantized(saved)(data), model(data))

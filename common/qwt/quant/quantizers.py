@@ -22,9 +22,14 @@ MIN_BITS, MAX_BITS = 2, 8
 
 #: Grid family a uniform quantiser searches over: ``affine`` is the authors' (any offset, possibly outside the
 #: code range); ``zero_included`` keeps 0 on the grid so z is a valid unsigned integer zero point (integer
-#: kernels); ``symmetric`` fixes z at L/2 so the codes are signed integers with zero point 0 (INT8 weights).
-Grid = Literal["affine", "zero_included", "symmetric"]
+#: kernels); ``symmetric`` fixes z at L/2 so the codes are signed integers with zero point 0 (INT8 weights),
+#: with Δ = max|x|/(L/2 − 1) so that ±max|x| are both codes (−L/2 is left for clipped values: the restricted
+#: range of INT8 weights); ``symmetric_full`` also fixes z at L/2 but spreads ±max|x| over every code,
+#: Δ = 2·max|x|/(L − 1), as published GPTQ's symmetric grid does (at 3 bits Δ = 2·max/7 rather than max/3).
+Grid = Literal["affine", "zero_included", "symmetric", "symmetric_full"]
 GRIDS: tuple[str, ...] = get_args(Grid)
+#: The grids whose zero point is fixed at L/2 (signed codes, zero point 0).
+SYMMETRIC_GRIDS = ("symmetric", "symmetric_full")
 
 #: The reference search starts from this score and keeps a candidate only on strict improvement.
 _INITIAL_SCORE = 1e10
@@ -150,9 +155,10 @@ def search_uniform(rows: torch.Tensor, n_bits: int, grid: Grid = "affine") -> tu
     best_zero = torch.zeros_like(best_score)
     for i in range(k):
         lo, hi = quantiles[:, i], quantiles[:, k + i]
-        if grid == "symmetric":
+        if grid in SYMMETRIC_GRIDS:
             hi = torch.maximum(lo.abs(), hi.abs())
-            lo = -hi * (levels // 2) / (levels // 2 - 1)  # codes −L/2..L/2−1, Δ = max|x| / (L/2 − 1)
+            # symmetric: codes −L/2..L/2−1, Δ = max|x| / (L/2 − 1); symmetric_full: Δ = 2·max|x| / (L − 1)
+            lo = -hi * (levels // 2) / (levels // 2 - 1) if grid == "symmetric" else -hi
         elif grid == "zero_included":
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         delta = (hi - lo) / (levels - 1)
@@ -160,7 +166,7 @@ def search_uniform(rows: torch.Tensor, n_bits: int, grid: Grid = "affine") -> tu
         degenerate = delta <= 0
         if degenerate.any():
             delta = torch.where(degenerate, lo.abs().clamp_min(1e-8) / (levels - 1), delta)
-        zero = torch.full_like(delta, levels // 2) if grid == "symmetric" else torch.round(-lo / delta)
+        zero = torch.full_like(delta, levels // 2) if grid in SYMMETRIC_GRIDS else torch.round(-lo / delta)
         # (x̂ − x)² equals (x − x̂)² bit for bit; computed on x̂'s buffer to spare two temporaries.
         score = uniform_fake_quant(rows, delta[:, None], zero[:, None], levels).sub_(rows).pow_(2).mean(dim=1)
         better = score < best_score

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 class GPTQ(Baseline):
     """damp: fraction of mean(diag H) added to H's diagonal. block_size: columns per lazy batch update.
     act_order: round columns in order of decreasing H_ii. group_size: columns per static weight group (None:
-    one grid per output channel). symmetric: symmetric weight grid (zero point fixed mid-range).
+    one grid per output channel). symmetric: symmetric weight grid using every code (zero point fixed at L/2,
+    Δ = 2·max|w|/(L − 1) from the percentile search, as published GPTQ).
     activations: the baseline whose activation quantisers are used (None: RepQ-ViT on token models,
     percentile on CNNs)."""
 
@@ -78,7 +79,7 @@ class GPTQ(Baseline):
         return make_baseline(self.activations or ("repq_vit" if token_model else "percentile"))
 
     def weight_quantizer(self, bits: int) -> Quantizer:
-        return RoundingQuantizer(bits, channel_axis=0, grid="symmetric" if self.symmetric else "affine")
+        return RoundingQuantizer(bits, channel_axis=0, grid="symmetric_full" if self.symmetric else "affine")
 
     def after_calibration(self, model: nn.Module, data: Any, forward: CalibrationForward, pairs: NormLinearPairs,
                           on_phase: PhaseHook | None) -> list[str]:
