@@ -281,3 +281,39 @@ def test_symmetric_gptq_uses_every_code_of_the_published_grid(tmp_path):
     saved = qwt.save_quantized(model, tmp_path / "symmetric", "vit_fmnist", config)
     with torch.no_grad():
         assert torch.equal(qwt.load_quantized(saved)(data), model(data))
+
+
+def test_the_hessian_is_taken_from_the_quantised_inputs(monkeypatch):
+    """Every layer's H accumulates the columns of its input *after* its input quantiser (what the layer
+    multiplies), not of the raw input: with A4 activations the two differ on every layer."""
+    import qwt.ptq.baselines.gptq as gptq_module
+
+    collect, update = gptq_module._collect_hessian, gptq_module.hessian_update
+    columns: list[torch.Tensor] = []
+    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def spy_collect(model, layer, stop_at, data, forward):
+        calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of the layer's input quantiser
+        hook = layer.input_quantizer.register_forward_hook(lambda m, args, out: calls.append((args[0], out)))
+        columns.clear()
+        try:
+            hessian = collect(model, layer, stop_at, data, forward)
+        finally:
+            hook.remove()
+        raw, quantized = calls[0]  # one calibration batch; its first call is the collecting hook's
+        seen[layer] = raw, quantized, columns[0]
+        return hessian
+
+    def spy_update(hessian, cols):
+        columns.append(cols.clone())
+        return update(hessian, cols)
+
+    monkeypatch.setattr(gptq_module, "_collect_hessian", spy_collect)
+    monkeypatch.setattr(gptq_module, "hessian_update", spy_update)
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist_calib(), PTQConfig(method=GPTQ(), w_bits=4, a_bits=4))
+    names = {layer: name for name, layer in quant_modules(model)}
+    assert len(seen) > 10
+    for layer, (raw, quantized, cols) in seen.items():
+        name = names[layer]
+        assert torch.equal(cols, layer_columns(layer, quantized)), name
+        assert not torch.equal(cols, layer_columns(layer, raw)), name
