@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qwt
+from qwt.errors import InputError
 from qwt.ptq import PTQConfig
 from qwt.ptq.baselines import GPTQ
 from qwt.ptq.baselines.gptq import gptq_layer
@@ -317,3 +318,19 @@ def test_the_hessian_is_taken_from_the_quantised_inputs(monkeypatch):
         name = names[layer]
         assert torch.equal(cols, layer_columns(layer, quantized)), name
         assert not torch.equal(cols, layer_columns(layer, raw)), name
+
+
+def test_non_finite_calibration_data_is_named_not_blamed_on_the_damping():
+    """Weights only (A16) there is no activation quantiser to notice a NaN image; GPTQ's Hessian would then fail
+    its Cholesky factorisation and advise more damping. A tensor is refused before any compute; data the
+    library cannot inspect (a custom forward over batches) is refused at the first non-finite Hessian."""
+    data = _fmnist_calib()
+    data[3, 0, 5, 5] = float("nan")
+    config = PTQConfig(method=GPTQ(), w_bits=4, a_bits=16)
+    model = qwt.create_model("vit_fmnist")
+    with pytest.raises(InputError, match=r"^calibration inputs hold 1 NaN or Inf value\(s\)"):
+        qwt.quantize(model, data, config)
+    assert not list(quant_modules(model))  # refused before the model was touched
+    batches = list(data.split(8))
+    with pytest.raises(InputError, match="GPTQ, layer patch_embed.proj: its calibration inputs hold NaN or Inf"):
+        qwt.quantize(model, batches, config, forward=lambda m, bs: [m(b) for b in bs])

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ...errors import InputError
 from ...quant.gptq import NotPositiveDefinite, gptq_round, hessian_update, layer_columns
 from ...quant.modules import QuantConv2d, QuantLinear, quant_modules
 from ...quant.quantizers import Quantizer, RoundingQuantizer, UniformQuantizer, search_uniform
+from ...utils import all_finite
 from .base import Baseline, make_baseline, register_baseline
 
 if TYPE_CHECKING:
@@ -182,6 +184,10 @@ def gptq_model(model: nn.Module, data: Any, forward: CalibrationForward, options
     for k, (name, layer) in enumerate(layers):
         stop_at = layers[k + 1][1] if k + 1 < len(layers) else None
         hessian = _collect_hessian(model, layer, stop_at, data, forward)
+        if not all_finite(hessian):  # damping cannot help, so say what can
+            raise InputError(f"GPTQ, layer {name}: its calibration inputs hold NaN or Inf (non-finite calibration "
+                             "data, or a model that produces them before this layer); pass finite calibration "
+                             "inputs")
         try:
             gptq_layer(layer, hessian, options)
         except NotPositiveDefinite as err:
