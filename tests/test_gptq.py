@@ -334,3 +334,32 @@ def test_non_finite_calibration_data_is_named_not_blamed_on_the_damping():
     batches = list(data.split(8))
     with pytest.raises(InputError, match="GPTQ, layer patch_embed.proj: its calibration inputs hold NaN or Inf"):
         qwt.quantize(model, batches, config, forward=lambda m, bs: [m(b) for b in bs])
+
+
+def test_rounding_codes_stay_on_the_grid_when_the_weight_moves():
+    """QwT* fine-tunes the float weights under frozen quantisers: a GPTQ offset set for the original weight,
+    added to round-to-nearest's code of a moved weight, could leave 0..L−1 (the 8-bit head reached code 256).
+    The sum is clamped; for the weights GPTQ rounded it is in range already, so nothing changes bit for bit."""
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist_calib(), PTQConfig(method=GPTQ(), w_bits=4, a_bits=4))
+    for name, layer in quant_modules(model):
+        if not isinstance(layer, (QuantLinear, QuantConv2d)):
+            continue
+        q, w = layer.weight_quantizer, layer.weight.detach()
+        unclamped = q.codes(w) + q.offset.to(w.dtype)  # GPTQ's codes, as the quantiser computed them before the clamp
+        assert unclamped.min() >= 0 and unclamped.max() <= q.levels - 1, name
+        expected = (unclamped - q.zero_point) * q.delta
+        assert torch.equal(q(w), expected), name
+        assert torch.equal(q(w.clone().requires_grad_()).detach(), expected), name  # the training path too
+
+    head = model.head
+    q, levels = head.weight_quantizer, head.weight_quantizer.levels
+    assert q.n_bits == 8 and (q.offset > 0).any() and (q.offset < 0).any()
+    (r_up, c_up), (r_down, c_down) = (q.offset > 0).nonzero()[0].tolist(), (q.offset < 0).nonzero()[0].tolist()
+    moved = head.weight.detach().clone()
+    moved[r_up, c_up] = (levels - 1 - q.zero_point[r_up, 0] + 2) * q.delta[r_up, 0]  # two steps past the top
+    moved[r_down, c_down] = (-q.zero_point[r_down, 0] - 2) * q.delta[r_down, 0]  # two steps below the bottom
+    for weight in (moved, moved.clone().requires_grad_()):
+        out = q(weight).detach()
+        codes = torch.round(out / q.delta) + q.zero_point
+        assert codes.min() >= 0 and codes.max() <= levels - 1
+        assert codes[r_up, c_up] == levels - 1 and codes[r_down, c_down] == 0

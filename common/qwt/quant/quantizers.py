@@ -281,7 +281,8 @@ class UniformQuantizer(Quantizer):
 
 class RoundingQuantizer(UniformQuantizer):
     """Uniform weight quantiser with a rounding decided per weight by an algorithm (GPTQ):
-    x̂ = (clamp(round(x/Δ) + z, 0, L−1) + r − z)·Δ with an integer offset r per element (int16 buffer).
+    x̂ = (clamp(clamp(round(x/Δ) + z, 0, L−1) + r, 0, L−1) − z)·Δ with an integer offset r per element (int16
+    buffer).
 
     The offsets make the quantiser map the layer's float weight onto the algorithm's codes, so the float weight
     stays the layer's weight (what QwT fits towards with quantisation off) while the quantised weight is the
@@ -310,10 +311,13 @@ class RoundingQuantizer(UniformQuantizer):
         if self.offset.numel() == 0:
             return super().fake_quant(x)
         offset = self.offset.to(x.dtype)
+        # The offsets were set for one float weight; once it moves (QwT* fine-tunes it) round-to-nearest's code
+        # plus the offset can leave 0..L−1, so the sum is clamped again. For the weight they were set for the
+        # sum is the algorithm's code, already in range: the clamp changes nothing there.
         if _needs_grad(x):
             q = torch.clamp(round_ste(x / self.delta) + self.zero_point, 0, self.levels - 1) + offset
-            return (q - self.zero_point) * self.delta
-        return self.codes(x).add_(offset).sub_(self.zero_point).mul_(self.delta)
+            return (q.clamp(0, self.levels - 1) - self.zero_point) * self.delta
+        return self.codes(x).add_(offset).clamp_(0, self.levels - 1).sub_(self.zero_point).mul_(self.delta)
 
 
 class LogSqrt2Quantizer(Quantizer):
