@@ -105,3 +105,53 @@ def test_weights_only_setting_places_no_activation_quantiser():
         PTQConfig(a_bits=12)
     with pytest.raises(ValueError, match="no effect"):
         PTQConfig(a_bits=16, conv_act_bits=8)
+
+
+def test_options_are_type_checked_from_their_hints():
+    from qwt.ptq.baselines import GPTQ, RTN
+
+    for bad in ({"act_order": "no"}, {"symmetric": "no"}, {"symmetric": 1}, {"group_size": True},
+                {"block_size": 2.0}, {"damp": float("nan")}, {"activations": 3}):
+        with pytest.raises(ValueError, match=f"GPTQ option {next(iter(bad))} takes"):
+            GPTQ(**bad)
+    with pytest.raises(ValueError, match="RTN option group_size takes an integer or None, got True"):
+        RTN(group_size=True)
+    with pytest.raises(ValueError, match="ClippedRTN option ratio takes a finite number"):
+        ClippedRTN(ratio="0.5")  # a baseline defined outside the library is checked the same way
+    # Valid values keep working; a whole number for a float option is recorded as the float that runs.
+    assert GPTQ(damp=0, group_size=64, act_order=True).options() == {
+        "damp": 0.0, "block_size": 128, "act_order": True, "group_size": 64, "symmetric": False, "activations": None}
+    assert type(GPTQ(damp=0).damp) is float and RTN(group_size=None, activations="tensor").group_size is None
+
+
+def test_command_line_options_are_read_as_the_option_types():
+    from qwt.ptq.baselines import parse_options
+
+    assert parse_options("gptq", [("act_order", "TRUE"), ("symmetric", "false"), ("group_size", "None"),
+                                  ("damp", "0"), ("block_size", "+64"), ("activations", "percentile")]) == {
+        "act_order": True, "symmetric": False, "group_size": None, "damp": 0.0, "block_size": 64,
+        "activations": "percentile"}
+    assert parse_options(ClippedRTN, [("ratio", "0.25")]) == {"ratio": 0.25}
+    for name, text, accepts in [("act_order", "no", "True or False"), ("symmetric", "1", "True or False"),
+                                ("group_size", "1.5", "an integer or None"), ("group_size", "true", "an integer"),
+                                ("block_size", "none", "an integer"), ("damp", "nan", "a finite number"),
+                                ("damp", "inf", "a finite number")]:
+        with pytest.raises(ValueError, match=f"'gptq' option {name}={text}: expected {accepts}"):
+            parse_options("gptq", [(name, text)])
+    with pytest.raises(ValueError, match="no option.*bogus"):
+        parse_options("gptq", [("bogus", "1")])
+
+
+def test_the_classification_cli_records_typed_options_and_refuses_others(tmp_path, capsys):
+    from qwt.tasks.classification import build_parser, main
+    from qwt.tasks.cli import ptq_config
+
+    base = ["--model", "deit_small", "--smoke", "--out", str(tmp_path / "out"), "--method", "gptq"]
+    args = build_parser("vit", "t").parse_args(
+        base + ["--method-option", "act_order=True", "--method-option", "group_size=32", "--method-option", "damp=0"])
+    options = ptq_config(args, qwt.get_family("vit")).to_dict()["method_options"]
+    assert options["act_order"] is True and options["group_size"] == 32 and options["damp"] == 0.0
+    assert main("vit", "t", base + ["--method-option", "act_order=no"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: PTQ method 'gptq' option act_order=no: expected True or False\n"
+    assert not (tmp_path / "out").exists()  # refused before anything ran

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qwt
+from qwt.errors import InputError
 from qwt.ptq import PTQConfig
 from qwt.ptq.baselines import GPTQ
 from qwt.ptq.baselines.gptq import gptq_layer
@@ -246,3 +247,119 @@ def test_quantisation_off_gives_the_float_model_back():
             # Up to the quantised attention's op order (see qwt.quant.attention).
             torch.testing.assert_close(model(data), fp(data), rtol=1e-5, atol=1e-5)
     assert (quantized - fp(data)).abs().max() > 1e-2
+
+
+def _codes(layer: nn.Module) -> torch.Tensor:
+    """The integer codes of a layer's quantised weight on its quantiser's grid."""
+    q = layer.weight_quantizer
+    return torch.round(q(layer.weight).detach() / q.delta) + q.zero_point
+
+
+def test_symmetric_gptq_uses_every_code_of_the_published_grid(tmp_path):
+    """symmetric=True: z = L/2 and Δ = 2·m/(L − 1) for the m = max(|lo|, |hi|) of one of the search's percentile
+    pairs (published GPTQ's symmetric grid), not m/(L/2 − 1), which leaves code 0 to clipped values; the
+    rounded weights are on the grid, every code of a 3-bit layer is used, and the model saves and loads."""
+    from qwt.quant.percentile import PERCENTILES, row_quantiles
+
+    config = PTQConfig(method=GPTQ(symmetric=True), w_bits=3, a_bits=4)
+    data = _fmnist_calib()
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), data, config)
+    layers = [(n, m) for n, m in quant_modules(model) if isinstance(m, (QuantLinear, QuantConv2d))]
+    k = len(PERCENTILES)
+    for name, layer in layers:
+        q = layer.weight_quantizer
+        assert q.grid == "symmetric_full" and torch.equal(q.zero_point, torch.full_like(q.zero_point, q.levels // 2))
+        rows = layer.weight.detach().flatten(1)
+        quantiles = row_quantiles(rows, [1.0 - p for p in PERCENTILES] + list(PERCENTILES))
+        steps = 2 * torch.maximum(quantiles[:, :k].abs(), quantiles[:, k:].abs()) / (q.levels - 1)
+        assert (steps == q.delta.reshape(-1, 1)).any(1).all(), name
+        codes = _codes(layer)
+        assert codes.min() >= 0 and codes.max() <= q.levels - 1, name
+        assert torch.equal((codes - q.zero_point) * q.delta, q(layer.weight)), name  # on the grid
+        if q.n_bits == 3:
+            assert codes.unique().tolist() == list(range(8)), name
+    assert sum(layer.weight_quantizer.n_bits == 3 for _, layer in layers) > 10
+    saved = qwt.save_quantized(model, tmp_path / "symmetric", "vit_fmnist", config)
+    with torch.no_grad():
+        assert torch.equal(qwt.load_quantized(saved)(data), model(data))
+
+
+def test_the_hessian_is_taken_from_the_quantised_inputs(monkeypatch):
+    """Every layer's H accumulates the columns of its input *after* its input quantiser (what the layer
+    multiplies), not of the raw input: with A4 activations the two differ on every layer."""
+    import qwt.ptq.baselines.gptq as gptq_module
+
+    collect, update = gptq_module._collect_hessian, gptq_module.hessian_update
+    columns: list[torch.Tensor] = []
+    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def spy_collect(model, layer, stop_at, data, forward):
+        calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of the layer's input quantiser
+        hook = layer.input_quantizer.register_forward_hook(lambda m, args, out: calls.append((args[0], out)))
+        columns.clear()
+        try:
+            hessian = collect(model, layer, stop_at, data, forward)
+        finally:
+            hook.remove()
+        raw, quantized = calls[0]  # one calibration batch; its first call is the collecting hook's
+        seen[layer] = raw, quantized, columns[0]
+        return hessian
+
+    def spy_update(hessian, cols):
+        columns.append(cols.clone())
+        return update(hessian, cols)
+
+    monkeypatch.setattr(gptq_module, "_collect_hessian", spy_collect)
+    monkeypatch.setattr(gptq_module, "hessian_update", spy_update)
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist_calib(), PTQConfig(method=GPTQ(), w_bits=4, a_bits=4))
+    names = {layer: name for name, layer in quant_modules(model)}
+    assert len(seen) > 10
+    for layer, (raw, quantized, cols) in seen.items():
+        name = names[layer]
+        assert torch.equal(cols, layer_columns(layer, quantized)), name
+        assert not torch.equal(cols, layer_columns(layer, raw)), name
+
+
+def test_non_finite_calibration_data_is_named_not_blamed_on_the_damping():
+    """Weights only (A16) there is no activation quantiser to notice a NaN image; GPTQ's Hessian would then fail
+    its Cholesky factorisation and advise more damping. A tensor is refused before any compute; data the
+    library cannot inspect (a custom forward over batches) is refused at the first non-finite Hessian."""
+    data = _fmnist_calib()
+    data[3, 0, 5, 5] = float("nan")
+    config = PTQConfig(method=GPTQ(), w_bits=4, a_bits=16)
+    model = qwt.create_model("vit_fmnist")
+    with pytest.raises(InputError, match=r"^calibration inputs hold 1 NaN or Inf value\(s\)"):
+        qwt.quantize(model, data, config)
+    assert not list(quant_modules(model))  # refused before the model was touched
+    batches = list(data.split(8))
+    with pytest.raises(InputError, match="GPTQ, layer patch_embed.proj: its calibration inputs hold NaN or Inf"):
+        qwt.quantize(model, batches, config, forward=lambda m, bs: [m(b) for b in bs])
+
+
+def test_rounding_codes_stay_on_the_grid_when_the_weight_moves():
+    """QwT* fine-tunes the float weights under frozen quantisers: a GPTQ offset set for the original weight,
+    added to round-to-nearest's code of a moved weight, could leave 0..L−1 (the 8-bit head reached code 256).
+    The sum is clamped; for the weights GPTQ rounded it is in range already, so nothing changes bit for bit."""
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist_calib(), PTQConfig(method=GPTQ(), w_bits=4, a_bits=4))
+    for name, layer in quant_modules(model):
+        if not isinstance(layer, (QuantLinear, QuantConv2d)):
+            continue
+        q, w = layer.weight_quantizer, layer.weight.detach()
+        unclamped = q.codes(w) + q.offset.to(w.dtype)  # GPTQ's codes, as the quantiser computed them before the clamp
+        assert unclamped.min() >= 0 and unclamped.max() <= q.levels - 1, name
+        expected = (unclamped - q.zero_point) * q.delta
+        assert torch.equal(q(w), expected), name
+        assert torch.equal(q(w.clone().requires_grad_()).detach(), expected), name  # the training path too
+
+    head = model.head
+    q, levels = head.weight_quantizer, head.weight_quantizer.levels
+    assert q.n_bits == 8 and (q.offset > 0).any() and (q.offset < 0).any()
+    (r_up, c_up), (r_down, c_down) = (q.offset > 0).nonzero()[0].tolist(), (q.offset < 0).nonzero()[0].tolist()
+    moved = head.weight.detach().clone()
+    moved[r_up, c_up] = (levels - 1 - q.zero_point[r_up, 0] + 2) * q.delta[r_up, 0]  # two steps past the top
+    moved[r_down, c_down] = (-q.zero_point[r_down, 0] - 2) * q.delta[r_down, 0]  # two steps below the bottom
+    for weight in (moved, moved.clone().requires_grad_()):
+        out = q(weight).detach()
+        codes = torch.round(out / q.delta) + q.zero_point
+        assert codes.min() >= 0 and codes.max() <= levels - 1
+        assert codes[r_up, c_up] == levels - 1 and codes[r_down, c_down] == 0

@@ -175,6 +175,28 @@ def test_vectorised_channel_search_equals_loop(bits):
     assert torch.equal(zero, ref_zero)
 
 
+def _symmetric_candidates(rows: torch.Tensor) -> torch.Tensor:
+    """max(|lo|, |hi|) of every percentile pair the search tries, (rows, pairs)."""
+    k = len(PERCENTILES)
+    quantiles = row_quantiles(rows, [1.0 - p for p in PERCENTILES] + list(PERCENTILES))
+    return torch.maximum(quantiles[:, :k].abs(), quantiles[:, k:].abs())
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_the_two_symmetric_grids(bits):
+    """``symmetric`` (integer export): Δ = m/(L/2 − 1), so ±m are codes 1 and L−1 and code 0 only holds values
+    clipped below −m; ``symmetric_full`` (GPTQ, as published): Δ = 2·m/(L − 1), [−m, m] spread over every code.
+    Both fix z at L/2. m = max(|lo|, |hi|) of the percentile pair the search picks."""
+    levels = 2**bits
+    rows = torch.randn(6, 400, generator=torch.Generator().manual_seed(bits)) + torch.arange(6.0)[:, None]
+    m = _symmetric_candidates(rows)
+    for grid, steps in (("symmetric", m / (levels // 2 - 1)), ("symmetric_full", 2 * m / (levels - 1))):
+        delta, zero = search_uniform(rows, bits, grid)
+        assert torch.equal(zero, torch.full_like(zero, levels // 2))
+        # The step of one of the candidate ranges (up to the search's own FP32 arithmetic of it).
+        assert ((steps - delta[:, None]).abs() <= 1e-6 * delta[:, None]).any(1).all(), grid
+
+
 def test_channel_axes_of_weights_and_activations():
     wq = UniformQuantizer(4, channel_axis=0)
     wq.enabled = True

@@ -10,7 +10,7 @@ from torch import nn
 from .compensation import BlockPlan, BlockReport, QwTConfig, fit_compensation
 from .errors import InputError
 from .family import Family, family_of, get_family
-from .inputs import check_float32_model
+from .inputs import check_finite, check_float32_model
 from .ptq import CalibrationForward, PTQConfig, PhaseHook, apply_ptq
 from .quant.modules import quant_modules
 
@@ -41,7 +41,7 @@ def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, f
     check_float32_model(model)
     fam = _resolve(model, family)
     if isinstance(calib, torch.Tensor):
-        fam.check_inputs(calib, "calibration inputs")
+        check_finite(fam.check_inputs(calib, "calibration inputs"), "calibration inputs")
     config.method.check_family(fam)
     extra = {"forward": forward} if forward is not None else {}
     apply_ptq(model, calib, config, fam.layer_rule(model, config), fam.norm_linear_pairs, on_phase=on_phase, **extra)

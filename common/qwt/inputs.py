@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .utils import all_finite
 
 
 def check_images(images: torch.Tensor, what: str) -> torch.Tensor:
@@ -36,6 +37,16 @@ def check_token_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
     if ids.numel() == 0:
         raise InputError(f"{what} are empty: pass at least one window of at least one token")
     return ids
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse a floating-point tensor holding NaN or Inf, naming it: downstream it surfaces as something else
+    (a quantiser's calibration error, or GPTQ's "not positive definite" under weights-only settings)."""
+    if t.is_floating_point() and not all_finite(t):
+        count = int((~torch.isfinite(t)).sum())
+        raise InputError(f"{what} hold {count} NaN or Inf value(s): pass finite inputs (check how they were "
+                         "loaded and normalised)")
+    return t
 
 
 #: (tensor, what it is) → the tensor, or InputError.

@@ -37,7 +37,8 @@ from .models import get_model_entry
 from .ptq import PTQConfig
 from .ptq.surgery import quantize_modules
 from .quant.modules import set_quant_state, swap_module
-from .quant.quantizers import GRIDS, LogSqrt2Quantizer, Quantizer, RoundingQuantizer, UniformQuantizer, _to_rows
+from .quant.quantizers import (GRIDS, SYMMETRIC_GRIDS, LogSqrt2Quantizer, Quantizer, RoundingQuantizer,
+                               UniformQuantizer, _to_rows)
 from .quant.rtn import MinMaxWeightQuantizer
 from .utils import all_finite
 
@@ -202,7 +203,7 @@ def _quantizer_value_problems(skeleton: nn.Module, state: dict[str, torch.Tensor
     """Quantiser parameters no calibration can produce.
 
     Every step Δ is > 0. A uniform zero point is an integer (unless reparameterisation averaged channel-wise
-    ones into a per-tensor one), exactly L/2 on the symmetric grid and within [0, L−1] on the zero-included
+    ones into a per-tensor one), exactly L/2 on the symmetric grids and within [0, L−1] on the zero-included
     one. The authors' affine grid places z outside [0, L−1] when the calibration data lie on one side of zero,
     so there the bound comes from the data the file holds: a weight quantiser's grid [−zΔ, (L−1−z)Δ] reaches
     each row of its weight to within one step (calibration puts the grid's ends within Δ/2 of quantiles of
@@ -222,7 +223,7 @@ def _quantizer_value_problems(skeleton: nn.Module, state: dict[str, torch.Tensor
         reparameterised = spec["channel_axis"] is None and q.channel_axis is not None
         if not reparameterised and not _is_integer(zero):
             problems.append(f"{name}.zero_point holds a non-integer zero point")
-        elif spec["grid"] == "symmetric" and not bool((zero == levels // 2).all()):
+        elif spec["grid"] in SYMMETRIC_GRIDS and not bool((zero == levels // 2).all()):
             problems.append(f"{name}.zero_point is not {levels // 2}, the symmetric grid's zero point")
         elif spec["grid"] == "zero_included" and not bool(((zero >= 0) & (zero <= levels - 1)).all()):
             problems.append(f"{name}.zero_point lies outside the grid 0..{levels - 1}")

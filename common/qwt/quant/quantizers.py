@@ -22,9 +22,14 @@ MIN_BITS, MAX_BITS = 2, 8
 
 #: Grid family a uniform quantiser searches over: ``affine`` is the authors' (any offset, possibly outside the
 #: code range); ``zero_included`` keeps 0 on the grid so z is a valid unsigned integer zero point (integer
-#: kernels); ``symmetric`` fixes z at L/2 so the codes are signed integers with zero point 0 (INT8 weights).
-Grid = Literal["affine", "zero_included", "symmetric"]
+#: kernels); ``symmetric`` fixes z at L/2 so the codes are signed integers with zero point 0 (INT8 weights),
+#: with Δ = max|x|/(L/2 − 1) so that ±max|x| are both codes (−L/2 is left for clipped values: the restricted
+#: range of INT8 weights); ``symmetric_full`` also fixes z at L/2 but spreads ±max|x| over every code,
+#: Δ = 2·max|x|/(L − 1), as published GPTQ's symmetric grid does (at 3 bits Δ = 2·max/7 rather than max/3).
+Grid = Literal["affine", "zero_included", "symmetric", "symmetric_full"]
 GRIDS: tuple[str, ...] = get_args(Grid)
+#: The grids whose zero point is fixed at L/2 (signed codes, zero point 0).
+SYMMETRIC_GRIDS = ("symmetric", "symmetric_full")
 
 #: The reference search starts from this score and keeps a candidate only on strict improvement.
 _INITIAL_SCORE = 1e10
@@ -150,9 +155,10 @@ def search_uniform(rows: torch.Tensor, n_bits: int, grid: Grid = "affine") -> tu
     best_zero = torch.zeros_like(best_score)
     for i in range(k):
         lo, hi = quantiles[:, i], quantiles[:, k + i]
-        if grid == "symmetric":
+        if grid in SYMMETRIC_GRIDS:
             hi = torch.maximum(lo.abs(), hi.abs())
-            lo = -hi * (levels // 2) / (levels // 2 - 1)  # codes −L/2..L/2−1, Δ = max|x| / (L/2 − 1)
+            # symmetric: codes −L/2..L/2−1, Δ = max|x| / (L/2 − 1); symmetric_full: Δ = 2·max|x| / (L − 1)
+            lo = -hi * (levels // 2) / (levels // 2 - 1) if grid == "symmetric" else -hi
         elif grid == "zero_included":
             lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         delta = (hi - lo) / (levels - 1)
@@ -160,7 +166,7 @@ def search_uniform(rows: torch.Tensor, n_bits: int, grid: Grid = "affine") -> tu
         degenerate = delta <= 0
         if degenerate.any():
             delta = torch.where(degenerate, lo.abs().clamp_min(1e-8) / (levels - 1), delta)
-        zero = torch.full_like(delta, levels // 2) if grid == "symmetric" else torch.round(-lo / delta)
+        zero = torch.full_like(delta, levels // 2) if grid in SYMMETRIC_GRIDS else torch.round(-lo / delta)
         # (x̂ − x)² equals (x − x̂)² bit for bit; computed on x̂'s buffer to spare two temporaries.
         score = uniform_fake_quant(rows, delta[:, None], zero[:, None], levels).sub_(rows).pow_(2).mean(dim=1)
         better = score < best_score
@@ -275,7 +281,8 @@ class UniformQuantizer(Quantizer):
 
 class RoundingQuantizer(UniformQuantizer):
     """Uniform weight quantiser with a rounding decided per weight by an algorithm (GPTQ):
-    x̂ = (clamp(round(x/Δ) + z, 0, L−1) + r − z)·Δ with an integer offset r per element (int16 buffer).
+    x̂ = (clamp(clamp(round(x/Δ) + z, 0, L−1) + r, 0, L−1) − z)·Δ with an integer offset r per element (int16
+    buffer).
 
     The offsets make the quantiser map the layer's float weight onto the algorithm's codes, so the float weight
     stays the layer's weight (what QwT fits towards with quantisation off) while the quantised weight is the
@@ -304,10 +311,13 @@ class RoundingQuantizer(UniformQuantizer):
         if self.offset.numel() == 0:
             return super().fake_quant(x)
         offset = self.offset.to(x.dtype)
+        # The offsets were set for one float weight; once it moves (QwT* fine-tunes it) round-to-nearest's code
+        # plus the offset can leave 0..L−1, so the sum is clamped again. For the weight they were set for the
+        # sum is the algorithm's code, already in range: the clamp changes nothing there.
         if _needs_grad(x):
             q = torch.clamp(round_ste(x / self.delta) + self.zero_point, 0, self.levels - 1) + offset
-            return (q - self.zero_point) * self.delta
-        return self.codes(x).add_(offset).sub_(self.zero_point).mul_(self.delta)
+            return (q.clamp(0, self.levels - 1) - self.zero_point) * self.delta
+        return self.codes(x).add_(offset).clamp_(0, self.levels - 1).sub_(self.zero_point).mul_(self.delta)
 
 
 class LogSqrt2Quantizer(Quantizer):

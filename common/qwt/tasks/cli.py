@@ -7,10 +7,8 @@ without CNNs (detection) does not offer the CNN-only flags.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,7 +18,7 @@ from ..compensation import SOLVER_MODES, QwTConfig
 from ..compensation.features import DISK
 from ..family import Family
 from ..ptq import PTQConfig, default_baseline, list_baselines
-from ..ptq.baselines import make_baseline
+from ..ptq.baselines import make_baseline, parse_options
 
 
 @dataclass(frozen=True)
@@ -63,14 +61,12 @@ def _floor(text: str) -> float | None:
     return value
 
 
-def _method_option(text: str) -> tuple[str, Any]:
+def _method_option(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` as text: the value's type is the method's to decide (:func:`parse_options`), once known."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value  # a plain word, e.g. activations=percentile
+    return name, value
 
 
 def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
@@ -85,7 +81,8 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
                             "activations")
         g.add_argument("--method-option", type=_method_option, action="append",
                        default=CNN_DEFAULTS["method_option"], metavar="NAME=VALUE",
-                       help="an option of the PTQ method (JSON value; repeatable), e.g. for gptq: act_order=true, "
+                       help="an option of the PTQ method, read as the option's type (true/false, an integer, a "
+                            "number, none where allowed, or text; repeatable), e.g. for gptq: act_order=true, "
                             "group_size=128, damp=0.01, symmetric=true, activations=percentile")
     g.add_argument("--layer-map", choices=["qwt", "repq_vit"], default=defaults.layer_map,
                    help="qwt: patch-embed and classifier W8A8 (the QwT authors' classification code); "
@@ -127,7 +124,8 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
 
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
     """The PTQ config of the flags, refused now (before any compute) if the method does not fit the family."""
-    method = make_baseline(args.method or default_baseline(family), dict(args.method_option))
+    name = args.method or default_baseline(family)
+    method = make_baseline(name, parse_options(name, args.method_option))
     method.check_family(family)
     return PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits,
                      layer_map=args.layer_map, log_floor=args.log_floor, conv_act_bits=args.conv_act_bits)

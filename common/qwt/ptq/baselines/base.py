@@ -7,11 +7,17 @@ calibration forward has fitted every quantiser. Nothing else in the library know
 """
 from __future__ import annotations
 
+import functools
+import math
+import re
+import types
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from torch import nn
 
+from ...errors import InputError
 from ...quant.quantizers import Quantizer, UniformQuantizer
 from ...registry import Registry
 
@@ -40,6 +46,17 @@ class Baseline:
     name: ClassVar[str]
     #: One line for ``--help`` and error messages.
     summary: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        """Refuse an option whose value its type hint does not allow (``act_order="no"`` would run as true),
+        and store a whole number given for a float option as a float, so that what is recorded is what ran.
+        A subclass with its own ``__post_init__`` calls this one first."""
+        for name, kinds in option_types(type(self)).items():
+            value = getattr(self, name)
+            if not any(_fits(value, kind) for kind in kinds):
+                raise ValueError(f"{type(self).__name__} option {name} takes {_describe(kinds)}, got {value!r}")
+            if float in kinds and type(value) is int and int not in kinds:
+                object.__setattr__(self, name, float(value))
 
     def check_family(self, family: Family) -> None:
         """Refuse (ValueError, one line naming the fix) a family that lacks what this baseline needs."""
@@ -75,6 +92,80 @@ class Baseline:
         return asdict(self)
 
 
+#: How each plain type reads in messages; on the command line every form shown is accepted (any case).
+_TYPE_WORDS: dict[type, str] = {bool: "True or False", int: "an integer", float: "a finite number",
+                                str: "text", type(None): "None"}
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+@functools.cache
+def option_types(cls: type[Baseline]) -> dict[str, tuple[Any, ...]]:
+    """Each option (dataclass field) of ``cls`` and the types its hint allows: ``int | None`` → (int, NoneType)."""
+    hints = get_type_hints(cls)
+    types_of = {}
+    for field in fields(cls):
+        hint = hints[field.name]
+        types_of[field.name] = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    return types_of
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of the plain type ``kind``: bools are not integers, floats are finite (an integer
+    is a float); a hint that is not a plain class (``list[int]``, ``Literal``) is left to the baseline."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is type(None):
+        return value is None
+    return not isinstance(kind, type) or isinstance(value, kind)
+
+
+def _describe(kinds: tuple[Any, ...]) -> str:
+    return " or ".join(_TYPE_WORDS.get(kind, getattr(kind, "__name__", str(kind))) for kind in kinds)
+
+
+def _parse(text: str, kind: Any) -> tuple[bool, Any]:
+    """(True, value) if ``text`` reads as the plain type ``kind``, else (False, None)."""
+    word = text.strip().lower()
+    if kind is type(None):
+        return word == "none", None
+    if kind is bool:
+        return word in ("true", "false"), word == "true"
+    if kind is int:
+        return (True, int(text)) if _INTEGER.fullmatch(text.strip()) else (False, None)
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            return False, None
+        return math.isfinite(value), value
+    return (True, text) if kind is str else (False, None)
+
+
+def parse_options(method: str | type[Baseline], pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Typed options of the baseline ``method`` (a registered name or class) from command-line ``NAME=VALUE``
+    text, read against the option's type hint: booleans true/false, integers, finite numbers, ``none`` where
+    the hint allows None, text as is (any case for the words). A later pair replaces an earlier one. Refuses an
+    unknown name or a value its type does not take (InputError, one line naming option, value and types)."""
+    cls = _BASELINES.lookup(method) if isinstance(method, str) else method
+    pairs = list(pairs)
+    _refuse_unknown(cls, [name for name, _ in pairs])
+    types_of = option_types(cls)
+    options = {}
+    for name, text in pairs:
+        for kind in types_of[name]:
+            ok, value = _parse(text, kind)
+            if ok:
+                options[name] = value
+                break
+        else:
+            raise InputError(f"PTQ method {cls.name!r} option {name}={text}: expected {_describe(types_of[name])}")
+    return options
+
+
 _BASELINES: Registry[type[Baseline]] = Registry("PTQ method")
 
 
@@ -91,12 +182,16 @@ def make_baseline(name: str, options: dict[str, Any] | None = None) -> Baseline:
     """The registered baseline ``name`` with ``options`` (its dataclass fields); unknown options are refused."""
     cls = _BASELINES.lookup(name)
     options = options or {}
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"PTQ method {name!r} has no option(s) {', '.join(unknown)}"
-                         f"{'; it takes ' + ', '.join(sorted(known)) if known else ''}")
+    _refuse_unknown(cls, options)
     return cls(**options)
+
+
+def _refuse_unknown(cls: type[Baseline], names: Iterable[str]) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"PTQ method {cls.name!r} has no option(s) {', '.join(unknown)}"
+                         f"{'; it takes ' + ', '.join(sorted(known)) if known else ''}")
 
 
 def resolve_baseline(method: str | Baseline) -> Baseline:
@@ -123,5 +218,5 @@ def default_baseline(family: Family) -> str:
     raise ValueError(f"no built-in PTQ method supports the {family.name} family")
 
 
-__all__ = ["Baseline", "act_quantizer", "weight_quantizer", "register_baseline",
-           "list_baselines", "make_baseline", "resolve_baseline", "default_baseline"]
+__all__ = ["Baseline", "act_quantizer", "weight_quantizer", "register_baseline", "list_baselines", "make_baseline",
+           "resolve_baseline", "default_baseline", "option_types", "parse_options"]

@@ -21,16 +21,17 @@ export handle the quantiser like any other.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ...errors import InputError
 from ...quant.gptq import NotPositiveDefinite, gptq_round, hessian_update, layer_columns
 from ...quant.modules import QuantConv2d, QuantLinear, quant_modules
 from ...quant.quantizers import Quantizer, RoundingQuantizer, UniformQuantizer, search_uniform
+from ...utils import all_finite
 from .base import Baseline, make_baseline, register_baseline
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
 class GPTQ(Baseline):
     """damp: fraction of mean(diag H) added to H's diagonal. block_size: columns per lazy batch update.
     act_order: round columns in order of decreasing H_ii. group_size: columns per static weight group (None:
-    one grid per output channel). symmetric: symmetric weight grid (zero point fixed mid-range).
+    one grid per output channel). symmetric: symmetric weight grid using every code (zero point fixed at L/2,
+    Δ = 2·max|w|/(L − 1) from the percentile search, as published GPTQ).
     activations: the baseline whose activation quantisers are used (None: RepQ-ViT on token models,
     percentile on CNNs)."""
 
@@ -59,14 +61,13 @@ class GPTQ(Baseline):
     activations: str | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
-            raise ValueError(f"GPTQ damp must be a finite number ≥ 0, got {self.damp!r}")
+        super().__post_init__()  # the types; the ranges here
+        if self.damp < 0:
+            raise ValueError(f"GPTQ damp must be ≥ 0, got {self.damp!r}")
         for name in ("block_size", "group_size"):
             value = getattr(self, name)
-            if not (value is None and name == "group_size") and not (
-                    isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"GPTQ {name} must be a positive integer{' or None' * (name == 'group_size')}, "
-                                 f"got {value!r}")
+            if value is not None and value < 1:
+                raise ValueError(f"GPTQ {name} must be ≥ 1{' or None' * (name == 'group_size')}, got {value!r}")
         if self.activations is not None:
             if self.activations == self.name:
                 raise ValueError("GPTQ activations must name another baseline (e.g. repq_vit, percentile)")
@@ -80,7 +81,7 @@ class GPTQ(Baseline):
         return make_baseline(self.activations or ("repq_vit" if token_model else "percentile"))
 
     def weight_quantizer(self, bits: int) -> Quantizer:
-        return RoundingQuantizer(bits, channel_axis=0, grid="symmetric" if self.symmetric else "affine")
+        return RoundingQuantizer(bits, channel_axis=0, grid="symmetric_full" if self.symmetric else "affine")
 
     def after_calibration(self, model: nn.Module, data: Any, forward: CalibrationForward, pairs: NormLinearPairs,
                           on_phase: PhaseHook | None) -> list[str]:
@@ -183,6 +184,10 @@ def gptq_model(model: nn.Module, data: Any, forward: CalibrationForward, options
     for k, (name, layer) in enumerate(layers):
         stop_at = layers[k + 1][1] if k + 1 < len(layers) else None
         hessian = _collect_hessian(model, layer, stop_at, data, forward)
+        if not all_finite(hessian):  # damping cannot help, so say what can
+            raise InputError(f"GPTQ, layer {name}: its calibration inputs hold NaN or Inf (non-finite calibration "
+                             "data, or a model that produces them before this layer); pass finite calibration "
+                             "inputs")
         try:
             gptq_layer(layer, hessian, options)
         except NotPositiveDefinite as err:

@@ -26,8 +26,9 @@ class RTN(Baseline):
     activations: str = "token"
 
     def __post_init__(self) -> None:
-        if self.group_size is not None and not (isinstance(self.group_size, int) and self.group_size >= 1):
-            raise ValueError(f"RTN group_size must be a positive integer or None, got {self.group_size!r}")
+        super().__post_init__()  # the types; the values here
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"RTN group_size must be ≥ 1 or None, got {self.group_size!r}")
         if self.activations not in ("token", "tensor"):
             raise ValueError(f"RTN activations must be 'token' (dynamic) or 'tensor' (static), got "
                              f"{self.activations!r}")
