@@ -116,7 +116,7 @@ def test_options_are_type_checked_from_their_hints():
             GPTQ(**bad)
     with pytest.raises(ValueError, match="RTN option group_size takes an integer or None, got True"):
         RTN(group_size=True)
-    with pytest.raises(ValueError, match="ClippedRTN option ratio takes a finite number"):
+    with pytest.raises(ValueError, match="ClippedRTN option ratio takes a number"):
         ClippedRTN(ratio="0.5")  # a baseline defined outside the library is checked the same way
     # Valid values keep working; a whole number for a float option is recorded as the float that runs.
     assert GPTQ(damp=0, group_size=64, act_order=True).options() == {
@@ -134,8 +134,8 @@ def test_command_line_options_are_read_as_the_option_types():
     assert parse_options(ClippedRTN, [("ratio", "0.25")]) == {"ratio": 0.25}
     for name, text, accepts in [("act_order", "no", "True or False"), ("symmetric", "1", "True or False"),
                                 ("group_size", "1.5", "an integer or None"), ("group_size", "true", "an integer"),
-                                ("block_size", "none", "an integer"), ("damp", "nan", "a finite number"),
-                                ("damp", "inf", "a finite number")]:
+                                ("block_size", "none", "an integer"), ("damp", "nan", "a number"),
+                                ("damp", "inf", "a number")]:
         with pytest.raises(ValueError, match=f"'gptq' option {name}={text}: expected {accepts}"):
             parse_options("gptq", [(name, text)])
     with pytest.raises(ValueError, match="no option.*bogus"):

@@ -179,3 +179,19 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+@pytest.mark.parametrize("settings", [{"skip_degenerate": "no"}, {"fp16_eval": "no"}, {"start_block": True},
+                                      {"kernel_size": 3.0}, {"r2_threshold": "0.5"}, {"feature_device": 3}])
+def test_qwt_settings_of_the_wrong_type_are_refused(settings):
+    """A wrongly typed QwT setting would run as something else ("no" is truthy, True is block 1)."""
+    name = next(iter(settings))
+    with pytest.raises(ValueError, match=f"QwTConfig {name} takes"):
+        QwTConfig(**settings)
+    assert QwTConfig(ridge=1).ridge == 1.0 and type(QwTConfig(ridge=1).ridge) is float  # recorded as it runs
+
+
+@pytest.mark.parametrize("settings", [{"w_bits": 4.0}, {"conv_act_bits": True}, {"log_floor": "1e-6"}])
+def test_ptq_settings_of_the_wrong_type_are_refused(settings):
+    with pytest.raises(ValueError, match=f"PTQConfig {next(iter(settings))} takes"):
+        PTQConfig(**settings)

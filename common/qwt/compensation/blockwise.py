@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..inputs import InputCheck, check_images
 from ..quant.modules import quant_state, set_quant_state, swap_module
+from ..typed_fields import check_fields
 from .channelwise import ChannelAffine, channelwise_block_fit
 from .features import DISK, FeatureStore, FeatureStores
 from .guard import guard_decision, heldout_batches
@@ -104,10 +105,8 @@ class QwTConfig:
     def __post_init__(self) -> None:
         # Settings that would make QwT silently do nothing or something undefined are refused here; a start
         # block past the model's last block is checked where the plan is known (check_qwt_config, in fit_compensation).
-        if not isinstance(self.fp16_eval, bool):  # a string such as "no" would be taken as true
-            raise ValueError(f"fp16_eval must be True or False, got {self.fp16_eval!r}")
-        if math.isnan(self.r2_threshold):  # every comparison with NaN is false: no block would ever be applied
-            raise ValueError("r2_threshold must be a number, got NaN")
+        # Types first: a string "no" would be taken as true, a NaN threshold would never apply any block.
+        check_fields(self, "QwTConfig")
         if self.ridge is not None and not (math.isfinite(self.ridge) and self.ridge >= 0):
             raise ValueError(f"ridge must be ≥ 0 (or None for the authors' default), got {self.ridge}")
         if self.solver not in SOLVER_MODES:

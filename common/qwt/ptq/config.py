@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from ..quant.quantizers import MAX_BITS, MIN_BITS, check_bits
+from ..typed_fields import check_fields
 from .baselines import Baseline, make_baseline, resolve_baseline
 
 LayerMap = Literal["qwt", "repq_vit"]
@@ -45,6 +46,7 @@ class PTQConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", resolve_baseline(self.method))
+        check_fields(self, "PTQConfig")
         if self.layer_map not in ("qwt", "repq_vit"):
             raise ValueError(f"unknown layer map {self.layer_map!r}; choose 'qwt' or 'repq_vit'")
         check_bits(self.w_bits)

@@ -7,19 +7,16 @@ calibration forward has fitted every quantiser. Nothing else in the library know
 """
 from __future__ import annotations
 
-import functools
-import math
-import re
-import types
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from ...errors import InputError
 from ...quant.quantizers import Quantizer, UniformQuantizer
 from ...registry import Registry
+from ...typed_fields import check_fields, describe, field_types, parse_field
 
 if TYPE_CHECKING:  # the family module imports the PTQ config, which imports this one
     from ...family import Family
@@ -51,12 +48,7 @@ class Baseline:
         """Refuse an option whose value its type hint does not allow (``act_order="no"`` would run as true),
         and store a whole number given for a float option as a float, so that what is recorded is what ran.
         A subclass with its own ``__post_init__`` calls this one first."""
-        for name, kinds in option_types(type(self)).items():
-            value = getattr(self, name)
-            if not any(_fits(value, kind) for kind in kinds):
-                raise ValueError(f"{type(self).__name__} option {name} takes {_describe(kinds)}, got {value!r}")
-            if float in kinds and type(value) is int and int not in kinds:
-                object.__setattr__(self, name, float(value))
+        check_fields(self, f"{type(self).__name__} option")
 
     def check_family(self, family: Family) -> None:
         """Refuse (ValueError, one line naming the fix) a family that lacks what this baseline needs."""
@@ -92,59 +84,6 @@ class Baseline:
         return asdict(self)
 
 
-#: How each plain type reads in messages; on the command line every form shown is accepted (any case).
-_TYPE_WORDS: dict[type, str] = {bool: "True or False", int: "an integer", float: "a finite number",
-                                str: "text", type(None): "None"}
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-
-
-@functools.cache
-def option_types(cls: type[Baseline]) -> dict[str, tuple[Any, ...]]:
-    """Each option (dataclass field) of ``cls`` and the types its hint allows: ``int | None`` → (int, NoneType)."""
-    hints = get_type_hints(cls)
-    types_of = {}
-    for field in fields(cls):
-        hint = hints[field.name]
-        types_of[field.name] = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
-    return types_of
-
-
-def _fits(value: Any, kind: Any) -> bool:
-    """Whether ``value`` is of the plain type ``kind``: bools are not integers, floats are finite (an integer
-    is a float); a hint that is not a plain class (``list[int]``, ``Literal``) is left to the baseline."""
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind is type(None):
-        return value is None
-    return not isinstance(kind, type) or isinstance(value, kind)
-
-
-def _describe(kinds: tuple[Any, ...]) -> str:
-    return " or ".join(_TYPE_WORDS.get(kind, getattr(kind, "__name__", str(kind))) for kind in kinds)
-
-
-def _parse(text: str, kind: Any) -> tuple[bool, Any]:
-    """(True, value) if ``text`` reads as the plain type ``kind``, else (False, None)."""
-    word = text.strip().lower()
-    if kind is type(None):
-        return word == "none", None
-    if kind is bool:
-        return word in ("true", "false"), word == "true"
-    if kind is int:
-        return (True, int(text)) if _INTEGER.fullmatch(text.strip()) else (False, None)
-    if kind is float:
-        try:
-            value = float(text)
-        except ValueError:
-            return False, None
-        return math.isfinite(value), value
-    return (True, text) if kind is str else (False, None)
-
-
 def parse_options(method: str | type[Baseline], pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """Typed options of the baseline ``method`` (a registered name or class) from command-line ``NAME=VALUE``
     text, read against the option's type hint: booleans true/false, integers, finite numbers, ``none`` where
@@ -153,16 +92,12 @@ def parse_options(method: str | type[Baseline], pairs: Iterable[tuple[str, str]]
     cls = _BASELINES.lookup(method) if isinstance(method, str) else method
     pairs = list(pairs)
     _refuse_unknown(cls, [name for name, _ in pairs])
-    types_of = option_types(cls)
     options = {}
     for name, text in pairs:
-        for kind in types_of[name]:
-            ok, value = _parse(text, kind)
-            if ok:
-                options[name] = value
-                break
-        else:
-            raise InputError(f"PTQ method {cls.name!r} option {name}={text}: expected {_describe(types_of[name])}")
+        ok, options[name] = parse_field(cls, name, text)
+        if not ok:
+            raise InputError(f"PTQ method {cls.name!r} option {name}={text}: expected "
+                             f"{describe(field_types(cls)[name])}")
     return options
 
 
@@ -219,4 +154,4 @@ def default_baseline(family: Family) -> str:
 
 
 __all__ = ["Baseline", "act_quantizer", "weight_quantizer", "register_baseline", "list_baselines", "make_baseline",
-           "resolve_baseline", "default_baseline", "option_types", "parse_options"]
+           "resolve_baseline", "default_baseline", "parse_options"]
