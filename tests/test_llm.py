@@ -615,9 +615,11 @@ def test_gemma3_channelwise_corrects_after_the_post_norms_and_is_not_folded():
 
 def test_loading_sets_no_environment_variable_and_uses_no_network(local_model):
     """Importing the task and loading a checkpoint folder leave os.environ and transformers' log settings as they
-    were (no process-wide HF_HUB_OFFLINE), with every socket connection refused."""
+    were (no process-wide HF_HUB_OFFLINE), with every socket connection refused. The third-party packages are
+    imported before the snapshot: importing torchvision sets TORCHINDUCTOR_CACHE_DIR (torch._dynamo's cache)."""
     script = f"""
 import os, socket
+import torchvision, transformers
 for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.pop(name, None)
 before = dict(os.environ)
