@@ -5,6 +5,7 @@ import json
 import math
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,8 @@ def test_guard_needs_batches_to_fit_and_to_hold_out():
     ("qwen2", qwt.PTQConfig(method="rtn", w_bits=3, a_bits=16)),
     ("llama", qwt.PTQConfig(method=RTN(group_size=32, activations="tensor"), w_bits=4, a_bits=6)),
     ("llama", qwt.PTQConfig(method=GPTQ(activations="rtn"), w_bits=4, a_bits=8)),
+    ("gpt2", W4A8),  # its Conv1D layers are rebuilt as the same Linear layers
+    ("gemma3_text", W4A8),
 ])
 def test_save_load_round_trip_is_bit_identical(tmp_path, model_type, config):
     fp = _lm(model_type)
@@ -364,11 +367,11 @@ def test_refusals_that_need_the_model(local_model, tmp_path, capsys):
     no_tok.mkdir()
     (no_tok / "config.json").write_text((local_model / "model" / "config.json").read_text())
     cases.append((["--model", no_tok] + texts, "no tokenizer there"))
-    gpt2 = tmp_path / "gpt2"
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2)
-                                 ).save_pretrained(gpt2)
-    _char_tokenizer().save_pretrained(gpt2)
-    cases.append((["--model", gpt2] + texts, "no decoder layers"))
+    mixtral = tmp_path / "mixtral"
+    torch.manual_seed(0)
+    build_from_config(config=tiny_config("mixtral", vocab_size=97)).save_pretrained(mixtral)
+    _char_tokenizer().save_pretrained(mixtral)
+    cases.append((["--model", mixtral] + texts, "model.layers.0.mlp: MixtralSparseMoeBlock is a mixture-of-experts"))
     for argv, message in cases:
         code, err = _main(argv + base, capsys)
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
@@ -477,3 +480,177 @@ def test_hidden_states_on_disk_give_the_same_bits(tmp_path, monkeypatch):
     a, b = memory.state_dict(), disk.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- decoder families ----------------------------------------------------------------------------------------------
+
+#: model type → (where its decoder layers sit, its residual branch ends, quantised layers per decoder layer)
+FAMILIES = {
+    "llama": ("model.layers", ["self_attn.o_proj", "mlp.down_proj"], 7),
+    "qwen2": ("model.layers", ["self_attn.o_proj", "mlp.down_proj"], 7),
+    "mistral": ("model.layers", ["self_attn.o_proj", "mlp.down_proj"], 7),
+    "gemma3_text": ("model.layers", ["post_attention_layernorm", "post_feedforward_layernorm"], 7),
+    "opt": ("model.decoder.layers", ["self_attn.out_proj", "fc2"], 6),
+    "gpt2": ("transformer.h", ["attn.c_proj", "mlp.c_proj"], 4),
+}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_qwt_runs_on_each_decoder_family(model_type):
+    """RTN W4A8 → QwT dense and channel-wise: every Linear (GPT-2's Conv1D too) of every decoder layer is
+    quantised and the LM head is not, both forms fit every layer at the family's branch ends, and each compensated
+    model is closer to the FP model's logits than the baseline on the windows it was fitted on."""
+    layers, branches, per_layer = FAMILIES[model_type]
+    fp = _lm(model_type)
+    base = plain_ptq(fp)
+    quantised = [n for n, m in base.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantised) == 2 * per_layer and all(n.startswith(layers + ".") for n in quantised)
+    assert not isinstance(base.get_output_embeddings(), QuantLinear)
+    fit = _ids(16, seed=2)
+    with torch.no_grad():
+        ref = fp(fit).logits
+        base_error = (base(fit).logits - ref).pow(2).mean()
+    for form in ("dense", "channelwise"):
+        model = copy.deepcopy(base)
+        reports = qwt.apply_qwt(model, fit, qwt.QwTConfig(fp16_eval=False, compensation=form), batch_size=4,
+                                progress=False)
+        assert [r.path for r in reports] == [f"{layers}.0", f"{layers}.1"] and all(r.applied for r in reports)
+        assert form == "dense" or all(list(r.extra["r2_per_layer"]) == branches for r in reports)
+        with torch.no_grad():
+            logits = model(fit).logits
+        assert torch.isfinite(logits).all() and (logits - ref).pow(2).mean() < base_error, form
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_each_layer_runs_with_the_arguments_the_model_gives_it(model_type):
+    """The plan's stem and recorded per-layer calls reproduce every decoder layer's output of the model's own
+    forward bit for bit; Gemma 3's local (sliding-window 8 < 32 tokens) and global layers are given different
+    masks and rotary embeddings, so a call recorded for the wrong layer would show."""
+    from qwt.models.decoder_lm import DecoderContext
+
+    fp = _lm(model_type)
+    plan = qwt.family_of(fp).plan(fp)
+    outputs = []
+    hooks = [fp.get_submodule(s.path).register_forward_hook(
+        lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o)) for s in plan.steps]
+    ids = _ids(2)
+    with torch.no_grad():
+        fp(ids)
+        for hook in hooks:
+            hook.remove()
+        x = plan.stem(ids)
+        for step, expected in zip(plan.steps, outputs, strict=True):
+            x = step.run(fp.get_submodule(step.path), x)
+            assert torch.equal(x, expected), step.path
+    if model_type == "gemma3_text":
+        context = DecoderContext(fp)
+        context.stem(ids)
+        local, full = (context.calls[(2, 32)][i][1] for i in (0, 1))
+        assert local["attention_mask"] is not None and not torch.equal(local["position_embeddings"][0],
+                                                                       full["position_embeddings"][0])
+        assert full["attention_mask"] is None or not torch.equal(local["attention_mask"], full["attention_mask"])
+
+
+def test_gpt2_conv1d_is_quantised_as_an_equal_linear():
+    """GPT-2's Conv1D (x @ W + b, W stored (in, out)) becomes the nn.Linear with the transposed weight: the same
+    outputs bit for bit, so with quantisation off the quantised GPT-2 is the FP model."""
+    from transformers.pytorch_utils import Conv1D
+
+    from qwt.models.decoder_lm import linear_from_conv1d
+
+    g = torch.Generator().manual_seed(0)
+    conv = Conv1D(48, 16)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(16, 48, generator=g))
+        conv.bias.copy_(torch.randn(48, generator=g))
+        x = torch.randn(3, 5, 16, generator=g)
+        assert torch.equal(linear_from_conv1d(conv)(x), conv(x))
+    fp = _lm("gpt2")
+    model = plain_ptq(fp)
+    assert not any(isinstance(m, Conv1D) for m in model.transformer.h.modules())
+    with torch.no_grad(), quant_state(model, weight=False, act=False):
+        assert torch.equal(model(_ids(2)).logits, fp(_ids(2)).logits)
+
+
+def test_llama_layout_is_quantised_and_walked_as_before():
+    """SmolLM2's layout: the same 14 Linear layers quantised (by name, in order), the same block paths and branch
+    ends as when the family hard-coded ``model.layers`` / ``o_proj`` / ``down_proj``, so its tables' arithmetic
+    is unchanged (checked when the accessors replaced the hard-coded names: logits bit-identical)."""
+    model = plain_ptq(_lm("llama"))
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    assert [n for n, m in model.named_modules() if isinstance(m, QuantLinear)] == \
+        [f"model.layers.{i}.{n}" for i in range(2) for n in names]
+    family = qwt.family_of(model)
+    assert [s.path for s in family.plan(model).steps] == ["model.layers.0", "model.layers.1"]
+    assert family.residual_branches(model, "model.layers.1") == ["self_attn.o_proj", "mlp.down_proj"]
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(2)).logits).all()
+
+
+def test_mixture_of_experts_is_refused_naming_the_layer():
+    fp = _lm("mixtral")
+    for call in (lambda: plain_ptq(fp), lambda: qwt.family_of(fp).plan(fp)):
+        with pytest.raises(qwt.errors.InputError, match=r"^model\.layers\.0\.mlp: MixtralSparseMoeBlock is a "
+                                                        "mixture-of-experts layer"):
+            call()
+    assert not any(isinstance(m, QuantLinear) for m in fp.modules())
+
+
+def test_gemma3_channelwise_corrects_after_the_post_norms_and_is_not_folded():
+    """Gemma 3 normalises each branch's output before the residual add, so a per-channel correction of o_proj or
+    down_proj would not be one of what the branch adds: the correction sits on the post-norms' outputs, and
+    folding it into a weight (a norm has no bias to take the shift) is refused whole, nothing folded."""
+    model = plain_ptq(_lm("gemma3_text"))
+    qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(fp16_eval=False, compensation="channelwise"), batch_size=4,
+                  progress=False)
+    affine = model.get_submodule("model.layers.0.post_attention_layernorm")
+    assert isinstance(affine, qwt.compensation.ChannelAffine) and type(affine.layer).__name__ == "Gemma3RMSNorm"
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.o_proj"), QuantLinear)
+    count = sum(isinstance(m, qwt.compensation.ChannelAffine) for m in model.modules())
+    with pytest.raises(ValueError, match="post_attention_layernorm: the correction follows a Gemma3RMSNorm"):
+        qwt.compensation.fold_channelwise(model)
+    assert sum(isinstance(m, qwt.compensation.ChannelAffine) for m in model.modules()) == count == 4
+
+
+def test_loading_sets_no_environment_variable_and_uses_no_network(local_model):
+    """Importing the task and loading a checkpoint folder leave os.environ and transformers' log settings as they
+    were (no process-wide HF_HUB_OFFLINE), with every socket connection refused. The third-party packages are
+    imported before the snapshot: importing torchvision sets TORCHINDUCTOR_CACHE_DIR (torch._dynamo's cache)."""
+    script = f"""
+import os, socket
+import torchvision, transformers
+for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.pop(name, None)
+before = dict(os.environ)
+def refuse(*args, **kwargs):
+    raise OSError("network use")
+socket.socket.connect = refuse
+from transformers.utils import logging
+import qwt.tasks.llm
+from qwt.models.lm_loading import load_causal_lm
+settings = (logging.get_verbosity(), logging.is_progress_bar_enabled())
+model, tokenizer, label = load_causal_lm({str(local_model / "model")!r})
+assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
+assert (logging.get_verbosity(), logging.is_progress_bar_enabled()) == settings
+print(label, len(tokenizer))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["model", "97"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "gemma3_text", "opt", "gpt2"])
+def test_task_runs_each_family_from_a_checkpoint_folder(model_type, local_model, tmp_path, capsys):
+    folder = tmp_path / model_type
+    torch.manual_seed(0)
+    build_from_config(config=tiny_config(model_type, vocab_size=97)).save_pretrained(folder)
+    _char_tokenizer().save_pretrained(folder)
+    code, err = _main(["--model", folder, "--calib-text", local_model / "calib.txt", "--eval-text",
+                       local_model / "eval.txt", "--window", 32, "--calib-windows", 8, "--eval-windows", 4,
+                       "--bits", "W4A8", "--guard-fraction", 0, "--continuation-tokens", 1, "--out", tmp_path / "out",
+                       "--no-progress"], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp", "rtn", "rtn+qwt", "rtn+qwt-channelwise"]
+    assert all(math.isfinite(r["perplexity"]) for r in rows) and rows[2]["layers_kept"] == 2

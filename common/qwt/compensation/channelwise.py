@@ -160,6 +160,10 @@ def fold_channelwise(model: nn.Module) -> int:
     Returns the number of layers folded."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, ChannelAffine)]
     for name, affine in found:
+        if not isinstance(affine.layer, (nn.Linear, nn.Conv2d)):  # e.g. a post-branch norm (Gemma 3)
+            raise ValueError(f"{name}: the correction follows a {type(affine.layer).__name__}, not a Linear or "
+                             "Conv2d; it has no weight scale and bias to fold into")
+    for name, affine in found:
         layer, gain = affine.layer, affine.gain
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         q = getattr(layer, "weight_quantizer", None)

