@@ -96,3 +96,104 @@ def test_the_loaded_model_remembers_its_config(saved_grouped, tmp_path):
     with pytest.raises(InputError, match="quantised with"):
         qwt.save_quantized(loaded, tmp_path / "again", "vit_fmnist", qwt.PTQConfig(method="gptq", w_bits=4,
                                                                                     a_bits=4))
+
+
+# --- values a consistent forgery may write: refused where the format cannot mean them ---------------------------
+
+@pytest.mark.parametrize("key,value,message", [
+    (f"{FC1}.weight_quantizer.offset", 1000, r"offset moves codes off the grid 0..15"),
+    ("blocks.0.block.mlp.fc2.input_quantizer.zero_point", 2.0**40,
+     r"zero_point lies outside -503316480..503316480 \(what the affine percentile search can give in FP32\)"),
+    ("blocks.1.comp_weight", 1e30, "blocks.1.comp_weight holds values beyond FP16's range"),
+], ids=["gptq-offset", "affine-zero-point", "fp16-compensation"])
+def test_values_the_format_cannot_mean_are_refused(saved_grouped, resign, key, value, message):
+    # Before: GPTQ offsets of +1000 and a compensation weight of 1e30 loaded from a re-signed save.
+    state = load_file(str(saved_grouped / "model.safetensors"))
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += value
+    resign(saved_grouped, state)
+    with pytest.raises(InputError, match=message):
+        qwt.load_quantized(saved_grouped)
+
+
+def test_a_zero_point_the_affine_search_puts_far_from_zero_round_trips(tmp_path):
+    # Calibration data on one side of 0, concentrated far from it: the authors' affine grid puts z at about
+    # −lo·(L−1)/(hi−lo), far outside 0..L−1. Such a grid is a genuine one, so load may not refuse it.
+    config = qwt.PTQConfig(method="percentile", w_bits=4, a_bits=4)
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist(), config)
+    q = model.blocks[0].mlp.fc2.input_quantizer
+    q.calibrate(5 + torch.rand(4096, generator=torch.Generator().manual_seed(0)) / 10)
+    assert float(q.zero_point) < -500
+    saved = qwt.save_quantized(model, tmp_path / "m", "vit_fmnist", config)
+    with torch.no_grad():
+        assert torch.equal(qwt.load_quantized(saved)(_fmnist(8)), model(_fmnist(8)))
+
+
+@pytest.mark.parametrize("kwargs", [{"act_layer": "relu"}, {"global_pool": "avg"}, {"num_heads": 8}])
+def test_builder_arguments_that_keep_the_tensors_but_change_the_function_are_refused(saved_grouped, resign,
+                                                                                       kwargs):
+    # Before: vit_fmnist's builder passed any override to timm; a re-signed save built with ReLU loaded and gave
+    # garbage (every tensor has the same shape).
+    resign(saved_grouped, edit=lambda meta: meta["build_kwargs"].update(kwargs))
+    with pytest.raises(InputError, match=f"{next(iter(kwargs))} may not be set: vit_fmnist is built from its own"):
+        qwt.load_quantized(saved_grouped)
+
+
+# --- a saved language model ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lm_model():
+    from qwt.models.decoder_lm import build_from_config, tiny_config
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    model = qwt.quantize(build_from_config(config=tiny_config()), ids[:4], LM_CONFIG)
+    qwt.apply_qwt(model, ids, qwt.QwTConfig(fp16_eval=False), batch_size=4, progress=False)
+    return model
+
+
+LM_CONFIG = qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8)
+
+
+@pytest.fixture
+def saved_lm(lm_model, tmp_path):
+    from qwt.models.decoder_lm import tiny_config
+
+    return qwt.save_quantized(lm_model, tmp_path / "lm", "hf_causal_lm", LM_CONFIG, {"config": tiny_config()})
+
+
+@pytest.fixture
+def never_built(monkeypatch):
+    import qwt.serialization as ser
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the description was built")
+
+    monkeypatch.setattr(ser, "_skeleton", refuse)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"num_hidden_layers": 20000}, r"config.num_hidden_layers=20000 is beyond 256"),
+    ({"num_hidden_layers": 3}, r"config.num_hidden_layers=3, but the saved tensors hold decoder layers 0..1"),
+    ({"vocab_size": 10**9}, r"config.vocab_size=1000000000 is beyond 1048576"),
+    ({"rope_parameters": {"rope_theta": 1e6, "n": list(range(2000))}}, r"config.rope_parameters.n lists 2000"),
+    ({"hidden_act": "gelu"}, r"config.hidden_act='gelu': the Llama layout's MLP is gated 'silu'"),
+    ({"model_type": "gemma"}, r"config.model_type='gemma' is not one of llama, mistral, qwen2"),
+], ids=["20000-layers", "3-layers", "vocab", "nested-list", "activation", "model-type"])
+def test_a_forged_language_model_config_is_refused_before_it_is_built(saved_lm, resign, never_built, edit,
+                                                                      message):
+    # Before: num_hidden_layers 20000 took 96 s and 1.7 GB to build before the tensors refused it (the nested
+    # config was not looked into); hidden_act gelu loaded and gave garbage.
+    resign(saved_lm, edit=lambda meta: meta["build_kwargs"]["config"].update(edit))
+    with pytest.raises(InputError, match=f"declares what no saved model needs: .*{message}"):
+        qwt.load_quantized(saved_lm)
+
+
+def test_an_rtn_zero_point_off_its_grid_is_refused(saved_lm, resign):
+    # Before: min-max (RTN) weight zero points were not checked at all; +1000 loaded.
+    key = "model.layers.0.block.mlp.up_proj.weight_quantizer.zero_point"
+    state = load_file(str(saved_lm / "model.safetensors"))
+    state[key] = state[key] + 1000
+    resign(saved_lm, state)
+    with pytest.raises(InputError, match=r"zero_point lies outside 0..15 \(a grid whose range includes 0\)"):
+        qwt.load_quantized(saved_lm)

@@ -50,13 +50,20 @@ _SHOWN = 5  # differences listed in an error message
 
 #: Bounds on what a description may declare, checked before anything is built. A real description is a few
 #: hundred kB (one entry per quantiser and block) and a few levels deep; the builder arguments are those of the
-#: registered models (the largest timm ImageNet models stay far inside these).
+#: registered models (the largest timm ImageNet models, and language models of hundreds of billions of
+#: parameters, stay inside these). A limit applies to its key at any depth (a language model's nested config).
 MAX_DESCRIPTION_BYTES = 16 * 2**20
 MAX_NESTING = 8
 BUILD_LIMITS = {"img_size": 2048, "patch_size": 2048, "in_chans": 64, "embed_dim": 16384, "depth": 256,
-                "num_heads": 256, "num_classes": 100_000, "mlp_ratio": 64}
-#: Any other integer or float a builder argument declares, and any list's length.
+                "num_heads": 256, "num_classes": 100_000, "mlp_ratio": 64,
+                "num_hidden_layers": 256, "hidden_size": 32768, "intermediate_size": 131_072, "vocab_size": 2**20,
+                "num_attention_heads": 256, "num_key_value_heads": 256, "head_dim": 1024,
+                "max_position_embeddings": 2**20}
+#: Any other integer or float a top-level builder argument declares, and any top-level list's length. Other
+#: numbers of a nested config (token ids, rotary bases) size nothing and are not bounded.
 MAX_BUILD_NUMBER, MAX_BUILD_ITEMS = 100_000, 16
+#: The length of a list in a nested config (a language model's per-layer list has one item per layer).
+MAX_CONFIG_ITEMS = 1024
 #: Builder arguments a description may not set: the saved tensors are the weights, nothing else is read.
 FORBIDDEN_BUILD_ARGS = ("checkpoint", "pretrained")
 
@@ -465,15 +472,35 @@ def _check_declared(description: dict[str, Any], where: str) -> None:
     paths = [spec.get("path") for spec in compensation if isinstance(spec, dict)]
     if len(set(map(str, paths))) != len(paths):
         problems.append("a block is compensated twice")
-    for key, value in description["build_kwargs"].items():
-        values = value if isinstance(value, list) else [value]
-        limit = BUILD_LIMITS.get(key, MAX_BUILD_NUMBER)
-        if len(values) > MAX_BUILD_ITEMS:
-            problems.append(f"{key} lists {len(values)} values (at most {MAX_BUILD_ITEMS})")
-        elif any(isinstance(v, (int, float)) and not isinstance(v, bool) and not abs(v) <= limit for v in values):
-            problems.append(f"{key}={value} is beyond {limit}")
+    problems += _build_arg_problems(description["build_kwargs"])
+    try:
+        check = get_model_entry(description["model"]).check_saved_args
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from None
+    if check is not None:
+        problems += check(description["build_kwargs"], description["tensors"].keys())
     if problems:
         raise InputError(f"{where} declares what no saved model needs: {_listing(problems)}")
+
+
+def _build_arg_problems(build_kwargs: dict[str, Any]) -> list[str]:
+    """Numbers and list lengths of the builder arguments beyond their bounds, nested configs included."""
+    problems, stack = [], [("", build_kwargs)]
+    while stack:
+        prefix, mapping = stack.pop()
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                stack.append((f"{prefix}{key}.", value))
+                continue
+            values = value if isinstance(value, list) else [value]
+            items, limit = (MAX_CONFIG_ITEMS, BUILD_LIMITS.get(key)) if prefix else \
+                (MAX_BUILD_ITEMS, BUILD_LIMITS.get(key, MAX_BUILD_NUMBER))
+            if len(values) > items:
+                problems.append(f"{prefix}{key} lists {len(values)} values (at most {items})")
+            elif limit is not None and any(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and not abs(v) <= limit for v in values):
+                problems.append(f"{prefix}{key}={value} is beyond {limit}")
+    return problems
 
 
 def _recognised_save(directory: Path) -> str | None:

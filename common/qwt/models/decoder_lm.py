@@ -13,6 +13,8 @@ language-model extra.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,36 @@ def build_from_config(pretrained: bool = False, config: dict[str, Any] | None = 
     return AutoModelForCausalLM.from_config(cfg_obj, dtype=torch.float32).eval()
 
 
+#: Model types a saved language model may name: the Llama layout, whose tensors alone cannot tell one from another
+#: of the same names (Gemma's, for one, has the same tensor names but scales and normalises differently), and the
+#: gated-SiLU MLP activation they share.
+SAVED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LAYOUT_ACTIVATION = "silu"
+_LAYER_KEY = re.compile(rf"{re.escape(LAYERS)}\.(\d+)\.")
+
+
+def check_saved_config(build_kwargs: dict[str, Any], tensors: Collection[str]) -> list[str]:
+    """A saved language model's builder arguments, before anything is built (building takes time per layer):
+    only ``config``, one of :data:`SAVED_MODEL_TYPES` with the SiLU activation, and exactly the decoder layers
+    the saved tensors hold."""
+    problems = [f"{key} may not be set: hf_causal_lm builds from config alone" for key in build_kwargs
+                if key != "config"]
+    config = build_kwargs.get("config")
+    if not isinstance(config, dict):
+        return problems + ["config must be a transformers model config (a JSON object)"]
+    if config.get("model_type") not in SAVED_MODEL_TYPES:
+        problems.append(f"config.model_type={config.get('model_type')!r} is not one of {', '.join(SAVED_MODEL_TYPES)}")
+    if config.get("hidden_act", LAYOUT_ACTIVATION) != LAYOUT_ACTIVATION:
+        problems.append(f"config.hidden_act={config['hidden_act']!r}: the Llama layout's MLP is gated "
+                        f"{LAYOUT_ACTIVATION!r}")
+    saved = {int(match.group(1)) for key in tensors if (match := _LAYER_KEY.match(key))}
+    layers = config.get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or saved != set(range(layers)):
+        held = f"layers 0..{max(saved)}" if saved == set(range(len(saved))) and saved else f"{len(saved)} layers"
+        problems.append(f"config.num_hidden_layers={layers!r}, but the saved tensors hold decoder {held}")
+    return problems
+
+
 def tiny_config(model_type: str = "llama", vocab_size: int = 128) -> dict[str, Any]:
     """A small random-weight config for tests and the smoke run (2 layers, hidden 64)."""
     return {"model_type": model_type, "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
@@ -161,7 +193,8 @@ def tiny_config(model_type: str = "llama", vocab_size: int = 128) -> dict[str, A
 register_model(ModelEntry("hf_causal_lm", DECODER_LM, build_from_config,
                           "a transformers causal LM of the Llama layout, built from its config dict",
                           reduced={"config": tiny_config()}, reduced_input=(16,),
-                          reduced_batch=lambda g: torch.randint(0, 128, (8, 16), generator=g)))
+                          reduced_batch=lambda g: torch.randint(0, 128, (8, 16), generator=g),
+                          check_saved_args=check_saved_config))
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
