@@ -2,17 +2,29 @@
 
 The tensors hold everything that calibration and fitting produced (reparameterised weights, quantiser Δ/z,
 compensation W/b); the JSON says how to rebuild the module structure around them: registry name and builder
-arguments, the PTQ config, every quantiser's kind, bit width, grid, axis and log floor as read from the model
-itself, which blocks carry which compensation, and the SHA-256 of every tensor's bytes. The SHA-256 of the JSON is
-stored in the tensor file, so neither file can be edited or swapped alone.
+arguments, the PTQ config the model was quantised with, every quantiser's kind, bit width and declared settings
+(grid, axis, log floor, group size) as read from the model itself, which blocks carry which compensation, and the
+SHA-256 of every tensor's bytes. The SHA-256 of the JSON is stored in the tensor file.
 
-Saving and loading apply the same checks: the config must build exactly the described quantisers, every tensor
-must have the dtype and shape the structure implies, finite values and its recorded checksum, and quantiser
-parameters must be possible ones (Δ > 0, zero points an integer on the quantiser's grid). On load, what the
-description declares is bounded (size, nesting, builder arguments) and the structure is first built on the
-``meta`` device, so a forged description is refused before any memory is allocated for it. Nothing is
-unpickled. Saving writes a fresh temporary folder and renames it into place; it replaces only a previous save
-that holds nothing else, and never deletes a file it did not write.
+What the checks guarantee, and what they do not:
+
+- The checksums detect accidental damage (a truncated file, a flipped bit) and an edit or swap of either file
+  alone. They do not detect a deliberate, consistent rewrite: whoever rewrites the tensors and the description
+  can recompute every checksum.
+- The value checks refuse what the format cannot mean, however consistently written: a config other than the
+  one the model was quantised with (on save) or than the quantisers' settings; tensors of the wrong dtype or
+  shape or with NaN/Inf; Δ ≤ 0; zero points off their grid or beyond what calibration can produce; GPTQ codes off
+  the grid; weight grids that do not reach their weights; FP16-evaluated compensation beyond FP16's range;
+  builder arguments the registered model does not take (its entry's ``check_saved_args``). Values that are
+  possible but wrong (a zero point or a compensation weight calibration could have produced, an argument that
+  keeps every tensor's shape such as a language model's rotary base) cannot be told from genuine ones.
+- Loading never runs code from the files (nothing is unpickled; the description names a registered builder) and
+  bounds what it allocates: the description's size, nesting and builder arguments (nested configs included) are
+  bounded, and the structure is first built on the ``meta`` device, before any memory is allocated for it. A
+  saved model from an untrusted source is data, not code, but its numbers are only as trustworthy as its source.
+
+Saving writes a fresh temporary folder and renames it into place; it replaces only a previous save that holds
+nothing else, and never deletes a file it did not write.
 """
 from __future__ import annotations
 
@@ -659,7 +671,9 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
 
     Everything is checked before the model is built: the description's bounds, its SHA-256 against the one in
     the tensor file, every tensor's SHA-256, dtype, shape and values against the description and the config
-    (on a ``meta``-device structure). A damaged or forged file is refused naming what is wrong.
+    (on a ``meta``-device structure). A damaged file, or a forged one holding values the format cannot mean, is
+    refused naming what is wrong (see the module docstring for what a consistent forgery can still change). The
+    model remembers the saved config (:func:`qwt.ptq.applied_config`).
     """
     directory = Path(directory)
     for name in (TENSORS, DESCRIPTION):
