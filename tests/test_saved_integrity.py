@@ -83,7 +83,8 @@ def _as_earlier_save(meta):
                             r"\(128, 1\)"),
     (_as_earlier_save, r"Δ and z have shape \(128, 64\), but its settings give \(128, 1\)"),
     (_relabel_groups(32), "Δ or z varies within a group of 32 columns"),
-], ids=["per-channel", "earlier-save", "wider-groups"])
+    (_relabel_groups(10**9), "Δ or z varies within a group of 1000000000 columns"),  # never padded to that width
+], ids=["per-channel", "earlier-save", "wider-groups", "huge-groups"])
 def test_a_description_relabelling_the_weight_groups_is_refused(saved_grouped, resign, edit, message):
     resign(saved_grouped, edit=edit)
     with pytest.raises(InputError, match=message):

@@ -236,8 +236,8 @@ def _is_integer(t: torch.Tensor) -> bool:
     return bool(torch.equal(t, torch.round(t)))
 
 
-#: A zero point the affine percentile search computes in FP32 is within (L − 1)·2^25 of 0 (see
-#: :func:`_zero_point_range`).
+#: A zero point the affine percentile search computes in FP32 is within (L − 1)·2^25 of 0
+#: (:func:`_zero_point_range`).
 _AFFINE_ZERO_FACTOR = 2**25
 
 
@@ -247,11 +247,12 @@ def _zero_point_range(q: Quantizer, spec: dict[str, Any], levels: int) -> tuple[
     Min-max (RTN) and zero-included grids stretch the range to include 0, so z = round(−lo/Δ) ∈ [0, L−1]; the
     symmetric grid fixes z = L/2. The authors' affine grid does not keep 0 inside: z = round(−lo·(L−1)/(hi−lo))
     for quantiles lo ≤ hi of the calibration data lies in [0, L−1] when lo ≤ 0 ≤ hi, but data on one side of 0
-    and concentrated far from it give any |z| up to |lo|/(hi−lo)·(L−1). In FP32 two distinct values differ by at
-    least 2^−25 of the larger magnitude (half an ulp below a power of two), so |lo|/(hi−lo) < 2^25 (equal
-    quantiles take the degenerate step |lo|/(L−1), |z| ≤ L−1); a mean of such zero points (reparameterisation)
-    stays within the same bound. Between those bounds, only the calibration data could tell a forged zero
-    point from a calibrated one.
+    and concentrated far from it give any |z| up to |lo|/(hi−lo)·(L−1). Calibration runs in FP32, where two
+    distinct values of one sign differ by at least 2^−24 of the larger magnitude (the gap below a power of two),
+    so |lo|/(hi−lo) ≤ 2^24, and the bound (L−1)·2^25 leaves a factor 2 for the rounding of Δ and −lo/Δ; equal
+    quantiles take the step |lo|/(L−1), so |z| ≤ L−1. A mean of such zero points (reparameterisation) stays
+    within the same bound. Inside it, only the calibration data could tell a forged zero point from a
+    calibrated one.
     """
     if isinstance(q, MinMaxWeightQuantizer) or spec.get("grid") == "zero_included":
         return 0, levels - 1, "a grid whose range includes 0"
@@ -328,7 +329,7 @@ def _weight_grids(q: Quantizer, weight: torch.Tensor
         groups = q._grouped(weight)
         return (groups.shape[0], groups.shape[1], 1), lambda p: p.reshape(-1), groups.reshape(-1, groups.shape[2])
     if isinstance(q, RoundingQuantizer) and q.group_size is not None:
-        size = q.group_size
+        size = min(q.group_size, weight[0].numel())  # a group wider than the row is the row
         return (tuple(weight.shape), lambda p: p.reshape(weight.shape[0], -1)[:, ::size].reshape(-1),
                 _column_groups(weight, size))
     return _param_shape(weight, q.channel_axis), lambda p: p.reshape(-1), _to_rows(weight, q.channel_axis)
@@ -376,8 +377,10 @@ def _grid_reaches(rows: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, l
 
 def _compensation_problems(description: dict[str, Any], state: dict[str, torch.Tensor]) -> list[str]:
     """A compensation weight evaluated in FP16 (``fp16_eval``) must be representable there: a larger magnitude is
-    ±Inf in FP16, so the model's output would be Inf or NaN (no fit that was kept produces that). An FP32
-    compensation is bounded only by finiteness: a least-squares fit on nearly collinear features may be large."""
+    ±Inf in FP16, and Inf (or Inf·0 = NaN) reaches the block's output whatever the input, so no working model
+    holds one. An FP32 compensation is bounded only by finiteness: a least-squares fit on nearly collinear
+    features may legitimately be large, and without the calibration features no bound separates it from a
+    forged one."""
     problems = []
     for spec in description["compensation"]:
         weight = state.get(f"{spec['path']}.comp_weight")
