@@ -198,3 +198,21 @@ def test_an_rtn_zero_point_off_its_grid_is_refused(saved_lm, resign):
     resign(saved_lm, state)
     with pytest.raises(InputError, match=r"zero_point lies outside 0..15 \(a grid whose range includes 0\)"):
         qwt.load_quantized(saved_lm)
+
+
+def test_the_lm_task_refuses_save_for_a_model_it_could_not_save_before_any_compute(tmp_path, monkeypatch, capsys):
+    # Without the early check, a run on a model type a save may not declare would be refused at its very end.
+    from qwt.models.decoder_lm import build_from_config, tiny_config
+    from qwt.tasks import llm
+
+    qwen3 = build_from_config(config={**tiny_config("qwen2"), "model_type": "qwen3"})
+    monkeypatch.setattr(llm, "load_causal_lm", lambda model, device: (qwen3, None, "tiny qwen3"))
+    monkeypatch.setattr(llm, "load_windows", lambda *args: pytest.fail("the run went on to read its data"))
+    (tmp_path / "text.txt").write_text("some text\n" * 50)
+    argv = ["--model", tmp_path, "--calib-text", tmp_path / "text.txt", "--eval-text", tmp_path / "text.txt",
+            "--bits", "W4A8", "--out", tmp_path / "out", "--save", tmp_path / "saved", "--no-progress"]
+    assert llm.main("test", [str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --save: tiny qwen3 cannot be saved (config.model_type='qwen3' is not one of llama, "
+                   "mistral, qwen2); run without --save")
+    assert not (tmp_path / "saved").exists() or not any((tmp_path / "saved").iterdir())

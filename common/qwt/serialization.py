@@ -33,7 +33,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -487,15 +487,21 @@ def _check_declared(description: dict[str, Any], where: str) -> None:
     paths = [spec.get("path") for spec in compensation if isinstance(spec, dict)]
     if len(set(map(str, paths))) != len(paths):
         problems.append("a block is compensated twice")
-    problems += _build_arg_problems(description["build_kwargs"])
-    try:
-        check = get_model_entry(description["model"]).check_saved_args
-    except ValueError as err:
-        raise InputError(f"{where}: {err}") from None
-    if check is not None:
-        problems += check(description["build_kwargs"], description["tensors"].keys())
+    problems += saved_build_problems(description["model"], description["build_kwargs"], description["tensors"])
     if problems:
         raise InputError(f"{where} declares what no saved model needs: {_listing(problems)}")
+
+
+def saved_build_problems(model_name: str, build_kwargs: dict[str, Any], tensors: Collection[str]) -> list[str]:
+    """Why a save of ``model_name`` built with ``build_kwargs`` and holding ``tensors`` (their names) would be
+    refused for its builder arguments: the bounds, and the registered model's own check. Empty: none. A run that
+    saves at its end calls this first, so a model it cannot save is refused before the compute."""
+    try:
+        check = get_model_entry(model_name).check_saved_args
+    except ValueError as err:
+        return [str(err)]
+    problems = _build_arg_problems(build_kwargs)
+    return problems + (check(build_kwargs, tensors) if check is not None else [])
 
 
 def _build_arg_problems(build_kwargs: dict[str, Any]) -> list[str]:
