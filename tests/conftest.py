@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -103,3 +105,27 @@ def changes_allowed() -> Callable[[float, int], int]:
 def one_ulp_tie_rate() -> Callable[..., float]:
     """:func:`_one_ulp_tie_rate`, for tests that bound the changes at chosen quantisers."""
     return _one_ulp_tie_rate
+
+
+def _resign(saved, state=None, edit=None):
+    """Rewrite a save as a forger who knows the format would: tensors and description changed, every checksum
+    and the description's hash recomputed, so only the checks of the contents themselves can refuse it."""
+    from safetensors.torch import load_file, save_file
+
+    from qwt.serialization import _HASH_KEY, tensor_sha256
+
+    state = load_file(str(saved / "model.safetensors")) if state is None else state
+    meta = json.loads((saved / "qwt.json").read_text())
+    meta["tensors"] = {k: tensor_sha256(v) for k, v in state.items()}
+    if edit is not None:
+        edit(meta)
+    text = json.dumps(meta, indent=2)
+    (saved / "qwt.json").write_text(text)
+    save_file(state, str(saved / "model.safetensors"),
+              metadata={"format": "pt", _HASH_KEY: hashlib.sha256(text.encode()).hexdigest()})
+
+
+@pytest.fixture
+def resign() -> Callable[..., None]:
+    """``resign(saved, state=None, edit=None)``: a consistently forged save (see :func:`_resign`)."""
+    return _resign

@@ -2,17 +2,29 @@
 
 The tensors hold everything that calibration and fitting produced (reparameterised weights, quantiser Δ/z,
 compensation W/b); the JSON says how to rebuild the module structure around them: registry name and builder
-arguments, the PTQ config, every quantiser's kind, bit width, grid, axis and log floor as read from the model
-itself, which blocks carry which compensation, and the SHA-256 of every tensor's bytes. The SHA-256 of the JSON is
-stored in the tensor file, so neither file can be edited or swapped alone.
+arguments, the PTQ config the model was quantised with, every quantiser's kind, bit width and declared settings
+(grid, axis, log floor, group size) as read from the model itself, which blocks carry which compensation, and the
+SHA-256 of every tensor's bytes. The SHA-256 of the JSON is stored in the tensor file.
 
-Saving and loading apply the same checks: the config must build exactly the described quantisers, every tensor
-must have the dtype and shape the structure implies, finite values and its recorded checksum, and quantiser
-parameters must be possible ones (Δ > 0, zero points an integer on the quantiser's grid). On load, what the
-description declares is bounded (size, nesting, builder arguments) and the structure is first built on the
-``meta`` device, so a forged description is refused before any memory is allocated for it. Nothing is
-unpickled. Saving writes a fresh temporary folder and renames it into place; it replaces only a previous save
-that holds nothing else, and never deletes a file it did not write.
+What the checks guarantee, and what they do not:
+
+- The checksums detect accidental damage (a truncated file, a flipped bit) and an edit or swap of either file
+  alone. They do not detect a deliberate, consistent rewrite: whoever rewrites the tensors and the description
+  can recompute every checksum.
+- The value checks refuse what the format cannot mean, however consistently written: a config other than the
+  one the model was quantised with (on save) or than the quantisers' settings; tensors of the wrong dtype or
+  shape or with NaN/Inf; Δ ≤ 0; zero points off their grid or beyond what calibration can produce; GPTQ codes off
+  the grid; weight grids that do not reach their weights; FP16-evaluated compensation beyond FP16's range;
+  builder arguments the registered model does not take (its entry's ``check_saved_args``). Values that are
+  possible but wrong (a zero point or a compensation weight calibration could have produced, an argument that
+  keeps every tensor's shape such as a language model's rotary base) cannot be told from genuine ones.
+- Loading never runs code from the files (nothing is unpickled; the description names a registered builder) and
+  bounds what it allocates: the description's size, nesting and builder arguments (nested configs included) are
+  bounded, and the structure is first built on the ``meta`` device, before any memory is allocated for it. A
+  saved model from an untrusted source is data, not code, but its numbers are only as trustworthy as its source.
+
+Saving writes a fresh temporary folder and renames it into place; it replaces only a previous save that holds
+nothing else, and never deletes a file it did not write.
 """
 from __future__ import annotations
 
@@ -21,7 +33,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +46,11 @@ from .compensation.channelwise import ChannelAffine
 from .compensation.modules import Compensated, ConvCompensated, LinearCompensated
 from .errors import InputError
 from .models import get_model_entry
-from .ptq import PTQConfig
+from .ptq import APPLIED_CONFIG, PTQConfig, applied_config
 from .ptq.surgery import quantize_modules
 from .quant.modules import set_quant_state, swap_module
-from .quant.quantizers import (GRIDS, SYMMETRIC_GRIDS, LogSqrt2Quantizer, Quantizer, RoundingQuantizer,
-                               UniformQuantizer, _to_rows)
+from .quant.quantizers import (SYMMETRIC_GRIDS, Quantizer, RoundingQuantizer, UniformQuantizer, _param_shape,
+                               _to_rows, nearest_codes)
 from .quant.rtn import MinMaxWeightQuantizer
 from .utils import all_finite
 
@@ -50,13 +62,20 @@ _SHOWN = 5  # differences listed in an error message
 
 #: Bounds on what a description may declare, checked before anything is built. A real description is a few
 #: hundred kB (one entry per quantiser and block) and a few levels deep; the builder arguments are those of the
-#: registered models (the largest timm ImageNet models stay far inside these).
+#: registered models (the largest timm ImageNet models, and language models of hundreds of billions of
+#: parameters, stay inside these). A limit applies to its key at any depth (a language model's nested config).
 MAX_DESCRIPTION_BYTES = 16 * 2**20
 MAX_NESTING = 8
 BUILD_LIMITS = {"img_size": 2048, "patch_size": 2048, "in_chans": 64, "embed_dim": 16384, "depth": 256,
-                "num_heads": 256, "num_classes": 100_000, "mlp_ratio": 64}
-#: Any other integer or float a builder argument declares, and any list's length.
+                "num_heads": 256, "num_classes": 100_000, "mlp_ratio": 64,
+                "num_hidden_layers": 256, "hidden_size": 32768, "intermediate_size": 131_072, "vocab_size": 2**20,
+                "num_attention_heads": 256, "num_key_value_heads": 256, "head_dim": 1024,
+                "max_position_embeddings": 2**20}
+#: Any other integer or float a top-level builder argument declares, and any top-level list's length. Other
+#: numbers of a nested config (token ids, rotary bases) size nothing and are not bounded.
 MAX_BUILD_NUMBER, MAX_BUILD_ITEMS = 100_000, 16
+#: The length of a list in a nested config (a language model's per-layer list has one item per layer).
+MAX_CONFIG_ITEMS = 1024
 #: Builder arguments a description may not set: the saved tensors are the weights, nothing else is read.
 FORBIDDEN_BUILD_ARGS = ("checkpoint", "pretrained")
 
@@ -136,8 +155,9 @@ def _one_sided(expected: Iterable[str], actual: Iterable[str], absent: str, extr
 
 
 def _quantizer_differences(expected: nn.Module, actual: dict[str, dict[str, Any]]) -> list[str]:
-    """How the quantisers a config builds differ from the described ones (reparameterisation may turn a
-    channel-wise input quantiser into a per-tensor one; that is not a difference)."""
+    """How the quantisers a config builds differ from the described ones: kind, bits, and every setting the
+    quantiser declares (:attr:`Quantizer.settings`; a value a later step may give it, such as the per-tensor axis
+    of a reparameterised quantiser, is no difference)."""
     built = {name: q for name, q in expected.named_modules() if isinstance(q, Quantizer)}
     diffs = _one_sided(built, actual, "{}: the model has no such quantiser", "{}: the config does not quantise it")
     for name, spec in actual.items():
@@ -148,15 +168,33 @@ def _quantizer_differences(expected: nn.Module, actual: dict[str, dict[str, Any]
             diffs.append(f"{name}: the model's quantiser is {spec['kind']}, the config gives {q.kind}")
         elif q.n_bits != spec["n_bits"]:
             diffs.append(f"{name}: the model quantises to {spec['n_bits']} bits, the config to {q.n_bits}")
-        elif isinstance(q, LogSqrt2Quantizer) and q.floor != spec["floor"]:
-            diffs.append(f"{name}: the model's log floor is {spec['floor']}, the config's {q.floor}")
-        elif isinstance(q, UniformQuantizer) and spec["channel_axis"] not in (q.channel_axis, None):
-            diffs.append(f"{name}: the model's channel axis is {spec['channel_axis']}, the config's {q.channel_axis}")
-        elif isinstance(q, UniformQuantizer) and spec["grid"] not in GRIDS:
-            diffs.append(f"{name}: unknown grid {spec['grid']!r}")
-        elif isinstance(q, MinMaxWeightQuantizer) and q.group_size != spec["group_size"]:
-            diffs.append(f"{name}: the model's weight group size is {spec['group_size']}, the config's {q.group_size}")
+        else:
+            diffs += _setting_differences(name, q, spec)
     return diffs
+
+
+def _setting_differences(name: str, q: Quantizer, spec: dict[str, Any]) -> list[str]:
+    """Declared settings whose described value is neither the config's nor an adjustable one. A setting the
+    description lacks was saved before the quantiser declared it: the config's value stands (see
+    :func:`_described_settings`), and the tensors' shapes are checked against it."""
+    diffs = []
+    for setting in q.settings:
+        if setting not in spec:
+            continue
+        value, built = spec[setting], getattr(q, setting)
+        if value != built and value not in q.adjustable_settings.get(setting, ()):
+            diffs.append(f"{name}: the model's {setting} is {value!r}, the config's {built!r}")
+    return diffs
+
+
+def _described_settings(model: nn.Module, quantizers: dict[str, dict[str, Any]]) -> None:
+    """Give every quantiser of ``model`` its described settings (checked against the config by
+    :func:`_quantizer_differences`); one the description lacks keeps the config's."""
+    for name, q in model.named_modules():
+        if isinstance(q, Quantizer):
+            spec = quantizers[name]
+            for setting in q.settings:
+                setattr(q, setting, spec.get(setting, getattr(q, setting)))
 
 
 def _listing(diffs: list[str]) -> str:
@@ -198,52 +236,159 @@ def _is_integer(t: torch.Tensor) -> bool:
     return bool(torch.equal(t, torch.round(t)))
 
 
+#: A zero point the affine percentile search computes in FP32 is within (L − 1)·2^25 of 0
+#: (:func:`_zero_point_range`).
+_AFFINE_ZERO_FACTOR = 2**25
+
+
+def _zero_point_range(q: Quantizer, spec: dict[str, Any], levels: int) -> tuple[float, float, str]:
+    """The zero points calibration can give ``q`` (described settings), and why.
+
+    Min-max (RTN) and zero-included grids stretch the range to include 0, so z = round(−lo/Δ) ∈ [0, L−1]; the
+    symmetric grids fix z = L/2. The authors' affine grid does not keep 0 inside: z = round(−lo·(L−1)/(hi−lo))
+    for quantiles lo ≤ hi of the calibration data lies in [0, L−1] when lo ≤ 0 ≤ hi, but data on one side of 0
+    and concentrated far from it give any |z| up to |lo|/(hi−lo)·(L−1). Calibration runs in FP32, where two
+    distinct values of one sign differ by at least 2^−24 of the larger magnitude (the gap below a power of two),
+    so |lo|/(hi−lo) ≤ 2^24, and the bound (L−1)·2^25 leaves a factor 2 for the rounding of Δ and −lo/Δ; equal
+    quantiles take the step |lo|/(L−1), so |z| ≤ L−1. A mean of such zero points (reparameterisation) stays
+    within the same bound. Inside it, only the calibration data could tell a forged zero point from a
+    calibrated one.
+    """
+    if isinstance(q, MinMaxWeightQuantizer) or spec.get("grid") == "zero_included":
+        return 0, levels - 1, "a grid whose range includes 0"
+    if spec.get("grid") in SYMMETRIC_GRIDS:
+        return levels // 2, levels // 2, "the symmetric grids' zero point"
+    bound = (levels - 1) * _AFFINE_ZERO_FACTOR
+    return -bound, bound, "what the affine percentile search can give in FP32"
+
+
+def _averaged(skeleton: nn.Module, quantizers: dict[str, dict[str, Any]]) -> set[str]:
+    """Channel-wise quantisers (as the config builds them) described as per tensor: RepQ-ViT's
+    reparameterisation averaged their zero points, which need not be integers then."""
+    return {name for name, q in skeleton.named_modules() if isinstance(q, UniformQuantizer)
+            and q.channel_axis is not None and quantizers[name].get("channel_axis", q.channel_axis) is None}
+
+
 def _quantizer_value_problems(skeleton: nn.Module, state: dict[str, torch.Tensor],
-                              quantizers: dict[str, dict[str, Any]]) -> list[str]:
+                              quantizers: dict[str, dict[str, Any]], averaged: set[str]) -> list[str]:
     """Quantiser parameters no calibration can produce.
 
-    Every step Δ is > 0. A uniform zero point is an integer (unless reparameterisation averaged channel-wise
-    ones into a per-tensor one), exactly L/2 on the symmetric grids and within [0, L−1] on the zero-included
-    one. The authors' affine grid places z outside [0, L−1] when the calibration data lie on one side of zero,
-    so there the bound comes from the data the file holds: a weight quantiser's grid [−zΔ, (L−1−z)Δ] reaches
-    each row of its weight to within one step (calibration puts the grid's ends within Δ/2 of quantiles of
-    the row). Finiteness is checked with the other tensors.
+    Every step Δ is > 0. A zero point is an integer (unless it is ``averaged``) within
+    :func:`_zero_point_range`. A weight quantiser's parameters are also checked against the weight the file
+    holds (:func:`_weight_problems`). Finiteness is checked with the other tensors. ``skeleton``'s quantisers
+    carry the described settings.
     """
     problems = []
     for name, q in skeleton.named_modules():
         if not isinstance(q, Quantizer) or f"{name}.delta" not in state:
             continue
-        spec, delta = quantizers[name], state[f"{name}.delta"]
+        spec, delta, zero = quantizers[name], state[f"{name}.delta"], state.get(f"{name}.zero_point")
         if not bool((delta > 0).all()):
             problems.append(f"{name}.delta holds a step ≤ 0")
             continue
-        if not isinstance(q, UniformQuantizer) or f"{name}.zero_point" not in state:
+        if zero is None:
             continue
-        zero, levels = state[f"{name}.zero_point"], 2 ** spec["n_bits"]
-        reparameterised = spec["channel_axis"] is None and q.channel_axis is not None
-        if not reparameterised and not _is_integer(zero):
+        low, high, meaning = _zero_point_range(q, spec, 2 ** spec["n_bits"])
+        if name not in averaged and not _is_integer(zero):
             problems.append(f"{name}.zero_point holds a non-integer zero point")
-        elif spec["grid"] in SYMMETRIC_GRIDS and not bool((zero == levels // 2).all()):
-            problems.append(f"{name}.zero_point is not {levels // 2}, the symmetric grid's zero point")
-        elif spec["grid"] == "zero_included" and not bool(((zero >= 0) & (zero <= levels - 1)).all()):
-            problems.append(f"{name}.zero_point lies outside the grid 0..{levels - 1}")
-        elif name.endswith(".weight_quantizer") and not _grid_reaches_weights(
-                state.get(name.removesuffix("_quantizer")), delta, zero, levels, spec["channel_axis"]):
-            problems.append(f"{name}: its grid does not reach the weights it quantises (zero point or step "
-                            "out of range)")
+        elif not bool(((zero >= low) & (zero <= high)).all()):
+            problems.append(f"{name}.zero_point lies outside {low}..{high} ({meaning})")
+        elif name.endswith(".weight_quantizer"):
+            problems += _weight_problems(name, q, state)
     return problems
 
 
-def _grid_reaches_weights(weight: torch.Tensor | None, delta: torch.Tensor, zero: torch.Tensor, levels: int,
-                          channel_axis: int | None) -> bool:
-    if weight is None or not weight.is_floating_point() or weight.numel() == 0:
-        return True
-    rows = _to_rows(weight.detach().double(), channel_axis)
-    if delta.numel() not in (1, rows.shape[0]) or zero.numel() not in (1, rows.shape[0]):
-        return True  # a shape problem, reported with the other tensors
+def _weight_problems(name: str, q: Quantizer, state: dict[str, torch.Tensor]) -> list[str]:
+    """A weight quantiser's Δ and z have the shape its settings give for the weight, and each grid reaches the
+    weights it quantises to within one step (calibration puts the grid's ends within Δ/2 of quantiles of those
+    weights, and a min-max grid spans them); GPTQ's codes lie on the grid (:func:`_rounding_problems`)."""
+    weight = state.get(name.removesuffix("_quantizer"))
+    if weight is None or not weight.is_floating_point() or weight.numel() == 0 or \
+            not isinstance(q, (UniformQuantizer, MinMaxWeightQuantizer)):
+        return []
+    delta, zero = state[f"{name}.delta"], state[f"{name}.zero_point"]
+    try:
+        shape, one_per_grid, rows = _weight_grids(q, weight)
+    except ValueError as err:
+        return [f"{name}: {err}"]
+    if tuple(delta.shape) != shape or tuple(zero.shape) != shape:
+        return [f"{name}: Δ and z have shape {tuple(delta.shape)}, but its settings give {shape} for "
+                f"{name.removesuffix('_quantizer')} {tuple(weight.shape)}"]
+    problems = _rounding_problems(name, q, state, weight) if isinstance(q, RoundingQuantizer) else []
+    if not problems and not _grid_reaches(rows, one_per_grid(delta), one_per_grid(zero), q.levels):
+        problems.append(f"{name}: its grid does not reach the weights it quantises (zero point or step out of "
+                        "range)")
+    return problems
+
+
+def _weight_grids(q: Quantizer, weight: torch.Tensor
+                  ) -> tuple[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """How ``q`` lays its grids over ``weight``: the shape of Δ and z, how to take one value per grid from
+    them, and the weight as one row per grid. ValueError where the settings cannot quantise this weight."""
+    if isinstance(q, MinMaxWeightQuantizer):
+        groups = q._grouped(weight)
+        return (groups.shape[0], groups.shape[1], 1), lambda p: p.reshape(-1), groups.reshape(-1, groups.shape[2])
+    if isinstance(q, RoundingQuantizer) and q.group_size is not None:
+        size = min(q.group_size, weight[0].numel())  # a group wider than the row is the row
+        return (tuple(weight.shape), lambda p: p.reshape(weight.shape[0], -1)[:, ::size].reshape(-1),
+                _column_groups(weight, size))
+    return _param_shape(weight, q.channel_axis), lambda p: p.reshape(-1), _to_rows(weight, q.channel_axis)
+
+
+def _column_groups(weight: torch.Tensor, size: int) -> torch.Tensor:
+    """Each output channel's columns (GPTQ's order) cut into groups of ``size``, one group per row; the last,
+    shorter group is padded with its own last value, which changes neither its minimum nor its maximum."""
+    w = weight.reshape(weight.shape[0], -1)
+    pad = -w.shape[1] % size
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(-1, pad)], 1)
+    return w.reshape(-1, size)
+
+
+def _rounding_problems(name: str, q: RoundingQuantizer, state: dict[str, torch.Tensor],
+                       weight: torch.Tensor) -> list[str]:
+    """GPTQ's quantiser: with static groups, Δ and z are constant over each group of columns; the offsets have
+    the weight's shape (or none: GPTQ has not run), and every code, round-to-nearest plus offset as the
+    quantiser computes it, lies on the grid 0..L−1 (GPTQ only ever picks codes there)."""
+    delta, zero, offset = (state[f"{name}.{leaf}"] for leaf in ("delta", "zero_point", "offset"))
+    if q.group_size is not None:
+        columns = torch.arange(delta[0].numel()) // q.group_size * q.group_size
+        if any(not torch.equal(p.reshape(p.shape[0], -1), p.reshape(p.shape[0], -1)[:, columns])
+               for p in (delta, zero)):
+            return [f"{name}: Δ or z varies within a group of {q.group_size} columns (group_size is not the one "
+                    "GPTQ used)"]
+    if offset.numel() == 0:
+        return []
+    if offset.shape != weight.shape:
+        return [f"{name}.offset has shape {tuple(offset.shape)}, expected the weight's {tuple(weight.shape)}"]
+    codes = nearest_codes(weight, delta, zero, q.levels).add_(offset.to(weight.dtype))
+    if not bool(((codes >= 0) & (codes <= q.levels - 1)).all()):
+        return [f"{name}.offset moves codes off the grid 0..{q.levels - 1}"]
+    return []
+
+
+def _grid_reaches(rows: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, levels: int) -> bool:
+    """Each row's grid [−zΔ, (L−1−z)Δ] comes within one step Δ of the row's values."""
+    rows = rows.detach().double()
     d, z = delta.double().reshape(-1), zero.double().reshape(-1)
     low, high = -z * d, (levels - 1 - z) * d
     return bool(((low <= rows.amax(1) + d) & (high >= rows.amin(1) - d)).all())
+
+
+def _compensation_problems(description: dict[str, Any], state: dict[str, torch.Tensor]) -> list[str]:
+    """A compensation weight evaluated in FP16 (``fp16_eval``) must be representable there: a larger magnitude is
+    ±Inf in FP16, and Inf (or Inf·0 = NaN) reaches the block's output whatever the input, so no working model
+    holds one. An FP32 compensation is bounded only by finiteness: a least-squares fit on nearly collinear
+    features may legitimately be large, and without the calibration features no bound separates it from a
+    forged one."""
+    problems = []
+    for spec in description["compensation"]:
+        weight = state.get(f"{spec['path']}.comp_weight")
+        if spec["fp16_eval"] and weight is not None and weight.is_floating_point() and \
+                bool(torch.isinf(weight.half()).any()):
+            problems.append(f"{spec['path']}.comp_weight holds values beyond FP16's range, in which fp16_eval "
+                            "evaluates it")
+    return problems
 
 
 def _verify(description: dict[str, Any], state: dict[str, torch.Tensor], where: str) -> None:
@@ -258,7 +403,10 @@ def _verify(description: dict[str, Any], state: dict[str, torch.Tensor], where: 
                              f"{PTQConfig.from_dict(description['ptq'])}: {_listing(diffs)}")
         problems = _tensor_problems(state, _reference_state(skeleton, state), quantizers)
         if not problems:
-            problems = _quantizer_value_problems(skeleton, state, quantizers)
+            averaged = _averaged(skeleton, quantizers)
+            _described_settings(skeleton, quantizers)
+            problems = _quantizer_value_problems(skeleton, state, quantizers, averaged) + \
+                _compensation_problems(description, state)
     except (KeyError, TypeError) as err:
         raise InputError(f"{where} is incomplete or malformed ({type(err).__name__}: {err})") from None
     if problems:
@@ -339,15 +487,41 @@ def _check_declared(description: dict[str, Any], where: str) -> None:
     paths = [spec.get("path") for spec in compensation if isinstance(spec, dict)]
     if len(set(map(str, paths))) != len(paths):
         problems.append("a block is compensated twice")
-    for key, value in description["build_kwargs"].items():
-        values = value if isinstance(value, list) else [value]
-        limit = BUILD_LIMITS.get(key, MAX_BUILD_NUMBER)
-        if len(values) > MAX_BUILD_ITEMS:
-            problems.append(f"{key} lists {len(values)} values (at most {MAX_BUILD_ITEMS})")
-        elif any(isinstance(v, (int, float)) and not isinstance(v, bool) and not abs(v) <= limit for v in values):
-            problems.append(f"{key}={value} is beyond {limit}")
+    problems += saved_build_problems(description["model"], description["build_kwargs"], description["tensors"])
     if problems:
         raise InputError(f"{where} declares what no saved model needs: {_listing(problems)}")
+
+
+def saved_build_problems(model_name: str, build_kwargs: dict[str, Any], tensors: Collection[str]) -> list[str]:
+    """Why a save of ``model_name`` built with ``build_kwargs`` and holding ``tensors`` (their names) would be
+    refused for its builder arguments: the bounds, and the registered model's own check. Empty: none. A run that
+    saves at its end calls this first, so a model it cannot save is refused before the compute."""
+    try:
+        check = get_model_entry(model_name).check_saved_args
+    except ValueError as err:
+        return [str(err)]
+    problems = _build_arg_problems(build_kwargs)
+    return problems + (check(build_kwargs, tensors) if check is not None else [])
+
+
+def _build_arg_problems(build_kwargs: dict[str, Any]) -> list[str]:
+    """Numbers and list lengths of the builder arguments beyond their bounds, nested configs included."""
+    problems, stack = [], [("", build_kwargs)]
+    while stack:
+        prefix, mapping = stack.pop()
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                stack.append((f"{prefix}{key}.", value))
+                continue
+            values = value if isinstance(value, list) else [value]
+            items, limit = (MAX_CONFIG_ITEMS, BUILD_LIMITS.get(key)) if prefix else \
+                (MAX_BUILD_ITEMS, BUILD_LIMITS.get(key, MAX_BUILD_NUMBER))
+            if len(values) > items:
+                problems.append(f"{prefix}{key} lists {len(values)} values (at most {items})")
+            elif limit is not None and any(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and not abs(v) <= limit for v in values):
+                problems.append(f"{prefix}{key}={value} is beyond {limit}")
+    return problems
 
 
 def _recognised_save(directory: Path) -> str | None:
@@ -413,7 +587,9 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     """Write the model to ``directory`` atomically (a temporary folder renamed into place).
 
     ``model_name`` + ``build_kwargs`` + ``config`` must rebuild exactly this model's structure and quantisers;
-    a disagreement (e.g. a W6A6 model with a W4A4 config, or another architecture) is refused, not saved.
+    a disagreement (e.g. a W6A6 model with a W4A4 config, or another architecture) is refused, not saved. A model
+    quantised by :func:`qwt.quantize` remembers its config, and ``config`` must be that one (a GPTQ model rounded
+    with ``act_order`` is not saved as one rounded without); a model quantised by hand gets the structural check.
     ``directory`` may be new, an empty folder, or a previous save holding nothing else (which is replaced);
     anything else is refused, naming the files a save did not write.
     """
@@ -422,6 +598,10 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     if affine is not None:
         raise InputError(f"{affine} carries channel-wise compensation, which the saved format does not describe; "
                          "export the model to ONNX instead (qwt.export folds it into the weights)")
+    ran = applied_config(model)
+    if ran is not None and ran.to_dict() != config.to_dict():
+        raise InputError(f"the model was quantised with {ran}, not with the config passed, {config}: save it with "
+                         "the config it was quantised with (qwt.ptq.applied_config(model))")
     state = _untied(model.state_dict())
     description = {
         "format_version": FORMAT_VERSION,
@@ -500,7 +680,9 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
 
     Everything is checked before the model is built: the description's bounds, its SHA-256 against the one in
     the tensor file, every tensor's SHA-256, dtype, shape and values against the description and the config
-    (on a ``meta``-device structure). A damaged or forged file is refused naming what is wrong.
+    (on a ``meta``-device structure). A damaged file, or a forged one holding values the format cannot mean, is
+    refused naming what is wrong (see the module docstring for what a consistent forgery can still change). The
+    model remembers the saved config (:func:`qwt.ptq.applied_config`).
     """
     directory = Path(directory)
     for name in (TENSORS, DESCRIPTION):
@@ -518,11 +700,8 @@ def load_quantized(directory: str | Path, map_location: str | torch.device = "cp
         raise InputError(f"{directory / TENSORS} is damaged: {_listing(damaged)}")
     _verify(description, state, where)
     model = _skeleton(description, where)
-    for name, q in model.named_modules():
-        if isinstance(q, Quantizer):  # the described settings (checked against the config by _verify)
-            spec = description["quantizers"][name]
-            for setting in q.settings:
-                setattr(q, setting, spec[setting])
+    _described_settings(model, description["quantizers"])
+    setattr(model, APPLIED_CONFIG, PTQConfig.from_dict(description["ptq"]))
     _reference_state(model, state)
     model.load_state_dict(state, strict=True)
     model.to(map_location).eval()

@@ -17,6 +17,7 @@ the language-model extra. Loading checkpoints (SmolLM2, local folders, tokenizer
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -290,6 +291,42 @@ _TINY_EXTRA: dict[str, dict[str, Any]] = {
                     "layer_types": ["sliding_attention", "full_attention"]},
 }
 
+#: Model types a saved language model may name, with the activation its MLP uses (the key it is stored under,
+#: the value) and where its decoder layers' tensors live. Tensor names alone do not pin the arithmetic (an
+#: activation or a model type with the same names computes something else), so a saved config is held to these.
+SAVED_MODEL_TYPES: dict[str, tuple[str, str, str]] = {
+    "llama": ("hidden_act", "silu", "model.layers"),
+    "mistral": ("hidden_act", "silu", "model.layers"),
+    "qwen2": ("hidden_act", "silu", "model.layers"),
+    "gemma3_text": ("hidden_activation", "gelu_pytorch_tanh", "model.layers"),
+    "opt": ("activation_function", "relu", "model.decoder.layers"),
+    "gpt2": ("activation_function", "gelu_new", "transformer.h"),
+}
+
+
+def check_saved_config(build_kwargs: dict[str, Any], tensors: Collection[str]) -> list[str]:
+    """A saved language model's builder arguments, before anything is built (building takes time per layer):
+    only ``config``, one of :data:`SAVED_MODEL_TYPES` with its activation, and exactly the decoder layers the
+    saved tensors hold."""
+    problems = [f"{key} may not be set: hf_causal_lm builds from config alone" for key in build_kwargs
+                if key != "config"]
+    config = build_kwargs.get("config")
+    if not isinstance(config, dict):
+        return problems + ["config must be a transformers model config (a JSON object)"]
+    model_type = config.get("model_type")
+    if model_type not in SAVED_MODEL_TYPES:
+        return problems + [f"config.model_type={model_type!r} is not one of {', '.join(SAVED_MODEL_TYPES)}"]
+    key, activation, layers_at = SAVED_MODEL_TYPES[model_type]
+    if config.get(key, activation) != activation:
+        problems.append(f"config.{key}={config[key]!r}: {model_type}'s MLP uses {activation!r}")
+    layer_key = re.compile(rf"{re.escape(layers_at)}\.(\d+)\.")
+    saved = {int(match.group(1)) for name in tensors if (match := layer_key.match(name))}
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    if not isinstance(layers, int) or isinstance(layers, bool) or saved != set(range(layers)):
+        held = f"layers 0..{max(saved)}" if saved == set(range(len(saved))) and saved else f"{len(saved)} layers"
+        problems.append(f"config.num_hidden_layers={layers!r}, but the saved tensors hold decoder {held}")
+    return problems
+
 
 def tiny_config(model_type: str = "llama", vocab_size: int = 128) -> dict[str, Any]:
     """A small random-weight config for tests and the smoke run (2 layers, hidden 64)."""
@@ -303,4 +340,5 @@ register_model(ModelEntry("hf_causal_lm", DECODER_LM, build_from_config,
                           "a transformers decoder-only causal LM (Llama, Qwen2, Mistral, Gemma 3, OPT, GPT-2, ...), "
                           "built from its config dict",
                           reduced={"config": tiny_config()}, reduced_input=(16,),
-                          reduced_batch=lambda g: torch.randint(0, 128, (8, 16), generator=g)))
+                          reduced_batch=lambda g: torch.randint(0, 128, (8, 16), generator=g),
+                          check_saved_args=check_saved_config))

@@ -12,7 +12,7 @@ from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 
-from .registry import ModelEntry, register_model
+from .registry import ModelEntry, fixed_build, register_model
 from .vit import VIT
 
 __all__ = ["CHECKPOINT", "VIT_FMNIST_CONFIG", "vit_fmnist"]
@@ -56,4 +56,4 @@ def vit_fmnist(pretrained: bool = True, **kwargs: Any) -> VisionTransformer:
 
 register_model(ModelEntry("vit_fmnist", VIT, vit_fmnist,
                           "6-block ViT trained on Fashion-MNIST by scripts/train_fmnist_vit.py (weights shipped)",
-                          reduced={}, reduced_input=(1, 28, 28)))
+                          reduced={}, reduced_input=(1, 28, 28), check_saved_args=fixed_build("vit_fmnist")))

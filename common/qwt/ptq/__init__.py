@@ -18,9 +18,20 @@ from .repq_vit import layernorm_linear_pairs, reparameterize, reparameterize_mod
 from .surgery import LayerRule, attention_matmuls, cnn_rule, quantize_modules, token_rule
 
 __all__ = ["PTQConfig", "Baseline", "register_baseline", "list_baselines", "default_baseline", "LayerRule",
-           "CalibrationForward", "PhaseHook", "calibrate", "calibrate_weights", "apply_ptq", "quantize_modules",
-           "token_rule", "cnn_rule", "act_quantizer", "weight_quantizer", "attention_matmuls", "reparameterize",
-           "reparameterize_model", "layernorm_linear_pairs"]
+           "CalibrationForward", "PhaseHook", "calibrate", "calibrate_weights", "apply_ptq", "applied_config",
+           "quantize_modules", "token_rule", "cnn_rule", "act_quantizer", "weight_quantizer", "attention_matmuls",
+           "reparameterize", "reparameterize_model", "layernorm_linear_pairs"]
+
+#: Attribute of a quantised model's root module holding the PTQConfig that quantised it: a plain attribute, not a
+#: buffer (no state-dict entry), carried by ``copy.deepcopy``; :func:`qwt.save_quantized` saves what it states.
+APPLIED_CONFIG = "qwt_ptq_config"
+
+
+def applied_config(model: nn.Module) -> PTQConfig | None:
+    """The config :func:`apply_ptq` (or :func:`qwt.load_quantized`) quantised ``model`` with; None for a model
+    quantised by hand (module surgery and calibration called directly)."""
+    config = getattr(model, APPLIED_CONFIG, None)
+    return config if isinstance(config, PTQConfig) else None
 
 
 def apply_ptq(model: nn.Module, data: Any, config: PTQConfig, rule: LayerRule,
@@ -31,11 +42,14 @@ def apply_ptq(model: nn.Module, data: Any, config: PTQConfig, rule: LayerRule,
     Calibrate (every quantiser fits what it sees; weights rounded to nearest), then the baseline's
     post-calibration step on the LayerNorm → Linear ``pairs`` (RepQ-ViT: reparameterise and re-fit the reset
     weight quantisers; GPTQ: that, for token models, then GPTQ's rounding of every weight).
-    ``on_phase`` is called after each phase. Quantisation is left on.
+    ``on_phase`` is called after each phase. Quantisation is left on, and ``config`` is remembered on the model
+    (:func:`applied_config`), so a saved model states what ran.
     """
     model.eval()
     quantize_modules(model, rule)
     calibrate(model, data, forward)
     if on_phase:
         on_phase("calibrate")
-    return config.method.after_calibration(model, data, forward, pairs, on_phase)
+    norms = config.method.after_calibration(model, data, forward, pairs, on_phase)
+    setattr(model, APPLIED_CONFIG, config)
+    return norms

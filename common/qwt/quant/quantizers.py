@@ -9,7 +9,7 @@ frozen quantisers.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
@@ -71,6 +71,11 @@ def uniform_fake_quant(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.T
     # Inference: the same ops in the same order on one buffer — bit-identical, about 3x faster on CPU.
     q = x / delta
     return q.round_().add_(zero_point).clamp_(0, levels - 1).sub_(zero_point).mul_(delta)
+
+
+def nearest_codes(x: torch.Tensor, delta: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+    """clamp(round(x/Δ) + z, 0, L−1): the round-to-nearest codes of :func:`uniform_fake_quant`, as a new tensor."""
+    return (x / delta).round_().add_(zero_point).clamp_(0, levels - 1)
 
 
 def log_sqrt2_fake_quant(x: torch.Tensor, delta: torch.Tensor, levels: int, floor: float | None) -> torch.Tensor:
@@ -192,11 +197,14 @@ class Quantizer(nn.Module):
     """Common state: bit width, on/off switch, lazily filled parameter buffers.
 
     ``kind`` names the class in saved models; ``settings`` are the attributes (besides ``n_bits``) a saved model
-    records and restores, so a quantiser type describes itself to :mod:`qwt.serialization`.
+    records and restores, so a quantiser type describes itself to :mod:`qwt.serialization`, which compares each
+    with the value the saved PTQ config builds. ``adjustable_settings`` names the settings a step after surgery
+    may legitimately change, with the values it may give them (a saved value among these is no disagreement).
     """
 
     kind: str = ""
     settings: tuple[str, ...] = ()
+    adjustable_settings: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init__(self, n_bits: int) -> None:
         super().__init__()
@@ -249,6 +257,9 @@ class UniformQuantizer(Quantizer):
 
     kind = "uniform"
     settings = ("channel_axis", "grid")
+    #: RepQ-ViT's reparameterisation makes a channel-wise quantiser per tensor; integer-kernel calibration
+    #: (qwt.export.calibrate_w8a8) picks the grid.
+    adjustable_settings = {"channel_axis": (None,), "grid": GRIDS}
 
     def __init__(self, n_bits: int, channel_axis: int | None = None, grid: Grid = "affine") -> None:
         super().__init__(n_bits)
@@ -287,12 +298,17 @@ class RoundingQuantizer(UniformQuantizer):
     The offsets make the quantiser map the layer's float weight onto the algorithm's codes, so the float weight
     stays the layer's weight (what QwT fits towards with quantisation off) while the quantised weight is the
     algorithm's, bit for bit. Without offsets (before the algorithm ran) it is the plain uniform quantiser.
+    ``group_size``: the algorithm gave every static group of that many columns its own grid (Δ and z then have
+    the weight's shape); None: one grid per channel.
     """
 
     kind = "uniform_rounding"
+    settings = ("channel_axis", "grid", "group_size")
 
-    def __init__(self, n_bits: int, channel_axis: int | None = 0, grid: Grid = "affine") -> None:
+    def __init__(self, n_bits: int, channel_axis: int | None = 0, grid: Grid = "affine",
+                 group_size: int | None = None) -> None:
         super().__init__(n_bits, channel_axis, grid)
+        self.group_size = group_size
         self.register_buffer("offset", torch.empty(0, dtype=torch.int16))
 
     def reset(self) -> None:
@@ -301,7 +317,7 @@ class RoundingQuantizer(UniformQuantizer):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Round-to-nearest codes of ``x`` on this grid, as :meth:`fake_quant` computes them."""
-        return (x / self.delta).round_().add_(self.zero_point).clamp_(0, self.levels - 1)
+        return nearest_codes(x, self.delta, self.zero_point, self.levels)
 
     def set_codes(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """Make the quantiser map ``x`` (the float weight) to the integer ``codes`` (0..L−1, a float tensor)."""

@@ -41,7 +41,7 @@ from ..ptq import PTQConfig
 from ..ptq.baselines import GPTQ, RTN
 from ..ptq.config import FLOAT_ACTIVATIONS
 from ..report import atomic_write
-from ..serialization import check_save_target, save_quantized
+from ..serialization import check_save_target, save_quantized, saved_build_problems
 from ..size import model_size_mb
 from ..utils import seed_everything
 from .cli import init_distributed
@@ -187,6 +187,14 @@ def load_windows(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor
     return calib, evaluation, data
 
 
+def _check_savable(model: nn.Module, label: str) -> None:
+    """Refuse ``--save`` for a model the saved format would refuse at the end of the run (its config type or
+    activation is not one a save may declare), before any compute."""
+    problems = saved_build_problems("hf_causal_lm", {"config": config_dict(model)}, model.state_dict().keys())
+    if problems:
+        raise InputError(f"--save: {label} cannot be saved ({'; '.join(problems)}); run without --save")
+
+
 def _tiny_random_lm(tokenizer: Any) -> nn.Module:
     torch.manual_seed(0)
     return build_from_config(config=tiny_config("llama", vocab_size=len(tokenizer)))
@@ -292,6 +300,8 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
         fp_model, label = _tiny_random_lm(tokenizer).to(args.device), "tiny random Llama (smoke)"
     else:
         fp_model, tokenizer, label = load_causal_lm(args.model, args.device)
+    if args.save is not None:
+        _check_savable(fp_model, label)
     max_positions = getattr(fp_model.config, "max_position_embeddings", None)
     if max_positions is not None and args.window > max_positions:
         raise InputError(f"--window {args.window} is above the model's maximum positions ({max_positions})")

@@ -81,7 +81,8 @@ class GPTQ(Baseline):
         return make_baseline(self.activations or ("repq_vit" if token_model else "percentile"))
 
     def weight_quantizer(self, bits: int) -> Quantizer:
-        return RoundingQuantizer(bits, channel_axis=0, grid="symmetric_full" if self.symmetric else "affine")
+        return RoundingQuantizer(bits, channel_axis=0, grid="symmetric_full" if self.symmetric else "affine",
+                                 group_size=self.group_size)
 
     def after_calibration(self, model: nn.Module, data: Any, forward: CalibrationForward, pairs: NormLinearPairs,
                           on_phase: PhaseHook | None) -> list[str]:
@@ -174,6 +175,7 @@ def gptq_layer(layer: nn.Module, hessian: torch.Tensor, options: GPTQ) -> None:
     # weight's dtype, which is GPTQ's rounded weight in that dtype.
     codes = torch.round(rounded / delta.double()).add_(zero.double()).to(weight.dtype)
     quantizer.set_codes(weight, codes.reshape(weight.shape))
+    quantizer.group_size = options.group_size  # the quantiser states the grids it holds (saved models record it)
     layer.clear_weight_cache()
 
 
