@@ -48,7 +48,8 @@ def is_decoder_lm(model: nn.Module) -> bool:
 
 def decoder_lm_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
     """Every Linear inside a decoder layer: the baseline's weight quantiser at W bits and its activation
-    quantiser at A bits (none with A16); embeddings, norms, attention matmuls and lm_head stay FP."""
+    quantiser at A bits (none with A16); embeddings, norms, attention matmuls and lm_head stay FP. A model with
+    other weight matrices in its decoder layers is refused (:func:`refuse_unquantised_weights`)."""
     weight = config.method.weight_quantizer
     act = config.method.activations_for(token_model=True)
 
@@ -58,7 +59,27 @@ def decoder_lm_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
             return QuantLinear(module, inputs, weight(config.w_bits))
         return None
 
+    refuse_unquantised_weights(model, rule, config)
     return rule
+
+
+def refuse_unquantised_weights(model: nn.Module, rule: LayerRule, config: PTQConfig) -> None:
+    """Refuse a model whose decoder layers hold a weight matrix (a parameter of 2 or more dimensions) outside
+    every module ``rule`` quantises: it would stay in floating point while every row says W<bits>. Mixture-of-
+    experts layers are such (transformers keeps the experts as 3-D tensors, not Linear modules, and the router
+    is no Linear either); norms (1-D) are meant to stay FP."""
+    covered: set[str] = set()
+    for name, module in model.named_modules():
+        if name.startswith(LAYERS + ".") and rule(name, module) is not None:
+            covered.update(f"{name}.{p}" for p, _ in module.named_parameters())
+    left = [(name, tuple(p.shape)) for name, p in model.named_parameters()
+            if name.startswith(LAYERS + ".") and p.dim() >= 2 and name not in covered]
+    if left:
+        name, shape = left[0]
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise InputError(f"{type(model).__name__}: {name} {shape}{more} is a weight of a decoder layer outside its "
+                         f"Linear layers, which W{config.w_bits} would leave in floating point; only decoder layers "
+                         "made of Linear layers and norms are supported (no mixture-of-experts)")
 
 
 class _Stop(Exception):
