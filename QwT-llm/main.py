@@ -1,7 +1,7 @@
 """QwT on decoder-only language models: RTN PTQ, then one compensation per decoder layer; held-out perplexity.
 
     python QwT-llm/main.py                                 # SmolLM2-135M-Instruct, Jane Austen, W4A8 and W3A16
-    python QwT-llm/main.py --config QwT-llm/configs/table.json   # the README table (scripts/llm.sh)
+    python scripts/reproduce_table.py QwT-llm              # the README table (configs/table.json, scripts/llm.sh)
     python QwT-llm/main.py --model DIR --calib-text a.txt --eval-text b.txt --bits W4A8
     python QwT-llm/main.py --model DIR --wikitext2 WIKITEXT_DIR   # standard protocol: 2048-token windows
 

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -119,11 +119,15 @@ LOCK_FILE = ".qwt-run.lock"
 
 
 @contextmanager
-def hold_output_dir(path: Path, flag: str) -> Iterator[Path]:
+def hold_output_dir(path: Path, flag: str, results: Sequence[str] = ()) -> Iterator[Path]:
     """Hold ``path`` for one run: a second run with the same folder is refused (with the holder's pid) instead of
     overwriting its records as it goes. The lock is an ``flock`` on :data:`LOCK_FILE`, released by the OS when
     the process ends however it ends. A run started by the process that holds the folder (the table runner's
-    children) shares its hold. Folders created here are removed again if the run wrote nothing into them."""
+    children) shares its hold. Folders created here are removed again if the run wrote nothing into them.
+
+    ``results``: the files a finished run of this kind leaves in ``path``, for a task whose records are not
+    resumed per run: a folder already holding one of them is refused too (checked under the lock, before the lock
+    file is touched), since the new run would overwrite another run's results."""
     path = Path(path)
     created = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
@@ -134,6 +138,7 @@ def hold_output_dir(path: Path, flag: str) -> Iterator[Path]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder = True
         except OSError as err:
             if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 raise
@@ -141,8 +146,9 @@ def hold_output_dir(path: Path, flag: str) -> Iterator[Path]:
             if pid != str(os.getppid()):
                 raise InputError(f"{flag} {path} is in use by another run (pid {pid or 'unknown'}: {command}); wait "
                                  f"for it to finish or pass another {flag}") from None
-            created = []  # the holder's folder
-        else:
+            created, holder = [], False  # the holder's folder
+        _refuse_finished_run(path, flag, results)
+        if holder:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)[:200]}\n".encode(), 0)
         yield path
@@ -155,3 +161,10 @@ def hold_output_dir(path: Path, flag: str) -> Iterator[Path]:
                 except OSError:
                     break
         os.close(fd)
+
+
+def _refuse_finished_run(path: Path, flag: str, results: Sequence[str]) -> None:
+    held = [name for name in results if (path / name).exists()]
+    if held:
+        raise InputError(f"{flag} {path} already holds the results of another run ({', '.join(held)}); pass another "
+                         f"{flag} or move those files away first")

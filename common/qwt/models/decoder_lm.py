@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..compensation.blockwise import BlockPlan, Step
+from ..compensation.modules import Compensated
 from ..errors import InputError
 from ..family import Family, register_family
 from ..inputs import check_token_ids
@@ -58,17 +59,24 @@ def layers_path(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is layers)
 
 
-_MIXTURE = re.compile(r"moe|expert", re.IGNORECASE)
-
-
 def check_supported_layers(model: nn.Module) -> None:
-    """Refuses mixture-of-experts layers: their experts are not Linear modules (one tensor per projection, routed
-    per token), so the layer rule would leave them in floating point and the tables would claim a W-bit model."""
+    """Refuse a model whose decoder layers hold a weight matrix (a parameter of 2 or more dimensions) outside
+    every Linear (or GPT-2 Conv1D): the layer rule quantises those only, so it would stay in floating point while
+    every row says W<bits>. Mixture-of-experts layers are such (transformers keeps the experts as 3-D tensors, not
+    Linear modules, and the router is no Linear either); norms (1-D) are meant to stay FP."""
+    from transformers.pytorch_utils import Conv1D
+
     path = layers_path(model)
-    for name, module in model.get_submodule(path).named_modules():
-        if _MIXTURE.search(type(module).__name__):
-            raise InputError(f"{path}.{name}: {type(module).__name__} is a mixture-of-experts layer; QwT's "
-                             "decoder-LM family quantises dense MLPs only")
+    layers = model.get_submodule(path)
+    owners = (nn.Linear, Conv1D, Compensated)  # QwT's own map (a compensated layer) is no unquantised weight
+    covered = {f"{name}.{p}" if name else p for name, module in layers.named_modules() if isinstance(module, owners)
+               for p, _ in module.named_parameters(recurse=False)}
+    left = [(name, tuple(p.shape)) for name, p in layers.named_parameters() if p.dim() >= 2 and name not in covered]
+    if left:
+        (name, shape), more = left[0], f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise InputError(f"{type(model).__name__}: {path}.{name} {shape}{more} is a weight of a decoder layer "
+                         "outside its Linear layers, which quantisation would leave in floating point; only decoder "
+                         "layers made of Linear layers and norms are supported (no mixture-of-experts)")
 
 
 def linear_from_conv1d(conv: nn.Module) -> nn.Linear:

