@@ -22,7 +22,9 @@ from torch import nn
 
 from ..compensation.channelwise import ChannelAffine, fold_channelwise
 from ..compensation.modules import Compensated, compensation_precision
+from ..errors import InputError
 from ..quant.modules import quant_modules
+from ..report import staged_file
 from ._deps import require
 from .w8a8 import WeightDtype, qdq_view, resolve_weight_dtype
 
@@ -33,6 +35,8 @@ WEIGHT_DTYPE_KEY = "qwt.weight_dtype"
 #: Nodes that mean a MatMul/Conv runs on integers in onnxruntime's optimised graph.
 INTEGER_OPS = ("MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv", "ConvInteger",
                "QGemm", "DynamicQuantizeMatMul")
+#: The largest ONNX file protobuf can serialise (2 GiB − 1 byte); a larger export is refused.
+MAX_FILE_BYTES = 2**31 - 1
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode: Mode = "simulate",
@@ -40,7 +44,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
     """Export ``model`` (quantised, maybe compensated) to ``path`` with a dynamic batch axis.
 
     Channel-wise compensation is folded into a copy of the model first, so it adds no node. The model's
-    train/eval modes are restored afterwards (it is traced in eval mode).
+    train/eval modes are restored afterwards (it is traced in eval mode). Every write goes to a private folder
+    beside ``path`` (:func:`qwt.report.staged_file`) and the finished file is renamed into place: a failed or
+    interrupted export leaves a previous file at ``path`` as it was, and nothing else behind.
 
     The QwT compensation runs in FP32 in the graph unless ``compensation_half``: the simulation then computes
     exactly what the torch model computes with its compensation in FP32. onnxruntime's CPU FP16 product rounds
@@ -62,7 +68,21 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
         model = copy.deepcopy(model)
         fold_channelwise(model)  # into the layers' weights, scales and biases: no extra node
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_file(path) as staged:  # a failed or interrupted export leaves the previous file as it was
+        _trace_in_mode(model, example, staged, mode, compensation_half, weight_dtype)
+        proto = onnx.load(str(staged))  # with any external data the tracer wrote beside it (models over 2 GiB)
+        if mode == "w8a8":
+            _store_integer_weights(proto)
+            onnx.helper.set_model_props(proto, {WEIGHT_DTYPE_KEY: weight_dtype})
+        _check_size(proto, path)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(staged))
+    return path
+
+
+def _trace_in_mode(model: nn.Module, example: torch.Tensor, path: Path, mode: Mode, compensation_half: bool,
+                   weight_dtype: WeightDtype) -> None:
+    """Trace ``model`` in eval mode, as ``mode`` exports it; its train/eval modes are restored afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -77,13 +97,22 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
     finally:
         for m, training in modes:
             m.training = training
-    proto = onnx.load(str(path))
-    if mode == "w8a8":
-        _store_integer_weights(proto)
-        onnx.helper.set_model_props(proto, {WEIGHT_DTYPE_KEY: weight_dtype})
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    return path
+
+
+def _check_size(proto, path: Path) -> None:
+    """Refuse a graph too large for one ONNX file (protobuf's 2 GiB limit) with one clear line, not protobuf's
+    error from deep inside the checker or the writer."""
+    from google.protobuf.message import EncodeError  # onnx's dependency
+
+    try:
+        too_large = proto.ByteSize() > MAX_FILE_BYTES
+    except EncodeError:  # protobuf cannot even measure a message over 2 GiB
+        too_large = True
+    if too_large:
+        weights = sum(len(t.raw_data) for t in proto.graph.initializer) / 2**30
+        raise InputError(f"{path}: the exported graph (weights {weights:.2f} GiB) is larger than the 2 GiB one ONNX "
+                         "file can hold, and this exporter writes a single file; export a smaller model, or one "
+                         "calibrated with calibrate_w8a8 in mode 'w8a8' (8-bit weights take a quarter of the space)")
 
 
 def _exp2(g, x):

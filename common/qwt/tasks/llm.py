@@ -39,7 +39,7 @@ from ..models.decoder_lm import build_from_config, config_dict, load_causal_lm, 
 from ..ptq import PTQConfig
 from ..ptq.baselines import GPTQ, RTN
 from ..ptq.config import FLOAT_ACTIVATIONS
-from ..report import atomic_write
+from ..report import atomic_write, save_figure
 from ..serialization import check_save_target, save_quantized
 from ..size import model_size_mb
 from ..utils import seed_everything
@@ -415,7 +415,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     ax.set_title(summary["model"], fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
