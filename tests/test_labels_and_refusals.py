@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,21 @@ print(json.dumps([demo.run_data(vit, test), demo.run_data(both, test), demo.cnn_
     assert "cnn_test_images" not in vit_only and "probe_images" not in vit_only and vit_only["vit_test_images"] == 10000
     assert both["cnn_test_images"] == 2000
     assert label == "efficientnet_lite0@64px-test2000" and full_label == "efficientnet_lite0@64px"
+
+
+def test_main_job_records_every_qwt_setting_that_ran():
+    """summary.json's ``qwt`` is the configuration the runs used (it did not state --guard-fraction before)."""
+    code = """
+import json, torch
+import demo
+test = (torch.zeros(10, 28, 28, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+args = demo.parse_args(["--guard-fraction", "0.25", "--solver", "reference", "--seed", "3"])
+print(json.dumps([demo.summary_meta(args, test, {"cpu": "x"}), demo.summary_meta(demo.parse_args([]), test, {})]))
+"""
+    guarded, default = json.loads(_load_script("demo", code).strip().splitlines()[-1])
+    assert guarded["qwt"] == {**asdict(qwt.QwTConfig()), "guard_fraction": 0.25, "solver": "reference"}
+    assert default["qwt"] == asdict(qwt.QwTConfig())  # the job's defaults are the library's
+    assert guarded["data"]["seed"] == 3 and guarded["environment"] == {"cpu": "x"}
 
 
 def test_deploy_records_its_counts():
