@@ -342,7 +342,7 @@ def test_a_fifo_named_like_an_image_is_refused(tmp_path):
         class_folder(root, "train", eval_transform(Preprocessing(0.875, size=32)))
 
 
-# --- the ONNX simulation export is exact by default --------------------------------------------------------------
+# --- the ONNX simulation export keeps the compensation in FP32 by default ----------------------------------------
 
 def _fp16_casts(path: Path) -> int:
     onnx = pytest.importorskip("onnx")
@@ -357,7 +357,7 @@ def test_simulation_export_keeps_the_compensation_in_fp32_unless_asked(vit_w4a4,
     model = copy.deepcopy(vit_w4a4)
     qwt.apply_qwt(model, images, qwt.QwTConfig(), progress=False)  # fp16_eval: the authors' default
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the default export says nothing: it is exact
+        warnings.simplefilter("error")  # the default FP32 export says nothing
         assert _fp16_casts(export_onnx(model, images[:1], tmp_path / "sim.onnx")) == 0
     with pytest.warns(UserWarning, match="predictions differ"):
         assert _fp16_casts(export_onnx(model, images[:1], tmp_path / "half.onnx", compensation_half=True)) > 0
