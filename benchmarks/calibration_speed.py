@@ -31,6 +31,8 @@ from qwt.cli import check_device, positive_int, run_cli
 from qwt.compensation import SOLVER_MODES
 from qwt.compensation.features import DISK
 from qwt.environment import environment
+from qwt.errors import InputError
+from qwt.models.registry import ModelEntry
 from qwt.ptq import default_baseline, list_baselines
 from qwt.utils import PhaseTimer
 
@@ -89,7 +91,8 @@ def fp_forward_seconds(model: torch.nn.Module, image_sets: tuple[torch.Tensor, .
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="deit_small", help="an ImageNet model of the registry (RGB 224×224 input)")
+    p.add_argument("--model", default="deit_small",
+                   help="an image model of the registry (its input: RGB 224×224 for ImageNet models)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--w-bits", type=int, default=4)
@@ -103,11 +106,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-device", default=None,
                    help="where QwT keeps block features between blocks: a device (e.g. cpu for a GPU run) or disk; "
                         "default: --device")
-    p.add_argument("--smoke", action="store_true", help="the registry's reduced model on 32×32 images (tests)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the registry's reduced variant of the model on its small images (tests)")
     p.add_argument("--fresh-pages", action="store_true",
                    help="leave glibc's allocator as it is (every large tensor faults in fresh pages) instead of "
                         "qwt.allocator.retain_freed_memory(), which the command-line tools use")
     return p.parse_args(argv)
+
+
+def image_shape(entry: ModelEntry, smoke: bool) -> tuple[int, ...]:
+    """One synthetic image's shape: the registry's, for its reduced variant with ``--smoke`` (whose build
+    arguments differ per model: vit_fmnist is already small and takes 1×28×28 images)."""
+    if entry.reduced_batch is not None:
+        raise InputError(f"--model {entry.name} takes token ids, not images; this benchmark times image models "
+                         "(choose another --model)")
+    return entry.reduced_input if smoke else entry.input_shape
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -117,6 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.feature_device not in (None, DISK):
         check_device(args.feature_device, "--feature-device")
     entry = get_model_entry(args.model)
+    shape = image_shape(entry, args.smoke)
     ptq_config = PTQConfig(method=args.method or default_baseline(entry.family), w_bits=args.w_bits,
                            a_bits=args.a_bits)
     qwt_config = QwTConfig(solver=args.solver, feature_device=args.feature_device)
@@ -124,11 +138,10 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = create_model(args.model, pretrained=False, **({"smoke": True} if args.smoke else {})).to(device).eval()
-    size = 32 if args.smoke else 224
+    model = create_model(args.model, pretrained=False, **(entry.reduced if args.smoke else {})).to(device).eval()
     gen = torch.Generator(device=device).manual_seed(0)
-    calib = torch.randn(args.calib_images, 3, size, size, device=device, generator=gen)
-    comp = torch.randn(args.comp_images, 3, size, size, device=device, generator=gen)
+    calib = torch.randn(args.calib_images, *shape, device=device, generator=gen)
+    comp = torch.randn(args.comp_images, *shape, device=device, generator=gen)
     features = feature_mib(entry.family.plan, model, comp[:1], args.comp_images)
 
     fp_model = copy.deepcopy(model)

@@ -9,7 +9,8 @@
   model's activation baseline (RepQ-ViT / percentile), labelled ``<bits> GPTQ``; ``A16`` settings quantise
   weights only.
 
-Writes ``summary.json``, ``table.md``, ``chart.png`` and ``blocks.json`` (per-block R²) to ``--out``.
+Writes ``summary.json`` (rows, environment, image counts, and ``qwt``: every QwT setting, the held-out guard's
+fraction included), ``table.md``, ``chart.png`` and ``blocks.json`` (per-block R²) to ``--out``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -83,6 +85,11 @@ def bits_config(tag: str, method: str) -> PTQConfig:
                          f"({err})") from None
 
 
+def qwt_config(args: argparse.Namespace) -> QwTConfig:
+    """The QwT settings of every run: one place, so the record states what ran (``summary.json``'s ``qwt``)."""
+    return QwTConfig(solver=args.solver, guard_fraction=args.guard_fraction)
+
+
 def disjoint_subsets(n: int, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
     """Random, non-overlapping index sets (the authors draw calibration and QwT images independently)."""
     if sum(sizes) > n:
@@ -140,8 +147,7 @@ def run_model(args: argparse.Namespace, label: str, fp: nn.Module, calib: torch.
     rows.append({"model": label, "bits": "FP", "method": "fp", "top1": evaluate(fp, "FP"), "calib_seconds": 0.0})
     for tag, method in settings:
         seed_everything(args.seed)
-        qwt_cfg = QwTConfig(solver=args.solver, guard_fraction=args.guard_fraction)
-        res = ptq_then_qwt(label, fp, calib, comp, evaluate, bits_config(tag, method), qwt_cfg,
+        res = ptq_then_qwt(label, fp, calib, comp, evaluate, bits_config(tag, method), qwt_config(args),
                            progress=not args.no_progress)
         name = tag if method != "gptq" else f"{tag} GPTQ"
         labelled = [{**r, "bits": name, "baseline": method} for r in res.rows]
@@ -190,13 +196,19 @@ def cnn_label(args: argparse.Namespace, test: tuple) -> str:
 
 
 def run_data(args: argparse.Namespace, test: tuple) -> dict:
-    """The image counts and solver of the run, for the models that ran only."""
-    data = {"calib_images": args.calib_images, "comp_images": args.comp_images, "solver": args.solver}
+    """The image counts, solver and seed of the run, for the models that ran only."""
+    data = {"calib_images": args.calib_images, "comp_images": args.comp_images, "solver": args.solver,
+            "seed": args.seed}
     if "vit_fmnist" in args.models:
         data["vit_test_images"] = len(test[0])
     if "efficientnet_lite0" in args.models:
         data.update(cnn_test_images=cnn_test_count(args, test), probe_images=args.probe_images)
     return data
+
+
+def summary_meta(args: argparse.Namespace, test: tuple, env: dict) -> dict:
+    """What ``summary.json`` records beside the rows: the machine, the data, and every QwT setting that ran."""
+    return {"environment": env, "data": run_data(args, test), "qwt": asdict(qwt_config(args))}
 
 
 def _log(rows: list) -> None:
@@ -232,8 +244,7 @@ def _run(args: argparse.Namespace) -> int:
         run_cnn(args, train, test, rows, blocks)
     env = environment("cpu")
     title = f"QwT main job: Fashion-MNIST, CPU ({env['cpu_capability']} kernels), {args.solver} solver"
-    meta = {"environment": env, "data": run_data(args, test)}
-    markdown = write_report(rows, args.out, title, meta)
+    markdown = write_report(rows, args.out, title, summary_meta(args, test, env))
     atomic_write(args.out / "blocks.json", json.dumps(blocks, indent=2) + "\n")
     print("\n" + markdown)
     print(f"wrote {args.out}/summary.json, table.md, chart.png, blocks.json  ({time.perf_counter() - start:.0f}s)")

@@ -37,7 +37,7 @@ from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment as run_environment, kernels_note  # noqa: E402
 from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, resolve_weight_dtype, run, session  # noqa: E402
 from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
-from qwt.report import atomic_write  # noqa: E402
+from qwt.report import atomic_write, save_figure  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
 
 
@@ -224,7 +224,7 @@ def chart(rows: list[dict], path: Path) -> None:
         ax.set_title(model)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

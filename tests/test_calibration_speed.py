@@ -271,18 +271,28 @@ def test_repq_vit_quantize_equals_a_second_calibration_forward():
         assert torch.equal(model(images), plain(images))
 
 
-def test_speed_benchmark_prints_its_figures_as_the_last_json_line():
-    """Run as users run it, in its own process (it switches the allocator setting on, process-wide)."""
-    import json
+def _benchmark(*flags: str):
     import subprocess
     import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "calibration_speed.py"
-    out = subprocess.run([sys.executable, str(path), "--model", "deit_tiny", "--smoke", "--calib-images", "4",
-                          "--comp-images", "8", "--batch-size", "4", "--threads", "1"],
-                         capture_output=True, text=True, check=True).stdout
-    figures = json.loads(out.strip().splitlines()[-1])
+    return subprocess.run([sys.executable, str(path), *flags, "--calib-images", "4", "--comp-images", "8",
+                           "--batch-size", "4", "--threads", "1"], capture_output=True, text=True)
+
+
+# vit_fmnist and efficientnet_lite0 register no ``smoke`` build argument (they are small already) and vit_fmnist
+# takes 1×28×28 images: --smoke used to build every model with smoke=True on RGB 32×32 images (a traceback).
+@pytest.mark.parametrize("flags", [("deit_tiny", "--smoke"), ("vit_fmnist", "--smoke"), ("vit_fmnist",),
+                                   ("efficientnet_lite0", "--smoke")])
+def test_speed_benchmark_prints_its_figures_as_the_last_json_line(flags):
+    """Run as users run it, in its own process (it switches the allocator setting on, process-wide)."""
+    import json
+
+    done = _benchmark("--model", *flags)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["model"] == flags[0] + ("-smoke" if "--smoke" in flags else "")
     for key in ("model", "device", "threads", "images", "fp_forward_s", "ptq_s", "qwt_s", "total_s",
                 "ratio_to_fp_forward", "qwt_peak_mib"):
         assert key in figures
@@ -292,6 +302,12 @@ def test_speed_benchmark_prints_its_figures_as_the_last_json_line():
     assert figures["total_s"] == pytest.approx(figures["ptq_s"] + figures["qwt_s"], abs=2e-3)
     fp = figures["fp_forward_s"]  # rounded to 1 ms, which is a lot for a tiny model: allow for it
     assert figures["ratio_to_fp_forward"] == pytest.approx(figures["total_s"] / fp, rel=0.01 + 0.0005 / fp)
+
+
+def test_speed_benchmark_refuses_a_language_model_in_one_line():
+    done = _benchmark("--model", "hf_causal_lm", "--smoke")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: --model hf_causal_lm takes token ids, not images")
 
 
 def test_retained_freed_memory_is_switched_on_once_and_recorded():

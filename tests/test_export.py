@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import copy
+import errno
 import importlib
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torchvision
 
 import qwt
 from qwt.compensation.modules import compensation_precision
+from qwt.errors import InputError
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize
 from qwt.export import (OutputQuantized, calibrate_w8a8, export_onnx, fold_batchnorm, integer_nodes, qdq_view,
                         resolve_weight_dtype, run, session, weight_dtype_of)
@@ -166,6 +170,64 @@ def test_auto_weight_dtype_follows_the_cpu_flags(monkeypatch, tmp_path, flags, e
     path = export_onnx(_saturating_conv(images), images[:1], tmp_path / "auto.onnx", mode="w8a8")
     assert weight_dtype_of(path) == expected
     assert weight_dtype_of(export_onnx(_saturating_conv(images), images[:1], tmp_path / "sim.onnx")) is None
+
+
+def _export_conv(path: Path, **kwargs) -> tuple[Path, torch.Tensor]:
+    images = torch.empty(2, 16, 6, 6).uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(2))
+    return export_onnx(_saturating_conv(images), images[:1], path, **kwargs), images
+
+
+def _disk_full() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("stage", ["trace", "save", "check", "size"])
+def test_a_failed_export_leaves_the_previous_file_as_it_was(tmp_path, monkeypatch, stage):
+    """The disk fills while the tracer writes (after an external-data file beside the model, as it writes for
+    models over 2 GiB), or while the finished graph is saved; the user interrupts; the graph is too large for one
+    file. Each time the file exported before is byte-identical and nothing else is left in its folder."""
+    onnx = pytest.importorskip("onnx")
+    import qwt.export.writer
+
+    path, _ = _export_conv(tmp_path / "m.onnx")
+    before = path.read_bytes()
+    trace = torch.onnx.export
+
+    def trace_until_full(model, args, f, **kwargs):
+        trace(model, args, f, **kwargs)
+        Path(f).with_name("onnx__Conv_0").write_bytes(bytes(64))
+        Path(f).write_bytes(Path(f).read_bytes()[:100])
+        raise _disk_full()
+
+    def save_until_full(proto, f, *args, **kwargs):
+        Path(f).write_bytes(proto.SerializeToString()[:100])
+        raise _disk_full()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    failure = {"trace": (torch.onnx, "export", trace_until_full, OSError),
+               "save": (onnx, "save", save_until_full, OSError),
+               "check": (onnx.checker, "check_model", interrupt, KeyboardInterrupt),
+               "size": (qwt.export.writer, "MAX_FILE_BYTES", 100, InputError)}
+    target, name, replacement, error = failure[stage]
+    monkeypatch.setattr(target, name, replacement)
+    with pytest.raises(error) as raised:  # another file than the first: the old code would have left it
+        _export_conv(path, mode="w8a8", weight_dtype="uint8")
+    if stage == "size":
+        assert "larger than the 2 GiB one ONNX file can hold" in str(raised.value)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_an_export_replaces_the_previous_file_with_a_loadable_one(tmp_path):
+    path, images = _export_conv(tmp_path / "m.onnx")
+    _export_conv(path, mode="w8a8", weight_dtype="uint8")
+    assert weight_dtype_of(path) == "uint8"
+    assert run(session(path), images).shape == (2, 8, 6, 6)
+    (tmp_path / "plain").write_bytes(b"")
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # as a plain open would create it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "plain"]
 
 
 def test_weight_dtype_changes_storage_not_values():

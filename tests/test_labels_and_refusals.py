@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,21 @@ print(json.dumps([demo.run_data(vit, test), demo.run_data(both, test), demo.cnn_
     assert label == "efficientnet_lite0@64px-test2000" and full_label == "efficientnet_lite0@64px"
 
 
+def test_main_job_records_every_qwt_setting_that_ran():
+    """summary.json's ``qwt`` is the configuration the runs used (it did not state --guard-fraction before)."""
+    code = """
+import json, torch
+import demo
+test = (torch.zeros(10, 28, 28, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+args = demo.parse_args(["--guard-fraction", "0.25", "--solver", "reference", "--seed", "3"])
+print(json.dumps([demo.summary_meta(args, test, {"cpu": "x"}), demo.summary_meta(demo.parse_args([]), test, {})]))
+"""
+    guarded, default = json.loads(_load_script("demo", code).strip().splitlines()[-1])
+    assert guarded["qwt"] == {**asdict(qwt.QwTConfig()), "guard_fraction": 0.25, "solver": "reference"}
+    assert default["qwt"] == asdict(qwt.QwTConfig())  # the job's defaults are the library's
+    assert guarded["data"]["seed"] == 3 and guarded["environment"] == {"cpu": "x"}
+
+
 def test_deploy_records_its_counts():
     code = """
 import json
@@ -326,7 +342,7 @@ def test_a_fifo_named_like_an_image_is_refused(tmp_path):
         class_folder(root, "train", eval_transform(Preprocessing(0.875, size=32)))
 
 
-# --- the ONNX simulation export is exact by default --------------------------------------------------------------
+# --- the ONNX simulation export keeps the compensation in FP32 by default ----------------------------------------
 
 def _fp16_casts(path: Path) -> int:
     onnx = pytest.importorskip("onnx")
@@ -341,7 +357,7 @@ def test_simulation_export_keeps_the_compensation_in_fp32_unless_asked(vit_w4a4,
     model = copy.deepcopy(vit_w4a4)
     qwt.apply_qwt(model, images, qwt.QwTConfig(), progress=False)  # fp16_eval: the authors' default
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the default export says nothing: it is exact
+        warnings.simplefilter("error")  # the default FP32 export says nothing
         assert _fp16_casts(export_onnx(model, images[:1], tmp_path / "sim.onnx")) == 0
     with pytest.warns(UserWarning, match="predictions differ"):
         assert _fp16_casts(export_onnx(model, images[:1], tmp_path / "half.onnx", compensation_half=True)) > 0

@@ -10,7 +10,7 @@ import pytest
 
 from qwt.cli import LOCK_FILE, hold_output_dir
 from qwt.errors import InputError
-from qwt.report import atomic_write
+from qwt.report import atomic_write, save_figure
 
 
 def test_concurrent_writers_of_one_file_never_collide(tmp_path):
@@ -61,6 +61,32 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_a_chart_that_fails_half_written_leaves_the_old_chart(tmp_path):
+    """Charts go through the same staging as text: a figure whose saving stops half-way (a full disk) leaves the
+    previous chart byte-identical and nothing else."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    target = tmp_path / "chart.png"
+    save_figure(fig, target)
+    before = target.read_bytes()
+
+    class DiskFull:
+        def savefig(self, path, **kwargs):
+            fig.savefig(path, **kwargs)
+            path.write_bytes(path.read_bytes()[:64])
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(DiskFull(), target)
+    plt.close(fig)
+    assert target.read_bytes() == before and before.startswith(b"\x89PNG")
+    assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]
 
 
 def test_result_files_get_the_usual_permissions(tmp_path):

@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -79,36 +81,41 @@ def bar_chart(rows: Sequence[Row], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-#: Read once at import (``os.umask`` can only be read by setting it): a result file gets the permissions a plain
-#: ``open`` would give it, not ``mkstemp``'s owner-only 0600.
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written result and a reader never
-    sees one. The temporary name is unique per writer: two writers of one path never share (and steal) a file."""
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A path to write ``path``'s new content to, in a new private folder beside it (so on the same file system).
+    On success the file is flushed to disk and renamed over ``path``: a crash never leaves a half-written result
+    and a reader sees the old file or the new one. On any failure or interrupt, ``path`` is left as it was. The
+    folder, and whatever was written into it, is removed either way: a folder rather than a temporary file, so a
+    writer that adds files beside its output (ONNX external data) adds them there, and two writers of one path
+    never share one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), _FILE_MODE)
-            f.write(text)
-            f.flush()
+        staged = folder / path.name
+        yield staged
+        with open(staged, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(folder)  # made by mkdtemp above: only this writer has written into it
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` through :func:`staged_file`. The file gets the permissions a
+    plain ``open`` would give it."""
+    with staged_file(path) as staged:
+        staged.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as :func:`atomic_write` saves text (the format follows ``path``'s suffix)."""
+    with staged_file(path) as staged:
+        fig.savefig(staged, dpi=120)
 
 
 #: Flags that do not change a run's numbers (where it writes, how it loads, what it prints) or that name the run

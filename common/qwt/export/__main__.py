@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="one image's shape (the batch axis is dynamic)")
     p.add_argument("--mode", choices=["simulate", "w8a8"], default="simulate")
     p.add_argument("--fp16-compensation", action="store_true",
-                   help="keep the QwT product in FP16 (default FP32: the simulation then computes exactly what "
-                        "the torch model does with FP32 compensation, and w8a8 runs faster on CPUs)")
+                   help="keep the QwT product in FP16 (default FP32: the simulation then computes the same ops as "
+                        "the torch model with FP32 compensation, in onnxruntime's summation order, and w8a8 runs "
+                        "faster on CPUs)")
     p.add_argument("--weight-dtype", choices=["auto", *WEIGHT_DTYPES], default="auto",
                    help="w8a8 only: store weights as INT8 (fast, exact with VNNI/AMX, saturating on x86 CPUs "
                         "without) or UINT8 (exact on any CPU, slower); auto (default): INT8 if this CPU has VNNI "

@@ -35,6 +35,7 @@ class ModelEntry:
     preprocessing: Preprocessing | None = None  # ImageNet evaluation transform; None for non-ImageNet models
     reduced: dict = field(default_factory=lambda: {"smoke": True})  # build kwargs of a CPU-sized variant
     reduced_input: tuple[int, ...] = (3, 32, 32)  # one image of that variant
+    input_shape: tuple[int, ...] = (3, 224, 224)  # one image of the full model (an ImageNet crop unless named)
     #: a batch of 8 inputs for the reduced variant when they are not images (token ids); None: Gaussian images
     reduced_batch: Callable[[torch.Generator], torch.Tensor] | None = None
     #: Refuses builder arguments a saved model may not declare, before anything is built (see SavedArgsCheck);

@@ -56,4 +56,5 @@ def vit_fmnist(pretrained: bool = True, **kwargs: Any) -> VisionTransformer:
 
 register_model(ModelEntry("vit_fmnist", VIT, vit_fmnist,
                           "6-block ViT trained on Fashion-MNIST by scripts/train_fmnist_vit.py (weights shipped)",
-                          reduced={}, reduced_input=(1, 28, 28), check_saved_args=fixed_build("vit_fmnist")))
+                          reduced={}, reduced_input=(1, 28, 28), input_shape=(1, 28, 28),
+                          check_saved_args=fixed_build("vit_fmnist")))

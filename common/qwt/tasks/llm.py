@@ -46,7 +46,7 @@ from ..models.lm_loading import load_causal_lm, load_tokenizer
 from ..ptq import PTQConfig
 from ..ptq.baselines import GPTQ, RTN
 from ..ptq.config import FLOAT_ACTIVATIONS
-from ..report import _fmt, atomic_write
+from ..report import _fmt, atomic_write, save_figure
 from ..serialization import check_save_target, save_quantized, saved_build_problems
 from ..size import model_size_mb
 from ..utils import seed_everything
@@ -561,7 +561,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     ax.set_title(summary["model"], fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
