@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -35,7 +36,7 @@ from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment  # noqa: E402
 from qwt.errors import InputError  # noqa: E402
 from qwt.evaluate import tensor_batches, top1_accuracy  # noqa: E402
-from qwt.experiment import ptq_then_qwt  # noqa: E402
+from qwt.experiment import check_qwt_config, ptq_then_qwt  # noqa: E402
 from qwt.models.efficientnet import PIXEL_MEAN, PIXEL_SCALE  # noqa: E402
 from qwt.report import atomic_write, write_report  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
@@ -83,6 +84,10 @@ def bits_config(tag: str, method: str) -> PTQConfig:
     except ValueError as err:
         raise InputError(f"bad bit setting {tag!r}: expected like W4A4 with bits in 2..8 (A16: weights only) "
                          f"({err})") from None
+
+
+#: Compensation images per QwT batch (the held-out guard holds out whole batches).
+COMP_BATCH = 32
 
 
 def qwt_config(args: argparse.Namespace) -> QwTConfig:
@@ -148,7 +153,7 @@ def run_model(args: argparse.Namespace, label: str, fp: nn.Module, calib: torch.
     for tag, method in settings:
         seed_everything(args.seed)
         res = ptq_then_qwt(label, fp, calib, comp, evaluate, bits_config(tag, method), qwt_config(args),
-                           progress=not args.no_progress)
+                           batch_size=COMP_BATCH, progress=not args.no_progress)
         name = tag if method != "gptq" else f"{tag} GPTQ"
         labelled = [{**r, "bits": name, "baseline": method} for r in res.rows]
         rows.extend(labelled)
@@ -223,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     check_writable_dir(args.out, "--out")
+    check_qwt_config(qwt_config(args), batches=math.ceil(args.comp_images / COMP_BATCH))  # the guard, before any work
     for tag in args.vit_bits + args.cnn_bits + args.vit_gptq_bits + args.cnn_gptq_bits:
         bits_config(tag, "percentile")  # a bad setting fails now, not after the first model's runs
     with hold_output_dir(args.out, "--out"):

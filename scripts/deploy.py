@@ -35,7 +35,8 @@ from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
 from qwt.cli import check_writable_dir, hold_output_dir, positive_int, run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment as run_environment, kernels_note  # noqa: E402
-from qwt.export import calibrate_w8a8, export_onnx, integer_nodes, resolve_weight_dtype, run, session  # noqa: E402
+from qwt.export import (calibrate_w8a8, export_onnx, exported_view, integer_nodes, resolve_weight_dtype, run,  # noqa: E402
+                         session)
 from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
 from qwt.report import atomic_write, save_figure  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
@@ -160,7 +161,8 @@ def measure(args: argparse.Namespace, work: Workload, folder: Path) -> list[dict
         if work.test is not None:
             images, labels = work.test
             row["top1"] = 100.0 * (run(sess, images).argmax(1) == labels).float().mean().item()
-            row["top1_torch"] = torch_top1(model, images, labels)
+            with exported_view(model, mode, weight_dtype=args.weight_dtype):  # what the file computes, in torch
+                row["top1_torch"] = torch_top1(model, images, labels)
         else:
             row["top1"] = row["top1_torch"] = None
         rows.append(row)

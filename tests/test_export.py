@@ -340,3 +340,36 @@ def test_channelwise_compensation_adds_no_node_to_the_w8a8_graph(tmp_path, one_u
     moved = torch.stack([(a != b).flatten(1).any(1) for a, b in codes.values()]).any(0)
     assert int(moved.sum()) <= changes_allowed(expected_changes, len(images))
     assert torch.equal(got[~moved], expected[~moved])
+
+
+def test_the_exported_view_is_what_the_file_computes(tmp_path):
+    """A torch figure printed beside an export (deploy's ``top1 (torch)``) is computed inside ``exported_view``:
+    the FP32 compensation product the simulation graph holds, not the model's own FP16 evaluation product."""
+    from qwt.compensation.modules import Compensated
+    from qwt.export import exported_view
+
+    model = qwt.create_model("vit_fmnist", pretrained=False)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(48, 1, 28, 28, generator=g)
+    qwt.quantize(model, images[:8], qwt.PTQConfig(w_bits=4, a_bits=4))
+    qwt.apply_qwt(model, images[8:40], qwt.QwTConfig(), batch_size=8, progress=False)  # FP16 product at eval
+    blocks = [m for m in model.modules() if isinstance(m, Compensated)]
+    assert blocks and all(m.fp16_eval for m in blocks)
+    with torch.no_grad(), exported_view(model, "simulate"):
+        assert not any(m.fp16_eval for m in blocks)
+        inside = model(images[40:])
+    assert all(m.fp16_eval for m in blocks)  # restored
+    with torch.no_grad(), compensation_precision(model, False):
+        assert torch.equal(inside, model(images[40:]))
+
+
+def test_a_language_model_export_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("transformers")
+    from qwt.models.decoder_lm import build_from_config, tiny_config
+
+    lm = build_from_config(config=tiny_config())
+    ids = torch.randint(0, 128, (2, 8))
+    qwt.quantize(lm, ids, qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8))
+    with pytest.raises(InputError, match="language models .* are not exported"):
+        export_onnx(lm, ids, tmp_path / "lm.onnx")
+    assert list(tmp_path.iterdir()) == []

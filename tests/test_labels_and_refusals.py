@@ -371,3 +371,11 @@ def test_export_restores_the_models_train_mode(vit_w4a4, images, tmp_path):
     model = copy.deepcopy(vit_w4a4).train()
     export_onnx(model, images[:1], tmp_path / "m.onnx")
     assert all(m.training for m in model.modules())
+
+
+def test_main_job_refuses_a_guard_its_batches_cannot_serve_before_any_work(tmp_path):
+    """512 images make 16 compensation batches; a guard fraction that holds out none of them would only be found
+    after the first FP evaluation."""
+    done = _cli(str(ROOT / "scripts" / "demo.py"), "--guard-fraction", "0.01", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "held-out guard" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

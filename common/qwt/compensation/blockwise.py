@@ -134,12 +134,15 @@ class QwTConfig:
         return 0.0 if form == "linear" else 1e-3
 
 
-def check_qwt_config(config: QwTConfig, blocks: int | None = None) -> None:
-    """Refuse a ``start_block`` at or past the last of ``blocks`` compensated blocks: QwT would change nothing.
+def check_qwt_config(config: QwTConfig, blocks: int | None = None, batches: int | None = None) -> None:
+    """Refuse a ``start_block`` at or past the last of ``blocks`` compensated blocks (QwT would change nothing),
+    and a held-out guard that ``batches`` compensation batches cannot serve; callers check before any compute.
     (QwTConfig refuses its other bad settings itself.)"""
     if blocks is not None and config.start_block >= blocks:
         raise ValueError(f"start_block {config.start_block} is past the last block: the model has {blocks} "
                          f"compensated blocks (0..{blocks - 1}), so QwT would change nothing")
+    if batches is not None:
+        heldout_batches(batches, config.guard_fraction)
 
 
 def compensated_blocks(plan: BlockPlan) -> int:

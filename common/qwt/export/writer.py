@@ -12,9 +12,11 @@ nothing executable, no pickle.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +63,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
     """
     if mode not in ("simulate", "w8a8"):
         raise ValueError(f"unknown export mode {mode!r}; choose 'simulate' or 'w8a8'")
+    if not example.is_floating_point():
+        raise InputError(f"export_onnx traces image models (a float example batch); got {example.dtype} inputs "
+                         f"for {type(model).__name__}: language models (token ids, KV cache) are not exported")
     weight_dtype = resolve_weight_dtype(weight_dtype)
     onnx = require("onnx")
     if compensation_half and mode == "simulate" and any(isinstance(m, Compensated) for m in model.modules()):
@@ -91,15 +96,25 @@ def _trace_in_mode(model: nn.Module, example: torch.Tensor, path: Path, mode: Mo
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation chatter
-            if mode == "w8a8":
-                with qdq_view(model, compensation_half, weight_dtype):
-                    _trace(model, example, path)
-            else:
-                with compensation_precision(model, compensation_half):
-                    _trace(model, example, path)
+            with exported_view(model, mode, compensation_half, weight_dtype):
+                _trace(model, example, path)
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextlib.contextmanager
+def exported_view(model: nn.Module, mode: Mode = "simulate", compensation_half: bool = False,
+                  weight_dtype: WeightDtype = "auto") -> Iterator[nn.Module]:
+    """The torch model as :func:`export_onnx` traces it in ``mode`` (QDQ view for ``w8a8``; the compensation in
+    FP32 unless ``compensation_half``), while inside: what a torch figure beside an export's must be computed on
+    (the model's own FP16 evaluation product is another computation)."""
+    if mode == "w8a8":
+        with qdq_view(model, compensation_half, weight_dtype):
+            yield model
+    else:
+        with compensation_precision(model, compensation_half):
+            yield model
 
 
 def _check_size(proto, path: Path) -> None:
