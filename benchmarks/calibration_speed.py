@@ -33,7 +33,7 @@ from qwt.compensation.features import DISK
 from qwt.environment import environment
 from qwt.errors import InputError
 from qwt.models.registry import ModelEntry
-from qwt.ptq import default_baseline, list_baselines
+from qwt.ptq import list_baselines
 from qwt.utils import PhaseTimer
 
 _MIB = 2**20
@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--method", choices=list_baselines(), default=None,
-                   help="PTQ baseline (default: the family's, RepQ-ViT for ViTs, percentile for CNNs)")
+                   help="PTQ baseline (default: the family's default_baseline, RepQ-ViT for ViTs, percentile for "
+                        "CNNs)")
     p.add_argument("--calib-images", type=positive_int, default=32)
     p.add_argument("--comp-images", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=32)
@@ -131,8 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         check_device(args.feature_device, "--feature-device")
     entry = get_model_entry(args.model)
     shape = image_shape(entry, args.smoke)
-    ptq_config = PTQConfig(method=args.method or default_baseline(entry.family), w_bits=args.w_bits,
-                           a_bits=args.a_bits)
+    ptq_config = PTQConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits).for_family(entry.family)
     qwt_config = QwTConfig(solver=args.solver, feature_device=args.feature_device)
     if args.threads:
         torch.set_num_threads(args.threads)

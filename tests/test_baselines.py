@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qwt
-from qwt.ptq import Baseline, PTQConfig, default_baseline, list_baselines, register_baseline
+from qwt.ptq import Baseline, PTQConfig, list_baselines, register_baseline
 from qwt.quant.modules import quant_modules
 
 
@@ -77,6 +77,7 @@ def test_options_round_trip_and_unknown_names_are_refused():
     config = PTQConfig(method=ClippedRTN(ratio=0.5))
     assert config.to_dict()["method_options"] == {"ratio": 0.5}
     assert PTQConfig.from_dict(config.to_dict()) == config
+    assert PTQConfig.from_dict({"w_bits": 4}).method is None  # no method: the family's default, resolved later
     assert "method_options" not in PTQConfig(method="percentile").to_dict()  # saved JSON of a built-in unchanged
     with pytest.raises(ValueError, match="no option"):
         PTQConfig.from_dict({**config.to_dict(), "method_options": {"ratio": 0.5, "bogus": 1}})
@@ -85,8 +86,8 @@ def test_options_round_trip_and_unknown_names_are_refused():
 
 
 def test_families_state_what_they_provide_and_baselines_decide():
-    assert default_baseline(qwt.get_family("vit")) == "repq_vit"
-    assert default_baseline(qwt.get_family("resnet")) == "percentile"
+    assert qwt.get_family("vit").default_baseline == "repq_vit"
+    assert qwt.get_family("resnet").default_baseline == "percentile"
     with pytest.raises(ValueError, match="LayerNorm → Linear pairs.*resnet"):
         qwt.quantize(qwt.create_model("resnet18", smoke=True, num_classes=4), torch.zeros(1, 3, 32, 32),
                      PTQConfig(method="repq_vit"))

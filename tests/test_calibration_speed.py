@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import qwt
-from qwt.ptq import default_baseline
 from qwt.quant import QuantLinear, UniformQuantizer, log_sqrt2_fake_quant
 from qwt.quant.quantizers import search_log_sqrt2
 
@@ -206,7 +205,7 @@ def test_apply_qwt_is_bit_identical_to_the_plain_procedure(name, feature_device,
     fp = qwt.create_model(name, smoke=True, num_classes=4)
     g = torch.Generator().manual_seed(6)
     calib, comp = torch.randn(8, 3, 32, 32, generator=g), torch.randn(12, 3, 32, 32, generator=g)
-    model = qwt.quantize(fp, calib, qwt.PTQConfig(method=default_baseline(entry.family)))
+    model = qwt.quantize(fp, calib, qwt.PTQConfig(method=entry.family.default_baseline))
     plain = copy.deepcopy(model)
     config = qwt.QwTConfig(feature_device=feature_device, skip_degenerate=False)  # the plain loop fits every block
     with torch.no_grad():
@@ -259,7 +258,7 @@ def test_repq_vit_quantize_equals_a_second_calibration_forward():
     fp = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     plain, family = copy.deepcopy(fp).eval(), qwt.get_model_entry("deit_tiny").family
-    quantize_modules(plain, family.layer_rule(plain, qwt.PTQConfig()))
+    quantize_modules(plain, family.layer_rule(plain, qwt.PTQConfig().for_family(family)))
     calibrate(plain, images)
     reparameterize_model(plain, family.norm_linear_pairs)
     calibrate(plain, images)

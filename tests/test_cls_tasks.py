@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import qwt
-from qwt.ptq import default_baseline
 from qwt.tasks.classification import build_parser, run
 from qwt.compensation import Compensated
 from qwt.data.synthetic import write_class_folders
@@ -73,8 +72,7 @@ def test_compensation_reduces_block_error_and_gate_zeroes(model):
     fp = qwt.create_model(model, smoke=True, num_classes=4)
     gen = torch.Generator().manual_seed(1)
     calib, comp = torch.randn(16, 3, 32, 32, generator=gen), torch.randn(48, 3, 32, 32, generator=gen)
-    method = default_baseline(entry.family)
-    q = qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig(method=method))
+    q = qwt.quantize(copy.deepcopy(fp), calib, qwt.PTQConfig())
     plan = entry.family.plan(q)
     first = next(s.path for s in plan.steps if s.compensate)
     x0 = plan.stem(comp)

@@ -173,7 +173,8 @@ def test_quantised_window_attention_is_mmdet_window_msa_when_off():
     mask = torch.zeros(4, 49, 49).masked_fill(torch.rand(4, 49, 49) > 0.7, -100.0)
     expected = [msa(x), msa(x, mask=mask)]
     keys = set(msa.state_dict())
-    quant = QuantWindowAttention(msa, *attention_matmuls(PTQConfig(w_bits=4, a_bits=4, layer_map="repq_vit")))
+    config = PTQConfig(method="repq_vit", w_bits=4, a_bits=4, layer_map="repq_vit")
+    quant = QuantWindowAttention(msa, *attention_matmuls(config))
     assert isinstance(quant, QuantWindowAttention)
     assert {k for k in quant.state_dict() if "quantizer" not in k} == keys
     assert isinstance(quant.matmul2.a_quantizer, LogSqrt2Quantizer)
@@ -185,7 +186,8 @@ def test_whole_detector_is_quantised_with_the_authors_map():
     model = _detector("cascade_mask_rcnn_swin_t")
     convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantize_modules(model, detector_layer_rule(model, PTQConfig(w_bits=4, a_bits=6, layer_map="repq_vit")))
+    config = PTQConfig(method="repq_vit", w_bits=4, a_bits=6, layer_map="repq_vit")
+    quantize_modules(model, detector_layer_rule(model, config))
     modules = dict(model.named_modules())
     assert all(isinstance(modules[n], QuantConv2d) for n in convs)
     assert all(isinstance(modules[n], QuantLinear) for n in linears)
@@ -211,7 +213,8 @@ def test_whole_detector_is_quantised_with_the_authors_map():
 
 def test_calibration_covers_the_whole_detector_and_reparam_keeps_the_fp_function():
     model = _detector()
-    quantize_modules(model, detector_layer_rule(model, PTQConfig(w_bits=4, a_bits=4, layer_map="repq_vit")))
+    config = PTQConfig(method="repq_vit", w_bits=4, a_bits=4, layer_map="repq_vit")
+    quantize_modules(model, detector_layer_rule(model, config))
     batch = _batch()
     calibrate(model, batch, detector_forward)
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]

@@ -18,7 +18,7 @@ def _quantizers(model):
 
 
 def test_vit_layer_map_qwt(tiny_vit):
-    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(w_bits=4, a_bits=4)))
+    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(method="repq_vit", w_bits=4, a_bits=4)))
     attn = tiny_vit.blocks[0].attn
     assert isinstance(attn.qkv, QuantLinear) and attn.qkv.input_quantizer.channel_axis == -1
     assert tiny_vit.blocks[0].mlp.fc1.input_quantizer.channel_axis == -1
@@ -31,7 +31,8 @@ def test_vit_layer_map_qwt(tiny_vit):
 
 
 def test_vit_layer_map_repq_original(tiny_vit):
-    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(w_bits=4, a_bits=6, layer_map="repq_vit")))
+    config = PTQConfig(method="repq_vit", w_bits=4, a_bits=6, layer_map="repq_vit")
+    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, config))
     pe = tiny_vit.patch_embed.proj
     assert (pe.input_quantizer.n_bits, pe.weight_quantizer.n_bits) == (8, 4)
     assert (tiny_vit.head.input_quantizer.n_bits, tiny_vit.head.weight_quantizer.n_bits) == (6, 4)
@@ -51,7 +52,7 @@ def test_reparameterization_keeps_fp_function(tiny_vit, images):
             torch.nn.init.normal_(m.weight, 1.0, 0.3)
             torch.nn.init.normal_(m.bias, 0.0, 0.3)
     reference = tiny_vit(images)
-    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig()))
+    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(method="repq_vit")))
     calibrate(tiny_vit, images)
     touched = reparameterize_model(tiny_vit, VIT.norm_linear_pairs)
     assert len(touched) == 2 * len(tiny_vit.blocks)
@@ -66,7 +67,7 @@ def test_reparameterization_keeps_fp_function(tiny_vit, images):
 
 
 def test_repq_pipeline_recalibrates_only_reset_weights(tiny_vit, images):
-    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig()))
+    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(method="repq_vit")))
     calibrate(tiny_vit, images)
     before = {n: q.delta.clone() for n, q in _quantizers(tiny_vit).items()}
     reparameterize_model(tiny_vit, VIT.norm_linear_pairs)

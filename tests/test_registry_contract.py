@@ -3,12 +3,12 @@ family's rule (reparameterisation keeps the FP function), its QwT plan walks fro
 with the feature layout its compensation form expects, QwT fits on one batch, and the result round-trips through
 save/load. A family is tested the moment it registers."""
 import copy
+import json
 
 import pytest
 import torch
 
 import qwt
-from qwt.ptq import default_baseline
 from qwt.compensation import infer_stride
 from qwt.models.registry import _REGISTRY
 
@@ -35,7 +35,7 @@ def test_registered_model_honours_the_family_contract(name, tmp_path):
     images = entry.reduced_batch(g) if entry.reduced_batch else torch.randn(8, *entry.reduced_input, generator=g)
     with torch.no_grad():
         reference = _logits(fp(images))
-    config = qwt.PTQConfig(method=default_baseline(family), w_bits=4, a_bits=4)
+    config = qwt.PTQConfig(w_bits=4, a_bits=4)  # the family's default baseline
     model = qwt.quantize(copy.deepcopy(fp), images, config)
     with torch.no_grad(), qwt.quant_state(model, weight=False, act=False):
         # Reparameterisation is exact in real arithmetic; in FP32 the folded sums round differently (≪ 1e-4).
@@ -62,6 +62,7 @@ def test_registered_model_honours_the_family_contract(name, tmp_path):
     assert torch.isfinite(logits).all() and logits.shape == reference.shape
 
     qwt.save_quantized(model, tmp_path / name, name, config, entry.reduced)
+    assert json.loads((tmp_path / name / "qwt.json").read_text())["ptq"]["method"] == family.default_baseline
     with torch.no_grad():
         assert torch.equal(_logits(qwt.load_quantized(tmp_path / name)(images)), logits)
 

@@ -54,6 +54,30 @@ def test_description_comes_from_the_model(saved, w6a6):
     assert torch.equal(load_quantized(saved)(w6a6[1]), w6a6[0](w6a6[1]))
 
 
+def test_the_saved_config_names_the_baseline_that_ran(saved, entry, w6a6, tmp_path):
+    """``PTQConfig()`` means the family's default; the save records that default by name, never "default"."""
+    assert json.loads((saved / "qwt.json").read_text())["ptq"]["method"] == "repq_vit"
+    with pytest.raises(InputError, match=r"quantised with PTQConfig\(method=RepQViT\(\).*not with the config "
+                                         r"passed, PTQConfig\(method=Percentile\(\)"):
+        save_quantized(w6a6[0], tmp_path / "p", entry.name, PTQConfig(method="percentile", w_bits=6, a_bits=6))
+
+
+def test_a_gptq_save_with_its_partner_left_to_the_family_loads(entry, resign, tmp_path):
+    """GPTQ's activation partner is resolved from the family and saved by name; a save written when it was
+    recorded as null (the family's choice) still loads, to the same model."""
+    from qwt.ptq.baselines import GPTQ
+
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    config = PTQConfig(method=GPTQ(), w_bits=4, a_bits=6)
+    model = quantize(entry.build(), images, config)
+    saved = save_quantized(model, tmp_path / "g", entry.name, config)
+    assert json.loads((saved / "qwt.json").read_text())["ptq"]["method_options"]["activations"] == "repq_vit"
+    resign(saved, edit=lambda meta: meta["ptq"]["method_options"].update(activations=None))
+    assert json.loads((saved / "qwt.json").read_text())["ptq"]["method_options"]["activations"] is None
+    with torch.no_grad():
+        assert torch.equal(load_quantized(saved)(images), model(images))
+
+
 def test_a_config_that_disagrees_with_the_model_is_refused(entry, w6a6, tmp_path):
     # Before: a W6A6 model saved with a W4A4 config reloaded silently with logits off by up to 2.8.
     with pytest.raises(InputError, match=r"quantised with PTQConfig\(.*w_bits=6.*not with the config passed, "

@@ -31,8 +31,9 @@ def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, f
              forward: CalibrationForward | None = None, on_phase: PhaseHook | None = None) -> nn.Module:
     """Quantise ``model`` in place with its family's layer rule and calibrate it on ``calib``.
 
-    The family is recognised from the model unless given. ``forward(model, calib)`` runs the calibration pass
-    (default ``model(calib)``). Returns the model, quantisation on.
+    The family is recognised from the model unless given; ``config`` is resolved for it
+    (:meth:`PTQConfig.for_family`: ``PTQConfig()`` runs the family's default baseline). ``forward(model, calib)``
+    runs the calibration pass (default ``model(calib)``). Returns the model, quantisation on.
     """
     quantized = sum(1 for _ in quant_modules(model))
     if quantized:
@@ -42,7 +43,7 @@ def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, f
     fam = _resolve(model, family)
     if isinstance(calib, torch.Tensor):
         check_finite(fam.check_inputs(calib, "calibration inputs"), "calibration inputs")
-    config.method.check_family(fam)
+    config = config.for_family(fam)
     extra = {"forward": forward} if forward is not None else {}
     apply_ptq(model, calib, config, fam.layer_rule(model, config), fam.norm_linear_pairs, on_phase=on_phase, **extra)
     return model

@@ -134,7 +134,7 @@ def _skeleton(description: dict[str, Any], where: str, device: str = "cpu") -> n
 def _build(description: dict[str, Any]) -> nn.Module:
     entry = get_model_entry(description["model"])
     model = entry.build(pretrained=False, **description["build_kwargs"])
-    config = PTQConfig.from_dict(description["ptq"])
+    config = PTQConfig.from_dict(description["ptq"]).for_family(entry.family)
     quantize_modules(model, entry.family.layer_rule(model, config))
     for spec in description["compensation"]:
         block = model.get_submodule(spec["path"])
@@ -587,12 +587,14 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     """Write the model to ``directory`` atomically (a temporary folder renamed into place).
 
     ``model_name`` + ``build_kwargs`` + ``config`` must rebuild exactly this model's structure and quantisers;
-    a disagreement (e.g. a W6A6 model with a W4A4 config, or another architecture) is refused, not saved. A model
+    a disagreement (e.g. a W6A6 model with a W4A4 config, or another architecture) is refused, not saved. The
+    config is saved resolved for the model's family (``PTQConfig()``: its default baseline, by name). A model
     quantised by :func:`qwt.quantize` remembers its config, and ``config`` must be that one (a GPTQ model rounded
     with ``act_order`` is not saved as one rounded without); a model quantised by hand gets the structural check.
     ``directory`` may be new, an empty folder, or a previous save holding nothing else (which is replaced);
     anything else is refused, naming the files a save did not write.
     """
+    config = config.for_family(get_model_entry(model_name).family)
     directory = check_save_target(directory)
     affine = next((name for name, m in model.named_modules() if isinstance(m, ChannelAffine)), None)
     if affine is not None:

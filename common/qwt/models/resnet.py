@@ -61,7 +61,7 @@ def resnet_residual_branches(model: nn.Module, path: str) -> list[str]:
 
 RESNET = register_family(Family(
     name="resnet", matches=lambda m: isinstance(m, torchvision.models.ResNet), layer_rule=resnet_layer_rule,
-    plan=resnet_plan, classifier=("fc",),
+    plan=resnet_plan, default_baseline="percentile", classifier=("fc",),
     residual_branches=resnet_residual_branches))
 
 PREPROCESSING = Preprocessing(0.875)

@@ -42,7 +42,7 @@ def timm_swin_plan(model: nn.Module) -> BlockPlan:
 
 SWIN = register_family(Family(
     name="swin", matches=lambda m: isinstance(m, timm_swin.SwinTransformer), layer_rule=swin_layer_rule,
-    plan=timm_swin_plan, norm_linear_pairs=NORM_LINEAR_PAIRS,
+    plan=timm_swin_plan, default_baseline="repq_vit", norm_linear_pairs=NORM_LINEAR_PAIRS,
     classifier=CLASSIFIER, residual_branches=transformer_residual_branches))
 
 PREPROCESSING = Preprocessing(0.9)

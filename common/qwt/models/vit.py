@@ -52,7 +52,7 @@ def vit_plan(model: nn.Module) -> BlockPlan:
 
 VIT = register_family(Family(
     name="vit", matches=lambda m: isinstance(m, timm_vit.VisionTransformer), layer_rule=vit_layer_rule,
-    plan=vit_plan, norm_linear_pairs=NORM_LINEAR_PAIRS, classifier=CLASSIFIER,
+    plan=vit_plan, default_baseline="repq_vit", norm_linear_pairs=NORM_LINEAR_PAIRS, classifier=CLASSIFIER,
     residual_branches=transformer_residual_branches))
 
 #: DeiT: crop 0.875, ImageNet statistics; augreg ViT: crop 0.9, mean = std = 0.5.

@@ -11,13 +11,13 @@ from typing import Any
 
 from torch import nn
 
-from .baselines import Baseline, act_quantizer, default_baseline, list_baselines, register_baseline, weight_quantizer
+from .baselines import Baseline, act_quantizer, list_baselines, register_baseline, weight_quantizer
 from .calibration import CalibrationForward, PhaseHook, calibrate, calibrate_weights, default_forward
 from .config import PTQConfig
 from .repq_vit import layernorm_linear_pairs, reparameterize, reparameterize_model
 from .surgery import LayerRule, attention_matmuls, cnn_rule, quantize_modules, token_rule
 
-__all__ = ["PTQConfig", "Baseline", "register_baseline", "list_baselines", "default_baseline", "LayerRule",
+__all__ = ["PTQConfig", "Baseline", "register_baseline", "list_baselines", "LayerRule",
            "CalibrationForward", "PhaseHook", "calibrate", "calibrate_weights", "apply_ptq", "applied_config",
            "quantize_modules", "token_rule", "cnn_rule", "act_quantizer", "weight_quantizer", "attention_matmuls",
            "reparameterize", "reparameterize_model", "layernorm_linear_pairs"]
@@ -41,7 +41,8 @@ def apply_ptq(model: nn.Module, data: Any, config: PTQConfig, rule: LayerRule,
 
     Calibrate (every quantiser fits what it sees; weights rounded to nearest), then the baseline's
     post-calibration step on the LayerNorm → Linear ``pairs`` (RepQ-ViT: reparameterise and re-fit the reset
-    weight quantisers; GPTQ: that, for token models, then GPTQ's rounding of every weight).
+    weight quantisers; GPTQ: its activation partner's step, then GPTQ's rounding of every weight). ``config`` is
+    resolved for the model's family (:meth:`PTQConfig.for_family`), as ``rule`` was built from it.
     ``on_phase`` is called after each phase. Quantisation is left on, and ``config`` is remembered on the model
     (:func:`applied_config`), so a saved model states what ran.
     """
@@ -50,6 +51,6 @@ def apply_ptq(model: nn.Module, data: Any, config: PTQConfig, rule: LayerRule,
     calibrate(model, data, forward)
     if on_phase:
         on_phase("calibrate")
-    norms = config.method.after_calibration(model, data, forward, pairs, on_phase)
+    norms = config.baseline.after_calibration(model, data, forward, pairs, on_phase)
     setattr(model, APPLIED_CONFIG, config)
     return norms

@@ -1,12 +1,15 @@
 """What to quantise and how: one frozen config applied to a model (the torchao style)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..quant.quantizers import MAX_BITS, MIN_BITS, check_bits
 from ..typed_fields import check_fields
 from .baselines import Baseline, make_baseline, resolve_baseline
+
+if TYPE_CHECKING:  # the family module imports this one
+    from ..family import Family
 
 LayerMap = Literal["qwt", "repq_vit"]
 #: ``a_bits`` value that leaves every activation in float: weights-only quantisation (W4A16, W3A16).
@@ -28,7 +31,10 @@ class PTQConfig:
     method: a registered baseline's name or a :class:`~qwt.ptq.baselines.Baseline` instance (stored as the
         instance): ``repq_vit`` (channel-wise post-LayerNorm inputs reparameterised, log-√2 post-softmax),
         ``percentile`` (every activation per tensor, uniform softmax quantiser, no reparameterisation), ``gptq``
-        (GPTQ-rounded weights, activations as RepQ-ViT on token models and percentile on CNNs), or your own.
+        (GPTQ-rounded weights, activations as the family's default baseline), ``rtn``, or your own. None (the
+        default): the model family's ``default_baseline``, filled in by :meth:`for_family` where the family is
+        known (``qwt.quantize``, ``qwt.save_quantized``, the task CLIs), so what runs and what is recorded is
+        always a concrete baseline.
     a_bits: 2..8, or 16 (:data:`FLOAT_ACTIVATIONS`): no activation quantiser anywhere (weights only).
     layer_map: ``qwt`` keeps patch-embed and classifier head at W8A8 as the QwT authors do; ``repq_vit`` is
         RepQ-ViT's original map (patch-embed input 8-bit, weights and head at W/A bits).
@@ -37,7 +43,7 @@ class PTQConfig:
         code did this with 8 bits, so its "W4/A4" table was really W4/A8. None = use ``a_bits``.
     """
 
-    method: Baseline | str = "repq_vit"
+    method: Baseline | str | None = None
     w_bits: int = 4
     a_bits: int = 4
     layer_map: LayerMap = "qwt"
@@ -45,7 +51,8 @@ class PTQConfig:
     conv_act_bits: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", resolve_baseline(self.method))
+        if self.method is not None:
+            object.__setattr__(self, "method", resolve_baseline(self.method))
         check_fields(self, "PTQConfig")
         if self.layer_map not in ("qwt", "repq_vit"):
             raise ValueError(f"unknown layer map {self.layer_map!r}; choose 'qwt' or 'repq_vit'")
@@ -64,6 +71,23 @@ class PTQConfig:
         if self.log_floor is not None and not (isinstance(self.log_floor, (int, float)) and 0 < self.log_floor < 1):
             raise ValueError(f"log_floor must be in (0, 1) or None (no floor), got {self.log_floor!r}")
 
+    def for_family(self, family: Family) -> PTQConfig:
+        """This config as it runs on ``family``: the method filled in with the family's default baseline when
+        unset, any choice the baseline leaves to the family made (GPTQ's activation partner), and refused
+        (ValueError, one line) if the family cannot run it. Resolving a resolved config returns an equal one."""
+        method = make_baseline(family.default_baseline) if self.method is None else self.method
+        method = method.for_family(family)
+        method.check_family(family)
+        return replace(self, method=method)
+
+    @property
+    def baseline(self) -> Baseline:
+        """The baseline that runs; refuses a config whose method is still its family's default (not resolved)."""
+        if self.method is None:
+            raise ValueError("PTQConfig(method=None) means the model family's default baseline, which is not chosen "
+                             "yet: resolve the config with config.for_family(family) first (qwt.quantize does)")
+        return self.method
+
     @property
     def float_activations(self) -> bool:
         """Weights only: no activation is quantised."""
@@ -77,10 +101,11 @@ class PTQConfig:
         return bit_tag(self.w_bits, self.a_bits, self.conv_act_bits)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values; the method by name, with ``method_options`` for a baseline that has some."""
+        """Plain JSON-able values; the method by name, with ``method_options`` for a baseline that has some.
+        Only a resolved config has them (a record or saved model names the baseline that ran)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["method"] = self.method.name
-        options = self.method.options()
+        data["method"] = self.baseline.name
+        options = self.baseline.options()
         if options:
             data["method_options"] = options
         return data

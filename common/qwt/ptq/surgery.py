@@ -3,7 +3,8 @@
 Each model family supplies its rule (see :class:`qwt.family.Family`); the bit decisions themselves live in the
 two rule builders below, one for token models (ViT, DeiT, Swin, a detector's Swin backbone) and one for CNNs,
 so a change to a bit rule reaches classification and detection alike. Which quantiser sits at each place is
-the baseline's choice (:class:`qwt.ptq.baselines.Baseline`); with ``a_bits=16`` no activation is quantised.
+the baseline's choice (:class:`qwt.ptq.baselines.Baseline`) in a config resolved for the model's family
+(:meth:`PTQConfig.for_family`); with ``a_bits=16`` no activation is quantised.
 Algorithm: docs/algorithm.md#layer-maps.
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ NameTest = Callable[[str], bool]
 class _Activations:
     """The activation quantisers a rule places: the baseline's, or none at all for weights-only settings."""
 
-    def __init__(self, config: PTQConfig, token_model: bool) -> None:
-        self.baseline: Baseline = config.method.activations_for(token_model)
+    def __init__(self, config: PTQConfig) -> None:
+        self.baseline: Baseline = config.baseline.activation_baseline()
         self.off = config.float_activations
 
     def __call__(self, bits: int) -> Quantizer | None:
@@ -44,7 +45,7 @@ class _Activations:
 def attention_matmuls(config: PTQConfig) -> tuple[QuantMatMul, QuantMatMul]:
     """matmul1 (q @ kᵀ) with activation operands; matmul2 (attn @ v) with the baseline's post-softmax
     quantiser (log-√2 for RepQ-ViT, uniform for percentile)."""
-    act, a = _Activations(config, token_model=True), config.a_bits
+    act, a = _Activations(config), config.a_bits
     return QuantMatMul(act(a), act(a)), QuantMatMul(act.softmax(a, config.log_floor), act(a))
 
 
@@ -58,7 +59,7 @@ def token_rule(config: PTQConfig, *, attention: AttentionRule, embed: NameTest, 
     Any other conv is refused unless ``other_convs`` (a detector's neck and heads: W/A bits).
     """
     a, w, qwt_map = config.a_bits, config.w_bits, config.layer_map == "qwt"
-    act, weight = _Activations(config, token_model=True), config.method.weight_quantizer
+    act, weight = _Activations(config), config.baseline.weight_quantizer
     if config.conv_act_bits not in (None, a):  # it would show in the bit label without changing any layer
         raise ValueError(f"conv_act_bits={config.conv_act_bits} applies to CNNs only; token models quantise "
                          f"every activation at a_bits ({a})")
@@ -86,7 +87,7 @@ def cnn_rule(config: PTQConfig, *, stem: str, classifier: NameTest) -> LayerRule
     """Bits of a CNN: stem conv and classifier W8A8, every other conv and Linear at W bits with
     ``conv_act_bits`` (or A) bit inputs. BatchNorm is not folded; activations and adds stay FP."""
     conv_a = config.conv_act_bits or config.a_bits
-    act, weight = _Activations(config, token_model=False), config.method.weight_quantizer
+    act, weight = _Activations(config), config.baseline.weight_quantizer
 
     def rule(name: str, module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Conv2d):

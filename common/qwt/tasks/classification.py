@@ -37,7 +37,7 @@ from ..experiment import check_qwt_config, compensated_blocks, ptq_then_qwt
 from ..finetune import FinetuneConfig, ShardedBatches, finetune
 from ..models import ModelEntry, get_model_entry, list_models
 from ..models.checkpoint import check_checkpoint
-from ..ptq import PTQConfig, default_baseline
+from ..ptq import PTQConfig
 from ..ptq.config import bit_tag
 from ..report import atomic_write, markdown_table, write_run
 from ..serialization import check_save_target, save_quantized
@@ -105,7 +105,7 @@ def run_label(args: argparse.Namespace) -> str:
 def _method_suffix(args: argparse.Namespace, sep: str) -> str:
     """A PTQ method other than the family's default is named in labels and record names, so that its rows
     neither overwrite the default method's nor stand next to a paper row measured with another method."""
-    if args.method is None or args.method == default_baseline(get_model_entry(args.model).family):
+    if args.method is None or args.method == get_model_entry(args.model).family.default_baseline:
         return ""
     return sep + args.method
 

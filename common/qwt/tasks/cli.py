@@ -17,7 +17,7 @@ from ..cli import check_device, finite_float, guard_fraction
 from ..compensation import SOLVER_MODES, QwTConfig
 from ..compensation.features import DISK
 from ..family import Family
-from ..ptq import PTQConfig, default_baseline, list_baselines
+from ..ptq import PTQConfig, list_baselines
 from ..ptq.baselines import make_baseline, parse_options
 
 
@@ -76,9 +76,8 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g.add_argument("--a-bits", type=int, default=4, help="activation bits (16: weights only)")
     if defaults.cnn:
         g.add_argument("--method", choices=list_baselines(), default=CNN_DEFAULTS["method"],
-                       help="PTQ baseline (default: RepQ-ViT where the model family supports it, else percentile); "
-                            "gptq: GPTQ-rounded weights with RepQ-ViT (token models) or percentile (CNNs) "
-                            "activations")
+                       help="PTQ baseline (default: the model family's, repq_vit for ViT/DeiT/Swin, percentile "
+                            "for CNNs); gptq: GPTQ-rounded weights with that default baseline's activations")
         g.add_argument("--method-option", type=_method_option, action="append",
                        default=CNN_DEFAULTS["method_option"], metavar="NAME=VALUE",
                        help="an option of the PTQ method, read as the option's type (true/false, an integer, a "
@@ -123,12 +122,12 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
 
 
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
-    """The PTQ config of the flags, refused now (before any compute) if the method does not fit the family."""
-    name = args.method or default_baseline(family)
+    """The PTQ config of the flags, resolved for ``family`` (no ``--method``: its default baseline, whose
+    options ``--method-option`` then sets) and refused now (before any compute) if the method does not fit it."""
+    name = args.method or family.default_baseline
     method = make_baseline(name, parse_options(name, args.method_option))
-    method.check_family(family)
-    return PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits,
-                     layer_map=args.layer_map, log_floor=args.log_floor, conv_act_bits=args.conv_act_bits)
+    return PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits, layer_map=args.layer_map,
+                     log_floor=args.log_floor, conv_act_bits=args.conv_act_bits).for_family(family)
 
 
 def qwt_config(args: argparse.Namespace) -> QwTConfig:

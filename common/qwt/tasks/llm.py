@@ -41,7 +41,7 @@ from ..data.text import (CALIBRATION_NOVELS, EVALUATION_NOVELS, read_austen, rea
                          token_windows)
 from ..environment import environment
 from ..errors import InputError
-from ..models.decoder_lm import build_from_config, config_dict, decoder_lm_rule, tiny_config
+from ..models.decoder_lm import DECODER_LM, build_from_config, config_dict, decoder_lm_rule, tiny_config
 from ..models.lm_loading import load_causal_lm, load_tokenizer
 from ..ptq import PTQConfig
 from ..ptq.baselines import GPTQ, RTN
@@ -56,10 +56,11 @@ _TAG = re.compile(r"^W(\d+)(?:g(\d+))?A(\d+)(-static)?$")
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
 
 
-def parse_bits(tag: str, method: str = "rtn") -> PTQConfig:
+def parse_bits(tag: str, method: str = DECODER_LM.default_baseline) -> PTQConfig:
     """``W4A8`` (per-token dynamic inputs), ``W4A8-static`` (per-tensor static), ``W3A16`` (weights only),
-    ``W4g128A8`` (weights per group of 128 input columns). ``method``: ``rtn`` rounds weights to nearest (min-max
-    grid), ``gptq`` with GPTQ (its percentile grid; per-token inputs only)."""
+    ``W4g128A8`` (weights per group of 128 input columns). ``method``: ``rtn`` (the decoder-LM family's default)
+    rounds weights to nearest (min-max grid), ``gptq`` with GPTQ (its percentile grid; activations those of the
+    family's default baseline: per-token RTN). Returns the config resolved for the decoder-LM family."""
     m = _TAG.match(tag)
     if m is None:
         raise InputError(f"--bits {tag!r}: expected W<bits>[g<group>]A<bits>[-static], e.g. W4A8, W3A16, "
@@ -71,8 +72,8 @@ def parse_bits(tag: str, method: str = "rtn") -> PTQConfig:
         raise InputError(f"--bits {tag}: GPTQ rows use per-token inputs; drop -static or use --method rtn")
     try:
         baseline = RTN(group_size=group, activations="tensor" if static else "token") if method == "rtn" else \
-            GPTQ(group_size=group, activations="rtn")
-        return PTQConfig(method=baseline, w_bits=w, a_bits=a)
+            GPTQ(group_size=group)
+        return PTQConfig(method=baseline, w_bits=w, a_bits=a).for_family(DECODER_LM)
     except ValueError as err:
         raise InputError(f"--bits {tag}: {err}") from None
 
@@ -593,9 +594,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--bits", nargs="+", default=["W4A8", "W3A16"],
                    help="settings: W<w>[g<group>]A<a>[-static]; A16 = weights only; -static = per-tensor static "
                         "inputs instead of per-token dynamic")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
-                   help="weight baseline: rtn (min-max round to nearest) or gptq (GPTQ weights, per-token inputs; "
-                        "slow on CPU: one partial calibration forward per Linear)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default=DECODER_LM.default_baseline,
+                   help="weight baseline: rtn (min-max round to nearest; the decoder-LM family's default) or gptq "
+                        "(GPTQ weights, per-token inputs; slow on CPU: one partial calibration forward per Linear)")
     p.add_argument("--forms", nargs="+", choices=["dense", "channelwise"], default=["dense", "channelwise"],
                    help="QwT rows: dense (W x + b per decoder layer) and/or channel-wise (the end of each residual "
                         "branch: o_proj and down_proj for Llama)")

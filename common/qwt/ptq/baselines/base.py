@@ -53,9 +53,15 @@ class Baseline:
     def check_family(self, family: Family) -> None:
         """Refuse (ValueError, one line naming the fix) a family that lacks what this baseline needs."""
 
-    def activations_for(self, token_model: bool) -> Baseline:
-        """The baseline whose activation hooks and post-calibration step apply to a token model or a CNN:
-        itself, unless it only decides weights (see GPTQ)."""
+    def for_family(self, family: Family) -> Baseline:
+        """This baseline as it runs on ``family``: itself, unless it leaves a choice to the family (GPTQ with
+        ``activations=None`` takes the family's default baseline as its activation partner). Called once, by
+        :meth:`PTQConfig.for_family <qwt.ptq.config.PTQConfig.for_family>`; the result is what is saved."""
+        return self
+
+    def activation_baseline(self) -> Baseline:
+        """The baseline whose activation hooks and post-calibration step apply: itself, unless it only decides
+        weights (see GPTQ)."""
         return self
 
     def weight_quantizer(self, bits: int) -> Quantizer:
@@ -138,20 +144,5 @@ def resolve_baseline(method: str | Baseline) -> Baseline:
     return make_baseline(method)
 
 
-#: The order in which a family's default baseline is chosen: the first one the family supports.
-_DEFAULT_ORDER = ("repq_vit", "percentile")
-
-
-def default_baseline(family: Family) -> str:
-    """The baseline a family gets when none is asked for: RepQ-ViT where it applies, else percentile."""
-    for name in _DEFAULT_ORDER:
-        try:
-            make_baseline(name).check_family(family)
-        except ValueError:
-            continue
-        return name
-    raise ValueError(f"no built-in PTQ method supports the {family.name} family")
-
-
 __all__ = ["Baseline", "act_quantizer", "weight_quantizer", "register_baseline", "list_baselines", "make_baseline",
-           "resolve_baseline", "default_baseline", "parse_options"]
+           "resolve_baseline", "parse_options"]

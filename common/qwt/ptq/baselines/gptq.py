@@ -1,10 +1,11 @@
 """GPTQ weights (Frantar et al., ICLR 2023) with another baseline's activations, or none (weights only).
 
-The activations are RepQ-ViT's on token models and percentile's on CNNs unless ``activations`` names one; that
-baseline's post-calibration step (RepQ-ViT's reparameterisation) runs first, so GPTQ rounds the weights the model
-finally uses. Then every weight-quantised layer, in the order the forward first reaches it, gets its Hessian
-from its calibration inputs as the layers before it produce them, already GPTQ-rounded and with every
-activation quantiser on (so a layer sees the quantised inputs it multiplies), and is rounded at once.
+The activations are those of the model family's default baseline (RepQ-ViT on ViT, DeiT and Swin, percentile on
+CNNs, RTN on decoder LMs) unless ``activations`` names one; that baseline's post-calibration step (RepQ-ViT's
+reparameterisation) runs first, so GPTQ rounds the weights the model finally uses. Then every weight-quantised
+layer, in the order the forward first reaches it, gets its Hessian from its calibration inputs as the layers before
+it produce them, already GPTQ-rounded and with every activation quantiser on (so a layer sees the quantised inputs
+it multiplies), and is rounded at once.
 
 Each layer's inputs are produced again by a calibration forward that stops at the next layer, instead of being
 stored at block boundaries as the published code does: memory is one forward's activations plus one layer's
@@ -21,7 +22,7 @@ export handle the quantiser like any other.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,11 +48,11 @@ class GPTQ(Baseline):
     act_order: round columns in order of decreasing H_ii. group_size: columns per static weight group (None:
     one grid per output channel). symmetric: symmetric weight grid using every code (zero point fixed at L/2,
     Δ = 2·max|w|/(L − 1) from the percentile search, as published GPTQ).
-    activations: the baseline whose activation quantisers are used (None: RepQ-ViT on token models,
-    percentile on CNNs)."""
+    activations: the baseline whose activation quantisers are used (None: the model family's default baseline,
+    filled in once by :meth:`for_family`)."""
 
     name = "gptq"
-    summary = "GPTQ-rounded weights; activations as RepQ-ViT (token models) or percentile (CNNs), or none (A16)"
+    summary = "GPTQ-rounded weights; activations as the family's default baseline (or activations=NAME) or none (A16)"
 
     damp: float = 0.01
     block_size: int = 128
@@ -77,8 +78,14 @@ class GPTQ(Baseline):
         if self.activations is not None:
             make_baseline(self.activations).check_family(family)
 
-    def activations_for(self, token_model: bool) -> Baseline:
-        return make_baseline(self.activations or ("repq_vit" if token_model else "percentile"))
+    def for_family(self, family: Family) -> GPTQ:
+        return self if self.activations is not None else replace(self, activations=family.default_baseline)
+
+    def activation_baseline(self) -> Baseline:
+        if self.activations is None:
+            raise ValueError("GPTQ(activations=None) takes its activations from the model family's default baseline: "
+                             "resolve the config with config.for_family(family) first (qwt.quantize does)")
+        return make_baseline(self.activations)
 
     def weight_quantizer(self, bits: int) -> Quantizer:
         return RoundingQuantizer(bits, channel_axis=0, grid="symmetric_full" if self.symmetric else "affine",
@@ -86,7 +93,7 @@ class GPTQ(Baseline):
 
     def after_calibration(self, model: nn.Module, data: Any, forward: CalibrationForward, pairs: NormLinearPairs,
                           on_phase: PhaseHook | None) -> list[str]:
-        norms = self.activations_for(bool(pairs)).after_calibration(model, data, forward, pairs, on_phase)
+        norms = self.activation_baseline().after_calibration(model, data, forward, pairs, on_phase)
         gptq_model(model, data, forward, self)
         if on_phase:
             on_phase("gptq")

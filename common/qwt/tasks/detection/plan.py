@@ -93,4 +93,5 @@ def detector_forward(model: nn.Module, batch: dict) -> object:
 
 MMDET_SWIN = register_family(Family(
     name="mmdet_swin", matches=lambda m: isinstance(getattr(m, "backbone", None), SwinTransformer),
-    layer_rule=detector_layer_rule, plan=mmdet_swin_plan, norm_linear_pairs=NORM_LINEAR_PAIRS))
+    layer_rule=detector_layer_rule, plan=mmdet_swin_plan, default_baseline="repq_vit",
+    norm_linear_pairs=NORM_LINEAR_PAIRS))
