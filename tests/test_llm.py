@@ -125,8 +125,8 @@ def test_removing_every_compensation_gives_the_ptq_model_back(form):
                    for m in model.modules())
 
 
-def _guard_args():
-    return llm.parse_args(["--batch-size", "4", "--no-progress"], "test")
+def _heldout_perplexity(held):
+    return lambda model: llm.perplexity(llm.score_windows(model, held, 4, "cpu", shard=False))
 
 
 def test_model_guard_keeps_the_baseline_when_every_depth_is_worse():
@@ -140,13 +140,13 @@ def test_model_guard_keeps_the_baseline_when_every_depth_is_worse():
             module = model.get_submodule(r.path)
             module.comp_weight.mul_(50)
             module.comp_bias.add_(50)
-    held = _ids(8, seed=4)
-    base_ppl = llm.perplexity(llm.score_windows(base, held, 4, "cpu"))
-    kept, decision = llm.output_guard(base, model, reports, held, base_ppl, _guard_args())
+    score = _heldout_perplexity(_ids(8, seed=4))
+    base_ppl = score(base)
+    kept, decision = qwt.compensation.model_guard(base, model, reports, score, base_ppl)
     assert kept is base and decision["depth"] == 0 and not decision["kept"]
     assert not any(r.applied for r in reports) and all(r.extra["dropped_by_model_guard"] for r in reports)
-    assert set(decision["heldout_perplexity_by_depth"]) == {"1", "2"}  # L = 2: depths 2 and round(2·2/4) = 1
-    assert all(v > base_ppl for v in decision["heldout_perplexity_by_depth"].values())
+    assert set(decision["heldout_score_by_depth"]) == {"1", "2"}  # L = 2: depths 2 and round(2·2/4) = 1
+    assert all(v > base_ppl for v in decision["heldout_score_by_depth"].values())
 
 
 def test_model_guard_keeps_the_best_depth_below_the_baseline(tmp_path):
@@ -158,11 +158,12 @@ def test_model_guard_keeps_the_best_depth_below_the_baseline(tmp_path):
     with torch.no_grad():
         model.get_submodule(reports[1].path).comp_bias.add_(50)
     held = _ids(8, seed=4)
-    base_ppl = llm.perplexity(llm.score_windows(base, held, 4, "cpu"))
-    kept, decision = llm.output_guard(base, model, reports, held, base_ppl, _guard_args())
-    tried = decision["heldout_perplexity_by_depth"]
+    score = _heldout_perplexity(held)
+    base_ppl = score(base)
+    kept, decision = qwt.compensation.model_guard(base, model, reports, score, base_ppl)
+    tried = decision["heldout_score_by_depth"]
     assert tried["2"] > base_ppl and decision["depth"] == (1 if tried["1"] < base_ppl else 0)
-    got = llm.perplexity(llm.score_windows(kept, held, 4, "cpu"))
+    got = score(kept)
     assert got == (tried["1"] if decision["depth"] else base_ppl) and got <= base_ppl
     assert isinstance(kept.get_submodule(reports[1].path), type(base.get_submodule(reports[1].path)))
     qwt.save_quantized(kept, tmp_path / "saved", "hf_causal_lm", W4A8, {"config": config_dict(fp)})
@@ -329,7 +330,8 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
     for row in summary["rows"][2:]:  # the model-level guard's decision, on held-out calibration windows
         guard = row["output_guard"]
         assert guard["heldout_windows"] == 4 and row["layers_kept"] <= guard["depth"] <= row["layers"]
-        assert (guard["depth"] > 0) == (min(guard["heldout_perplexity_by_depth"].values()) < guard["heldout_perplexity"])
+        assert guard["score"] == "perplexity"
+        assert (guard["depth"] > 0) == (min(guard["heldout_score_by_depth"].values()) < guard["heldout_score"])
     loaded = qwt.load_quantized(save / "W4A8")
     assert qwt.family_of(loaded).name == "decoder_lm"
     code, err = _main(["--model", local_model / "model", "--calib-text", local_model / "calib.txt", "--eval-text",
@@ -463,7 +465,7 @@ def test_two_gloo_ranks_run_the_task_as_one_process(local_model, tmp_path):
         if "output_guard" in b:
             ga, gb = a["output_guard"], b["output_guard"]
             assert ga["depth"] == gb["depth"] and ga["heldout_windows"] == gb["heldout_windows"] == 8
-            assert ga["heldout_perplexity"] == pytest.approx(gb["heldout_perplexity"], rel=1e-4)
+            assert ga["heldout_score"] == pytest.approx(gb["heldout_score"], rel=1e-4)
 
 
 def test_smoke_script_runs_on_smollm2_tokenizer_and_the_austen_corpus(tmp_path):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compensation import BlockPlan, BlockReport, QwTConfig, fit_compensation
+from .compensation import BlockPlan, BlockReports, QwTConfig, fit_compensation
 from .errors import InputError
 from .family import Family, family_of, get_family
 from .inputs import check_finite, check_float32_model
@@ -51,12 +51,14 @@ def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, f
 
 def apply_qwt(model: nn.Module, images: torch.Tensor | Iterable, config: QwTConfig = QwTConfig(), *,
               plan: BlockPlan | None = None, family: Family | str | None = None, batch_size: int = 32,
-              progress: bool = True) -> list[BlockReport]:
+              progress: bool = True) -> BlockReports:
     """Fit and attach QwT's compensation to every block of a quantised, calibrated ``model`` (in place).
 
     ``images`` is a tensor (split into ``batch_size`` batches) or an iterable of batches such as a DataLoader.
     The block plan comes from the model's family unless given; so do the residual branches that
-    ``QwTConfig(compensation="channelwise")`` corrects. Returns one report per compensated block.
+    ``QwTConfig(compensation="channelwise")`` corrects. Returns one report per compensated block, and which
+    compensation batches the held-out guard kept out of the fit (``.heldout``; the guard's model-level half is
+    :func:`qwt.compensation.model_guard`).
     """
     check_float32_model(model)
     branches = None

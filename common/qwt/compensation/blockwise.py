@@ -27,7 +27,7 @@ from ..quant.modules import quant_state, set_quant_state, swap_module
 from ..typed_fields import check_fields
 from .channelwise import ChannelAffine, channelwise_block_fit
 from .features import DISK, FeatureStore, FeatureStores
-from .guard import guard_decision, heldout_batches
+from .guard import HeldOutGuard, compensation_batches, heldout_batches
 from .modules import Compensated, ConvCompensated, LinearCompensated
 from .solver import (SOLVER_MODES, FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError,
                      SolverMode)
@@ -165,6 +165,17 @@ class BlockReport:
         return d
 
 
+class BlockReports(list):
+    """What :func:`fit_compensation` returns: one :class:`BlockReport` per compensated block, in order (a list),
+    and ``heldout``, the indices of the compensation batches (in the order given) that the held-out guard kept
+    out of every block's fit; empty with the guard off. A caller scoring a model on those batches takes them from
+    here (or, for a tensor, from :func:`qwt.compensation.heldout_inputs`), never from a split of its own."""
+
+    def __init__(self, reports: Iterable[BlockReport] = (), heldout: Iterable[int] = ()) -> None:
+        super().__init__(reports)
+        self.heldout: tuple[int, ...] = tuple(sorted(heldout))
+
+
 def conv_groups(in_channels: int, out_channels: int, channels_per_group: int) -> int:
     """Groups for the grouped-conv compensation: C_in // channels_per_group as the authors, lowered to a common
     divisor of both channel counts when needed."""
@@ -179,12 +190,6 @@ def infer_stride(in_size: int, out_size: int) -> int:
     if out_size == math.ceil(in_size / 2):
         return 2
     raise ValueError(f"block maps spatial size {in_size} to {out_size}; only stride 1 or 2 can be compensated")
-
-
-def _batches(images: torch.Tensor | Iterable, batch_size: int) -> Iterable[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        return images.split(batch_size)
-    return (b[0] if isinstance(b, (tuple, list)) else b for b in images)
 
 
 def _fitter(form: Form, x: torch.Tensor, y: torch.Tensor, config: QwTConfig):
@@ -223,11 +228,13 @@ def _solve(fit: LinearLeastSquares | GroupedConvLeastSquares, name: str,
     return fit.zero_result(), reason
 
 
-#: Fits one block's compensation and attaches it in place: (model, step, features, block index, device) →
-#: (R², applied, report extras). ``features`` holds the block's input batches where they wait between blocks
-#: (:class:`FeatureStore`); each batch is fetched to ``device`` when used, and the fit replaces batch k by the
-#: next step's input as soon as batch k is done, so at most two copies exist. One per compensation form.
-BlockFit = Callable[[nn.Module, Step, FeatureStore, int, torch.device], tuple[float, bool, dict]]
+#: Fits one block's compensation and attaches it in place: (model, step, features, block index, device, held-out
+#: batches) → (R², applied, report extras). ``features`` holds the block's input batches where they wait between
+#: blocks (:class:`FeatureStore`); each batch is fetched to ``device`` when used, and the fit replaces batch k by
+#: the next step's input as soon as batch k is done, so at most two copies exist. The held-out batches (the
+#: guard's, :func:`qwt.compensation.guard.heldout_batches`) are left out of the fit and only judge it
+#: (:class:`qwt.compensation.guard.HeldOutGuard`). One per compensation form.
+BlockFit = Callable[[nn.Module, Step, FeatureStore, int, torch.device, frozenset[int]], tuple[float, bool, dict]]
 #: (model, block path) → the last layer of each residual branch of that block (see :class:`qwt.Family`).
 ResidualBranches = Callable[[nn.Module, str], list[str]]
 
@@ -235,10 +242,10 @@ ResidualBranches = Callable[[nn.Module, str], list[str]]
 def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
     """The authors' form: ``out = block_q(x) + W x + b`` beside the block, fitted on FP-block(x) − block_q(x)."""
 
-    def fit_block(model: nn.Module, step: Step, feats: FeatureStore, index: int, device: torch.device):
+    def fit_block(model: nn.Module, step: Step, feats: FeatureStore, index: int, device: torch.device,
+                  heldout: frozenset[int]):
         module = model.get_submodule(step.path)
-        outputs, fit, held, meta = feats.sibling(), None, None, {}
-        held_out = heldout_batches(len(feats), config.guard_fraction)
+        outputs, fit, guard, meta = feats.sibling(), None, None, {}
         for k in range(len(feats)):
             x = feats.get(k, device)
             with quant_state(module, weight=False, act=False):
@@ -246,11 +253,11 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
             y_q = step.run(module, x)
             if fit is None:
                 fit, meta = _fitter(form, x, y_q, config)
-                if held_out:  # the guard's rows: FP64 statistics whatever the solver, never fitted on
-                    held = _fitter(form, x, y_q, replace(config, solver="streaming"))[0]
+                # the guard's rows: FP64 statistics whatever the solver
+                guard = HeldOutGuard(heldout, _fitter(form, x, y_q, replace(config, solver="streaming"))[0])
             shared = y_fp.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
             target = y_fp - y_q if shared else y_fp.sub_(y_q)  # in the FP output's buffer unless that is x
-            (held if k in held_out else fit).update(x, target)
+            guard.route(k, fit).update(x, target)
             outputs.put(k, y_q)
         del x, y_fp, y_q, target
         fit.reduce()
@@ -258,10 +265,7 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
         if reason is not None:
             meta = {**meta, "skipped": reason}
         applied = reason is None and result.r2 > config.r2_threshold and index >= config.start_block
-        if held is not None:
-            held.reduce()
-            meta["guard"] = guard_decision(held.error(), held.error(result.weight, result.bias), len(held_out))
-            applied = applied and meta["guard"]["kept"]
+        applied = guard.judge(applied, meta, "guard", result.weight, result.bias)
         weight, bias = (result.weight, result.bias) if applied else (
             torch.zeros_like(result.weight), torch.zeros_like(result.bias))
         wrapper = _wrap(form, module, weight, bias, meta, config.fp16_eval)
@@ -290,8 +294,9 @@ def remove_compensation(model: nn.Module, path: str) -> None:
 @torch.no_grad()
 def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | Iterable,
                      config: QwTConfig = QwTConfig(), batch_size: int = 32, progress: bool = True, *,
-                     residual_branches: ResidualBranches | None = None) -> list[BlockReport]:
-    """Attach a fitted compensation to every block of ``plan`` (in place); returns one report per block.
+                     residual_branches: ResidualBranches | None = None) -> BlockReports:
+    """Attach a fitted compensation to every block of ``plan`` (in place); returns one report per block and the
+    batches the held-out guard (``config.guard_fraction``) kept out of the fit (:class:`BlockReports`).
 
     ``model`` must be quantised and calibrated. ``images`` is a tensor (split into ``batch_size`` batches) or
     an iterable of batches, e.g. a DataLoader. Between blocks the features of all batches wait on
@@ -306,16 +311,14 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
         if residual_branches is None:
             raise ValueError("channel-wise compensation needs residual_branches: which layer ends each residual "
                              "branch of a block (qwt.apply_qwt takes it from the model's family)")
-        fit_block = channelwise_block_fit(residual_branches, config.r2_threshold, config.start_block,
-                                          config.guard_fraction)
+        fit_block = channelwise_block_fit(residual_branches, config.r2_threshold, config.start_block)
     else:
         fit_block = dense_block_fit(plan.form, config)
     model.eval()
     set_quant_state(model, weight=True, act=True)
-    reports: list[BlockReport] = []
     with FeatureStores(config.feature_device) as stores:
         feats, device = stores.new(), None
-        for k, batch in enumerate(_batches(images, batch_size)):
+        for k, batch in enumerate(compensation_batches(images, batch_size)):
             if isinstance(batch, torch.Tensor):
                 plan.check_inputs(batch, "compensation inputs")
             x = plan.stem(batch)
@@ -324,7 +327,8 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
             feats.put(k, x)
         if device is None:
             raise ValueError("no compensation images: pass at least one batch")
-        index = 0
+        heldout = heldout_batches(len(feats), config.guard_fraction)
+        reports, index = BlockReports(heldout=heldout), 0
         for step in tqdm(plan.steps, desc="QwT blocks", disable=not progress, leave=False):
             if not step.compensate:
                 module = model.get_submodule(step.path)
@@ -332,7 +336,7 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
                     feats.put(k, step.run(module, feats.get(k, device)))
                 continue
             start = time.perf_counter()
-            r2, applied, meta = fit_block(model, step, feats, index, device)
+            r2, applied, meta = fit_block(model, step, feats, index, device, heldout)
             reports.append(BlockReport(index, step.path, r2, applied, time.perf_counter() - start, meta))
             index += 1
     return reports

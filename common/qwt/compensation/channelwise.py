@@ -16,7 +16,7 @@ from torch import nn
 
 from ..quant.modules import QuantModule, quant_state, swap_module
 from .features import FeatureStore
-from .guard import guard_decision, heldout_batches
+from .guard import HeldOutGuard
 
 
 class ChannelAffine(nn.Module):
@@ -106,17 +106,17 @@ def _target(block: nn.Module, name: str) -> str:
 
 
 def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str]], r2_threshold: float = 0.0,
-                          start_block: int = 0, guard_fraction: float = 0.0) -> Callable:
+                          start_block: int = 0) -> Callable:
     """The channel-wise form as a per-block fit for :func:`qwt.compensation.fit_compensation` (its ``BlockFit``).
 
     ``residual_branches(model, block_path)`` names the target layers (the family's). A layer is corrected only
-    when its fit's R² > ``r2_threshold`` and the block index ≥ ``start_block``, and, with ``guard_fraction`` > 0,
-    when the correction lowers the layer's error on the held-out batches (not fitted on); the block's R² is the
-    smallest of its layers'.
+    when its fit's R² > ``r2_threshold`` and the block index ≥ ``start_block``, and, when the guard holds batches
+    out (``QwTConfig.guard_fraction`` > 0), when the correction lowers the layer's error on them; the block's R²
+    is the smallest of its layers'.
     """
-    def fit_block(model: nn.Module, step, feats: FeatureStore, index: int, device: torch.device):
+    def fit_block(model: nn.Module, step, feats: FeatureStore, index: int, device: torch.device,
+                  heldout: frozenset[int]):
         module = model.get_submodule(step.path)
-        held_out = heldout_batches(len(feats), guard_fraction)
         names = [_target(module, name) for name in residual_branches(model, step.path)]
 
         def record(names: list[str], k: int) -> dict[str, torch.Tensor]:
@@ -131,18 +131,13 @@ def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str
         for name in names:
             layer = module.get_submodule(name)
             axis = 1 if isinstance(layer, nn.Conv2d) else -1
-            fit, held = _AffineFit(axis), _AffineFit(axis)
+            fit, guard = _AffineFit(axis), HeldOutGuard(heldout, _AffineFit(axis))
             for k in range(len(feats)):
-                (held if k in held_out else fit).update(record([name], k)[name], targets[name].get(k, device))
+                guard.route(k, fit).update(record([name], k)[name], targets[name].get(k, device))
             targets[name].clear()
             fit.reduce()
             gain, bias, r2s[name] = fit.solve()
-            keep = r2s[name] > r2_threshold and index >= start_block
-            if held_out:
-                held.reduce()
-                guards[name] = guard_decision(float(held.error()), float(held.error(gain, bias)), len(held_out))
-                keep = keep and guards[name]["kept"]
-            if keep:
+            if guard.judge(r2s[name] > r2_threshold and index >= start_block, guards, name, gain, bias):
                 swap_module(module, name, ChannelAffine(layer, gain, bias))
         for k in range(len(feats)):
             feats.put(k, step.run(module, feats.get(k, device)))

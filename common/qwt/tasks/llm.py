@@ -34,9 +34,8 @@ from ..api import apply_qwt, quantize
 from ..allocator import release_freed_memory
 from ..cli import (check_device, check_writable_dir, finite_float, guard_fraction, hold_output_dir, positive_int,
                    run_cli)
-from ..compensation import QwTConfig, remove_compensation
+from ..compensation import QwTConfig, heldout_inputs, model_guard
 from ..compensation.features import DISK
-from ..compensation.guard import heldout_batches
 from ..data.text import (CALIBRATION_NOVELS, EVALUATION_NOVELS, read_austen, read_text_files, read_wikitext2,
                          token_windows)
 from ..environment import environment
@@ -250,58 +249,6 @@ def qwt_config(args: argparse.Namespace, form: str) -> QwTConfig:
                      guard_fraction=args.guard_fraction, feature_device=args.feature_device)
 
 
-def heldout_windows(comp: torch.Tensor, batch_size: int, fraction: float) -> torch.Tensor:
-    """The calibration windows of this rank that the held-out guard keeps out of every layer's fit (the batches
-    are those fit_compensation splits ``comp`` into)."""
-    batches = comp.split(batch_size)
-    held = heldout_batches(len(batches), fraction)
-    return torch.cat([batches[k] for k in sorted(held)]) if held else comp[:0]
-
-
-#: Depths the model-level guard tries when the fully compensated model fails it: compensation on the first
-#: ⌊L·j/4⌉ decoder layers only.
-GUARD_DEPTHS = (3, 2, 1)
-
-
-def output_guard(base: nn.Module, model: nn.Module, reports: list, held: torch.Tensor, base_perplexity: float,
-                 args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
-    """The model-level half of the guard: (the model to keep, the decision); ``reports`` of the layers whose
-    compensation it drops are marked not applied.
-
-    The per-layer guard scores each layer on its own input; layers that each improve can still compose into a
-    worse model, and only the model's output shows it. So the compensated model is kept only if its perplexity
-    on the held-out calibration windows (fitted on by no layer) is below the baseline's. If it is not, the
-    compensation is kept on the first 3/4, 1/2 or 1/4 of the layers only (the depth with the lowest held-out
-    perplexity, if below the baseline's), else on none: the baseline itself."""
-    def score(candidate: nn.Module) -> float:
-        return perplexity(score_windows(candidate, held, args.batch_size, args.device, shard=False))
-
-    tried = {len(reports): score(model)}
-    if tried[len(reports)] >= base_perplexity:
-        for j in GUARD_DEPTHS:
-            depth = round(len(reports) * j / 4)
-            if depth in tried or depth == 0:
-                continue
-            candidate = copy.deepcopy(model)
-            for report in reports[depth:]:
-                remove_compensation(candidate, report.path)
-            tried[depth] = score(candidate)
-            del candidate
-    depth = min(tried, key=tried.get)
-    if tried[depth] >= base_perplexity:
-        depth = 0
-    for report in reports[depth:]:
-        if depth:
-            remove_compensation(model, report.path)
-        report.applied, report.extra["dropped_by_model_guard"] = False, True
-    if depth == 0:
-        model = base
-    decision = {"heldout_windows": int(_all_sum([float(held.shape[0])])[0]), "heldout_perplexity": base_perplexity,
-                "heldout_perplexity_by_depth": {str(k): v for k, v in sorted(tried.items())},
-                "depth": depth, "kept": depth > 0}
-    return model, decision
-
-
 #: What a finished run leaves in --out: a folder holding any of them is refused (the new run would replace them).
 RESULT_FILES = ("summary.json", "table.md", "chart.png", "blocks.json")
 
@@ -396,6 +343,10 @@ class _Session:
     def score(self, model: nn.Module, desc: str) -> Scores:
         return score_windows(model, self.evaluation, self.args.batch_size, self.args.device, self.progress, desc)
 
+    def heldout_perplexity(self, model: nn.Module) -> float:
+        """Perplexity on this rank's held-out calibration windows (fitted on by no layer), summed over ranks."""
+        return perplexity(score_windows(model, self.held, self.args.batch_size, self.args.device, shard=False))
+
     def continuation(self, model: nn.Module) -> str:
         return greedy_continuation(model, self.tokenizer, PROMPT, self.args.continuation_tokens, self.args.device)
 
@@ -426,7 +377,7 @@ def _run(args: argparse.Namespace, configs: list[PTQConfig], rank: int, world: i
         print(f"warning: --calib-windows {args.calib_windows}: the calibration text holds only {calib.shape[0]} "
               "windows; all of them are used (recorded in summary.json's data)", file=sys.stderr, flush=True)
     comp = calib[rank::world]  # QwT's share on this rank; PTQ calibrates on the same windows everywhere
-    held = heldout_windows(comp, args.batch_size, args.guard_fraction)  # a bad fraction is refused now
+    held = heldout_inputs(comp, args.batch_size, args.guard_fraction)  # a bad fraction is refused now
     s = _Session(args, fp_model, tokenizer, label, calib[: args.ptq_windows], comp, held, evaluation, memory,
                  not args.no_progress and rank == 0, rank)
     data["ptq_windows"] = s.ptq_calib.shape[0]
@@ -460,8 +411,7 @@ def _setting(s: _Session, config: PTQConfig) -> None:
     if tag == args.continuation_bits:
         s.continuations[f"{tag} {method_name(args.method)}"] = s.continuation(base)
     start = time.perf_counter()
-    base_held = perplexity(score_windows(base, s.held, args.batch_size, args.device, shard=False)) \
-        if s.held.numel() else None
+    base_held = s.heldout_perplexity(base) if s.held.numel() else None
     guard_seconds = time.perf_counter() - start
     for form in args.forms:
         _qwt_row(s, config, base, base_held, ptq_seconds, guard_seconds, form)
@@ -475,8 +425,10 @@ def _qwt_row(s: _Session, config: PTQConfig, base: nn.Module, base_held: float |
     start = time.perf_counter()
     reports = apply_qwt(model, s.comp, qwt_config(args, form), batch_size=args.batch_size, progress=s.progress)
     guard = {}
-    if base_held is not None:
-        model, guard["output_guard"] = output_guard(base, model, reports, s.held, base_held, args)
+    if base_held is not None:  # the model-level half of the guard, on the held-out windows' perplexity
+        model, decision = model_guard(base, model, reports, s.heldout_perplexity, base_held)
+        windows = int(_all_sum([float(s.held.shape[0])])[0])
+        guard["output_guard"] = {"heldout_windows": windows, "score": "perplexity", **decision}
     qwt_seconds = guard_seconds + time.perf_counter() - start
     method = f"{args.method}+qwt" + ("" if form == "dense" else "-channelwise")
     s.rows.append(_row(tag, method, s.score(model, f"{tag} {method}"), s.fp_scores, ptq_seconds=ptq_seconds,
