@@ -3,8 +3,9 @@
 The tensors hold everything that calibration and fitting produced (reparameterised weights, quantiser Δ/z,
 compensation W/b); the JSON says how to rebuild the module structure around them: registry name and builder
 arguments, the PTQ config the model was quantised with, every quantiser's kind, bit width and declared settings
-(grid, axis, log floor, group size) as read from the model itself, which blocks carry which compensation, and the
-SHA-256 of every tensor's bytes. The SHA-256 of the JSON is stored in the tensor file.
+(grid, axis, log floor, group size) as read from the model itself, which blocks carry which compensation (a dense
+wrapper, or channel-wise corrections: a gain and a shift after a residual branch's last layer, its kind and width
+stated), and the SHA-256 of every tensor's bytes. The SHA-256 of the JSON is stored in the tensor file.
 
 What the checks guarantee, and what they do not:
 
@@ -15,9 +16,11 @@ What the checks guarantee, and what they do not:
   one the model was quantised with (on save) or than the quantisers' settings; tensors of the wrong dtype or
   shape or with NaN/Inf; Δ ≤ 0; zero points off their grid or beyond what calibration can produce; GPTQ codes off
   the grid; weight grids that do not reach their weights; FP16-evaluated compensation beyond FP16's range;
+  negative channel-wise gains; a channel-wise correction after a layer of another kind or width;
   builder arguments the registered model does not take (its entry's ``check_saved_args``). Values that are
   possible but wrong (a zero point or a compensation weight calibration could have produced, an argument that
-  keeps every tensor's shape such as a language model's rotary base) cannot be told from genuine ones.
+  keeps every tensor's shape such as a language model's rotary base, a compensation moved to another module of
+  the same kind and width) cannot be told from genuine ones.
 - Loading never runs code from the files (nothing is unpickled; the description names a registered builder) and
   bounds what it allocates: the description's size, nesting and builder arguments (nested configs included) are
   bounded, and the structure is first built on the ``meta`` device, before any memory is allocated for it. A

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compensation.channelwise import ChannelAffine
 from ..errors import InputError
 from ..ptq import APPLIED_CONFIG, PTQConfig, applied_config
 from ..quant.modules import set_quant_state
@@ -33,10 +32,6 @@ def save_quantized(model: nn.Module, directory: str | Path, model_name: str, con
     anything else is refused, naming the files a save did not write.
     """
     directory = check_save_target(directory)
-    affine = next((name for name, m in model.named_modules() if isinstance(m, ChannelAffine)), None)
-    if affine is not None:
-        raise InputError(f"{affine} carries channel-wise compensation, which the saved format does not describe; "
-                         "export the model to ONNX instead (qwt.export folds it into the weights)")
     ran = applied_config(model)
     if ran is not None and ran.to_dict() != config.to_dict():
         raise InputError(f"the model was quantised with {ran}, not with the config passed, {config}: save it with "

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..models import get_model_entry
+from .describe import BRANCH_ENDS
 from .messages import listing
 
 #: Bounds on what a description may declare, checked before anything is built. A real description is a few
@@ -49,23 +50,38 @@ def check_declared(description: dict[str, Any], where: str) -> None:
         raise InputError(f"{where} is incomplete or malformed: missing or mistyped {', '.join(wrong)}")
     problems = [f"{key} may not be set (the saved tensors are the weights)" for key in FORBIDDEN_BUILD_ARGS
                 if key in description["build_kwargs"]]
-    # Each quantiser saves a step and each compensated block a weight and a bias, all checksummed.
+    # Each quantiser saves a step, each compensated block a weight and a bias, each channel-wise correction a gain
+    # and a shift, all checksummed.
     tensors, compensation = len(description["tensors"]), description["compensation"]
     if len(description["quantizers"]) > tensors or 2 * len(compensation) > tensors:
         problems.append(f"{len(description['quantizers'])} quantisers and {len(compensation)} compensated blocks "
                         f"for {tensors} tensors")
-    sizes = ("in", "out", "kernel_size", "stride", "groups")
-    for spec in compensation:
-        if not isinstance(spec, dict) or not isinstance(spec.get("fp16_eval"), bool) or any(
-                not isinstance(spec.get(k, 1), int) or not 1 <= spec.get(k, 1) <= MAX_BUILD_NUMBER for k in sizes):
-            problems.append(f"compensation entry {str(spec)[:80]} (sizes are integers in 1..{MAX_BUILD_NUMBER}, "
-                            "fp16_eval true or false)")
+    problems += [p for p in map(_compensation_entry_problem, compensation) if p is not None]
     paths = [spec.get("path") for spec in compensation if isinstance(spec, dict)]
     if len(set(map(str, paths))) != len(paths):
         problems.append("a block is compensated twice")
     problems += saved_build_problems(description["model"], description["build_kwargs"], description["tensors"])
     if problems:
         raise InputError(f"{where} declares what no saved model needs: {listing(problems)}")
+
+
+def _compensation_entry_problem(spec: Any) -> str | None:
+    """Why a compensation entry is malformed, or None: a dense block (``linear``, ``conv``) declares its sizes
+    (one it omits is 1) and ``fp16_eval``, a channel-wise correction the kind of layer it follows and its
+    channels."""
+    def sized(value: Any) -> bool:
+        return isinstance(value, int) and 1 <= value <= MAX_BUILD_NUMBER
+
+    if not isinstance(spec, dict) or spec.get("form") not in ("linear", "conv", "channelwise"):
+        return f"compensation entry {str(spec)[:80]} (its form is linear, conv or channelwise)"
+    if spec["form"] == "channelwise":
+        fine = spec.get("after") in BRANCH_ENDS and sized(spec.get("channels"))
+        need = f"after is one of {', '.join(BRANCH_ENDS)}, channels an integer in 1..{MAX_BUILD_NUMBER}"
+    else:
+        fine = isinstance(spec.get("fp16_eval"), bool) and all(
+            sized(spec.get(k, 1)) for k in ("in", "out", "kernel_size", "stride", "groups"))
+        need = f"sizes are integers in 1..{MAX_BUILD_NUMBER}, fp16_eval true or false"
+    return None if fine else f"compensation entry {str(spec)[:80]} ({need})"
 
 
 def saved_build_problems(model_name: str, build_kwargs: dict[str, Any], tensors: Collection[str]) -> list[str]:

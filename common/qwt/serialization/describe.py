@@ -1,5 +1,6 @@
 """What a model is, as a JSON-able description: its quantisers as the model holds them, which blocks carry which
-compensation, the config and builder arguments it was made with, and the SHA-256 of every tensor."""
+compensation (a dense wrapper around a block, or a channel-wise correction after a residual branch's last layer),
+the config and builder arguments it was made with, and the SHA-256 of every tensor."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compensation.channelwise import ChannelAffine
 from ..compensation.modules import ConvCompensated, LinearCompensated
 from ..errors import InputError
 from ..ptq import PTQConfig
@@ -15,6 +17,8 @@ from ..quant.quantizers import Quantizer, RoundingQuantizer
 
 #: 4: per-tensor SHA-256 (``tensors``) and the uniform quantisers' ``grid`` in the description.
 FORMAT_VERSION = 4
+#: What a channel-wise correction may follow (:func:`branch_end`).
+BRANCH_ENDS = ("linear", "conv", "norm")
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -40,10 +44,31 @@ def describe(model: nn.Module, state: dict[str, torch.Tensor], model_name: str, 
     }
 
 
+def branch_end(layer: nn.Module, path: str) -> tuple[str, int]:
+    """What kind of layer a channel-wise correction follows (one of :data:`BRANCH_ENDS`) and how many output
+    channels it corrects: a Linear's or a Conv2d's, or a norm's with one weight per channel (Gemma 3's post-branch
+    norms). Saving describes both; loading checks them against the layer the structure has at that path."""
+    if isinstance(layer, nn.Linear):
+        return "linear", layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        return "conv", layer.out_channels
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return "norm", weight.numel()
+    raise InputError(f"{path}: a channel-wise correction follows a {type(layer).__name__}, which has no "
+                     "per-channel output (a Linear, a Conv2d or a norm with one weight per channel)")
+
+
 def _describe_compensation(model: nn.Module) -> list[dict[str, Any]]:
+    """Every compensation, outer before inner (``named_modules`` order), so that the structure is rebuilt by
+    wrapping each path in turn: a correction inside a dense-compensated block names the path through the
+    wrapper."""
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, ConvCompensated):
+        if isinstance(module, ChannelAffine):
+            out.append({"path": name, "form": "channelwise", "after": branch_end(module.layer, name)[0],
+                        "channels": module.gain.numel()})
+        elif isinstance(module, ConvCompensated):
             w = module.comp_weight
             out.append({"path": name, "form": "conv", "in": w.shape[1] * module.groups, "out": w.shape[0],
                         "kernel_size": w.shape[-1], "stride": module.stride, "groups": module.groups,

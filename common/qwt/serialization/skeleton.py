@@ -1,5 +1,5 @@
 """The module structure a description implies: the registered model, quantised by the saved config, with its
-compensation wrappers in place and its quantisers given their described settings."""
+compensation wrappers (dense, channel-wise) in place and its quantisers given their described settings."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,13 +7,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compensation.modules import Compensated, ConvCompensated, LinearCompensated
+from ..compensation.channelwise import ChannelAffine
+from ..compensation.modules import ConvCompensated, LinearCompensated
 from ..errors import InputError
 from ..models import get_model_entry
 from ..ptq import PTQConfig
 from ..ptq.surgery import quantize_modules
 from ..quant.modules import swap_module
 from ..quant.quantizers import Quantizer
+from .describe import branch_end
 
 
 def build_skeleton(description: dict[str, Any], where: str, device: str = "cpu") -> nn.Module:
@@ -36,14 +38,22 @@ def _build(description: dict[str, Any]) -> nn.Module:
     config = PTQConfig.from_dict(description["ptq"])
     quantize_modules(model, entry.family.layer_rule(model, config))
     for spec in description["compensation"]:
-        block = model.get_submodule(spec["path"])
-        if spec["form"] == "linear":
-            wrapper: Compensated = LinearCompensated.zeros(block, spec["in"], spec["out"], spec["fp16_eval"])
-        else:
-            wrapper = ConvCompensated.zeros(block, spec["in"], spec["out"], spec["kernel_size"], spec["stride"],
-                                            spec["groups"], spec["fp16_eval"])
-        swap_module(model, spec["path"], wrapper)
+        swap_module(model, spec["path"], _wrapper(model.get_submodule(spec["path"]), spec))
     return model
+
+
+def _wrapper(module: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """``module`` wrapped as ``spec`` describes, the compensation's tensors zero (gains one) until loaded."""
+    if spec["form"] == "channelwise":
+        after, channels = branch_end(module, spec["path"])
+        if (after, channels) != (spec["after"], spec["channels"]):
+            raise ValueError(f"{spec['path']} is a {after} layer of {channels} output channels, not the "
+                             f"{spec['after']} layer of {spec['channels']} its channel-wise correction is saved for")
+        return ChannelAffine(module, torch.ones(channels), torch.zeros(channels))
+    if spec["form"] == "linear":
+        return LinearCompensated.zeros(module, spec["in"], spec["out"], spec["fp16_eval"])
+    return ConvCompensated.zeros(module, spec["in"], spec["out"], spec["kernel_size"], spec["stride"],
+                                 spec["groups"], spec["fp16_eval"])
 
 
 def give_described_settings(model: nn.Module, quantizers: dict[str, dict[str, Any]]) -> None:

@@ -162,9 +162,14 @@ def compensation_problems(description: dict[str, Any], state: dict[str, torch.Te
     ±Inf in FP16, and Inf (or Inf·0 = NaN) reaches the block's output whatever the input, so no working model
     holds one. An FP32 compensation is bounded only by finiteness: a least-squares fit on nearly collinear
     features may legitimately be large, and without the calibration features no bound separates it from a
-    forged one."""
+    forged one. A channel-wise gain is never negative: the fit keeps a positive gain or uses 1."""
     problems = []
     for spec in description["compensation"]:
+        if spec["form"] == "channelwise":
+            gain = state.get(f"{spec['path']}.gain")
+            if gain is not None and bool((gain < 0).any()):
+                problems.append(f"{spec['path']}.gain holds a negative gain, which the channel-wise fit never gives")
+            continue
         weight = state.get(f"{spec['path']}.comp_weight")
         if spec["fp16_eval"] and weight is not None and weight.is_floating_point() and \
                 bool(torch.isinf(weight.half()).any()):
