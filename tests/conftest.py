@@ -112,7 +112,7 @@ def _resign(saved, state=None, edit=None):
     and the description's hash recomputed, so only the checks of the contents themselves can refuse it."""
     from safetensors.torch import load_file, save_file
 
-    from qwt.serialization import _HASH_KEY, tensor_sha256
+    from qwt.serialization import HASH_KEY, tensor_sha256
 
     state = load_file(str(saved / "model.safetensors")) if state is None else state
     meta = json.loads((saved / "qwt.json").read_text())
@@ -122,7 +122,7 @@ def _resign(saved, state=None, edit=None):
     text = json.dumps(meta, indent=2)
     (saved / "qwt.json").write_text(text)
     save_file(state, str(saved / "model.safetensors"),
-              metadata={"format": "pt", _HASH_KEY: hashlib.sha256(text.encode()).hexdigest()})
+              metadata={"format": "pt", HASH_KEY: hashlib.sha256(text.encode()).hexdigest()})
 
 
 @pytest.fixture

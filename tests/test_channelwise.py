@@ -11,7 +11,6 @@ import torch
 import qwt
 from qwt.compensation.channelwise import ChannelAffine, _AffineFit, fold_channelwise
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize
-from qwt.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +122,3 @@ def test_channelwise_needs_the_family_residual_branches(vit_w4a4):
         qwt.compensation.fit_compensation(model, qwt.family_of(model).plan(model), comp,
                                           qwt.QwTConfig(compensation="channelwise"), progress=False)
     assert not any(isinstance(m, ChannelAffine) for m in model.modules())
-
-
-def test_saving_channelwise_compensation_is_refused(vit_w4a4, tmp_path):
-    model, comp, _ = vit_w4a4
-    model = copy.deepcopy(model)
-    qwt.apply_qwt(model, comp, qwt.QwTConfig(compensation="channelwise"), progress=False)
-    with pytest.raises(InputError, match="channel-wise compensation.*export"):
-        qwt.save_quantized(model, tmp_path / "saved", "vit_fmnist", qwt.PTQConfig(w_bits=4, a_bits=4))
-    assert not (tmp_path / "saved").exists()

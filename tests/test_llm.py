@@ -201,14 +201,13 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, model_type, config):
     assert qwt.model_size_mb(loaded) == qwt.model_size_mb(model)
 
 
-def test_channelwise_lm_compensation_is_refused_by_the_saved_format(tmp_path):
+def test_channelwise_lm_compensation_corrects_the_branch_ends():
+    # Saving and loading it: tests/test_saved_channelwise.py.
     model = plain_ptq(_lm("llama"))
     reports = qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(compensation="channelwise"), batch_size=4,
                             progress=False)
     assert any(r.applied for r in reports)
     assert all(set(r.extra["r2_per_layer"]) == {"self_attn.o_proj", "mlp.down_proj"} for r in reports)
-    with pytest.raises(qwt.errors.InputError, match="channel-wise"):
-        qwt.save_quantized(model, tmp_path / "m", "hf_causal_lm", W4A8, {"config": tiny_config("llama")})
 
 
 def test_tied_embedding_counts_once_in_the_size():

@@ -165,12 +165,12 @@ def saved_lm(lm_model, tmp_path):
 
 @pytest.fixture
 def never_built(monkeypatch):
-    import qwt.serialization as ser
+    import qwt.serialization.skeleton as ser
 
     def refuse(*args, **kwargs):
         raise AssertionError("the description was built")
 
-    monkeypatch.setattr(ser, "_skeleton", refuse)
+    monkeypatch.setattr(ser, "_build", refuse)
 
 
 @pytest.mark.parametrize("edit,message", [

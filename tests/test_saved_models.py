@@ -312,7 +312,7 @@ def test_a_symlink_target_is_refused_and_left_alone(entry, w6a6, saved, tmp_path
 
 
 def test_a_replaced_save_that_changed_meanwhile_is_put_back(entry, w6a6, saved, monkeypatch):
-    import qwt.serialization as ser
+    import qwt.serialization.store as ser
 
     checks = []
 

@@ -73,7 +73,7 @@ def test_load_refuses_missing_or_foreign_folders(tmp_path):
 
 def test_save_leaves_nothing_half_written(tiny_entry, images, tmp_path, monkeypatch):
     model = quantize(tiny_entry.build(), images, PTQConfig())
-    import qwt.serialization as ser
+    import qwt.serialization.store as ser
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
