@@ -18,7 +18,7 @@ from torch import nn
 from .compensation.blockwise import BlockPlan
 from .inputs import InputCheck, check_images
 from .ptq.config import PTQConfig
-from .ptq.repq_vit import NormLinearPairs
+from .ptq.reparameterize import NormLinearPairs
 from .ptq.surgery import LayerRule
 from .registry import Registry
 

@@ -14,7 +14,7 @@ from torch import nn
 from .baselines import Baseline, act_quantizer, list_baselines, register_baseline, weight_quantizer
 from .calibration import CalibrationForward, PhaseHook, calibrate, calibrate_weights, default_forward
 from .config import PTQConfig
-from .repq_vit import layernorm_linear_pairs, reparameterize, reparameterize_model
+from .reparameterize import layernorm_linear_pairs, reparameterize, reparameterize_model
 from .surgery import LayerRule, attention_matmuls, cnn_rule, quantize_modules, token_rule
 
 __all__ = ["PTQConfig", "Baseline", "register_baseline", "list_baselines", "LayerRule",

@@ -21,7 +21,7 @@ from ...typed_fields import check_fields, describe, field_types, parse_field
 if TYPE_CHECKING:  # the family module imports the PTQ config, which imports this one
     from ...family import Family
     from .. import CalibrationForward, PhaseHook
-    from ..repq_vit import NormLinearPairs
+    from ..reparameterize import NormLinearPairs
 
 
 def act_quantizer(bits: int, per_channel: bool = False) -> UniformQuantizer:

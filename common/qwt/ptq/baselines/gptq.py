@@ -38,7 +38,7 @@ from .base import Baseline, make_baseline, register_baseline
 if TYPE_CHECKING:
     from ...family import Family
     from .. import CalibrationForward, PhaseHook
-    from ..repq_vit import NormLinearPairs
+    from ..reparameterize import NormLinearPairs
 
 
 @register_baseline

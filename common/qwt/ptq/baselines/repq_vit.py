@@ -9,13 +9,13 @@ from torch import nn
 
 from ...quant.quantizers import LogSqrt2Quantizer, Quantizer
 from ..calibration import calibrate_weights
-from ..repq_vit import reparameterize_model
+from ..reparameterize import reparameterize_model
 from .base import Baseline, act_quantizer, register_baseline
 
 if TYPE_CHECKING:
     from ...family import Family
     from .. import CalibrationForward, PhaseHook
-    from ..repq_vit import NormLinearPairs
+    from ..reparameterize import NormLinearPairs
 
 
 @register_baseline
