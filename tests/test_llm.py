@@ -333,6 +333,9 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
         assert (guard["depth"] > 0) == (min(guard["heldout_score_by_depth"].values()) < guard["heldout_score"])
     loaded = qwt.load_quantized(save / "W4A8")
     assert qwt.family_of(loaded).name == "decoder_lm"
+    channelwise = qwt.load_quantized(save / "W4A8-channelwise")  # both forms are saved
+    assert any(isinstance(m, qwt.compensation.ChannelAffine) for m in channelwise.modules()) or summary["rows"][3]["layers_kept"] == 0
+    assert all(r["baseline_options"] == {"group_size": None, "activations": "token"} for r in summary["rows"][1:])
     code, err = _main(["--model", local_model / "model", "--calib-text", local_model / "calib.txt", "--eval-text",
                        local_model / "eval.txt", "--window", 32, "--calib-windows", 16, "--bits", "W4A8",
                        "--guard-fraction", 0, "--out", tmp_path / "unguarded", "--no-progress"], capsys)
@@ -352,7 +355,10 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
     (["--calib-windows", "2"], "--ptq-windows 4: PTQ calibrates on the first of the 2"),
     (["--wikitext2", "/tmp", "--calib-text", __file__, "--eval-text", __file__], "--wikitext2 and --calib-text"),
     (["--feature-device", "cuda:99"], "--feature-device cuda:99"),
-    (["--forms", "channelwise", "--save", "SAVE"], "channel-wise compensation cannot be saved"),
+    (["--method", "gptq", "--method-option", "act_order=no"], "option act_order=no: expected True or False"),
+    (["--method", "gptq", "--bits", "W4A8-static"], "-static means RTN's per-tensor inputs"),
+    (["--bits", "W4g64A8", "--method-option", "group_size=32"], "sets group_size=64, --method-option group_size=32"),
+    (["--method", "repq_vit"], "RepQ-ViT needs LayerNorm → Linear pairs"),
 ])
 def test_refusals_before_any_compute(argv, message, tmp_path, capsys):
     argv = [tmp_path / "save" if a == "SAVE" else a for a in argv]

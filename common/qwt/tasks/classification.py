@@ -42,7 +42,7 @@ from ..ptq.config import bit_tag
 from ..report import atomic_write, markdown_table, write_run
 from ..serialization import check_save_target, save_quantized
 from ..utils import seed_everything
-from .cli import CLASSIFICATION, add_quant_flags, init_distributed, ptq_config, qwt_config
+from .cli import CLASSIFICATION, add_quant_flags, init_distributed, method_suffix, ptq_config, qwt_config
 
 TASKS: dict[str, dict[str, Any]] = {
     "vit": {"out": "results/cls_vit", "families": ("vit", "swin")},
@@ -98,23 +98,17 @@ def _sharded_eval(model: nn.Module, loader, device: str, world: int, desc: str, 
 def run_label(args: argparse.Namespace) -> str:
     """The model name in rows and tables: smoke and ``--val-limit`` runs are marked, so neither can pass for a
     full-data result or match a paper row."""
-    return (args.model + _method_suffix(args, "-") + ("-smoke" if args.smoke else "")
+    family = get_model_entry(args.model).family
+    return (args.model + method_suffix(args, family, "-") + ("-smoke" if args.smoke else "")
             + (f"-val{args.val_limit}" if args.val_limit else ""))
-
-
-def _method_suffix(args: argparse.Namespace, sep: str) -> str:
-    """A PTQ method other than the family's default is named in labels and record names, so that its rows
-    neither overwrite the default method's nor stand next to a paper row measured with another method."""
-    if args.method is None or args.method == get_model_entry(args.model).family.default_baseline:
-        return ""
-    return sep + args.method
 
 
 def run_stem(args: argparse.Namespace) -> str:
     """File stem of a run's record: ``OUT/<stem>.json``."""
     subset = f"_val{args.val_limit}" if args.val_limit else ""
     bits = bit_tag(args.w_bits, args.a_bits, args.conv_act_bits)
-    return f"{args.model}_{bits}{_method_suffix(args, '_')}{'_smoke' if args.smoke else ''}{subset}"
+    method = method_suffix(args, get_model_entry(args.model).family, "_")
+    return f"{args.model}_{bits}{method}{'_smoke' if args.smoke else ''}{subset}"
 
 
 def star_config(args: argparse.Namespace) -> FinetuneConfig | None:

@@ -28,7 +28,7 @@ class FlagDefaults:
     layer_map: str = "qwt"
     log_floor: float | None = 1e-6
     comp_precision: str = "fp16"
-    #: the task has CNNs: offer --method, --conv-act-bits, --kernel-size, --channels-per-group
+    #: the task has CNNs: offer --conv-act-bits, --kernel-size, --channels-per-group
     cnn: bool = True
 
 
@@ -36,8 +36,7 @@ CLASSIFICATION = FlagDefaults()
 DETECTION = FlagDefaults(layer_map="repq_vit", log_floor=None, comp_precision="fp32", cnn=False)
 
 #: Values of the CNN-only flags; a task without CNNs gets them as fixed defaults, so its configs are unchanged.
-CNN_DEFAULTS = {"method": None, "method_option": [], "conv_act_bits": None, "kernel_size": 1,
-                "channels_per_group": 64}
+CNN_DEFAULTS = {"conv_act_bits": None, "kernel_size": 1, "channels_per_group": 64}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -61,7 +60,7 @@ def _floor(text: str) -> float | None:
     return value
 
 
-def _method_option(text: str) -> tuple[str, str]:
+def method_option(text: str) -> tuple[str, str]:
     """``NAME=VALUE`` as text: the value's type is the method's to decide (:func:`parse_options`), once known."""
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -74,15 +73,14 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g = p.add_argument_group("quantisation (PTQ)")
     g.add_argument("--w-bits", type=int, default=4, help="weight bits")
     g.add_argument("--a-bits", type=int, default=4, help="activation bits (16: weights only)")
-    if defaults.cnn:
-        g.add_argument("--method", choices=list_baselines(), default=CNN_DEFAULTS["method"],
-                       help="PTQ baseline (default: the model family's, repq_vit for ViT/DeiT/Swin, percentile "
-                            "for CNNs); gptq: GPTQ-rounded weights with that default baseline's activations")
-        g.add_argument("--method-option", type=_method_option, action="append",
-                       default=CNN_DEFAULTS["method_option"], metavar="NAME=VALUE",
-                       help="an option of the PTQ method, read as the option's type (true/false, an integer, a "
-                            "number, none where allowed, or text; repeatable), e.g. for gptq: act_order=true, "
-                            "group_size=128, damp=0.01, symmetric=true, activations=percentile")
+    g.add_argument("--method", choices=list_baselines(), default=None,
+                   help="PTQ baseline (default: the model family's, repq_vit for ViT/DeiT/Swin, percentile "
+                        "for CNNs); gptq: GPTQ-rounded weights with that default baseline's activations")
+    g.add_argument("--method-option", type=method_option, action="append",
+                   default=[], metavar="NAME=VALUE",
+                   help="an option of the PTQ method, read as the option's type (true/false, an integer, a "
+                        "number, none where allowed, or text; repeatable), e.g. for gptq: act_order=true, "
+                        "group_size=128, damp=0.01, symmetric=true, activations=percentile")
     g.add_argument("--layer-map", choices=["qwt", "repq_vit"], default=defaults.layer_map,
                    help="qwt: patch-embed and classifier W8A8 (the QwT authors' classification code); "
                         "repq_vit: RepQ-ViT's original map")
@@ -128,6 +126,17 @@ def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
     method = make_baseline(name, parse_options(name, args.method_option))
     return PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits, layer_map=args.layer_map,
                      log_floor=args.log_floor, conv_act_bits=args.conv_act_bits).for_family(family)
+
+
+def method_suffix(args: argparse.Namespace, family: Family, sep: str) -> str:
+    """A PTQ method other than the family's default, or any option given to one, is named in labels and record
+    names (``-gptq-act_order=true``), so that its rows neither overwrite another method's nor stand next to a
+    paper row measured with another method."""
+    name = args.method or family.default_baseline
+    options = parse_options(name, args.method_option)
+    if name == family.default_baseline and not options:
+        return ""
+    return sep + name + "".join(f"{sep}{key}={str(value).lower()}" for key, value in sorted(options.items()))
 
 
 def qwt_config(args: argparse.Namespace) -> QwTConfig:

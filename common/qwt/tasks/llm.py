@@ -43,23 +43,25 @@ from ..errors import InputError
 from ..models.decoder_lm import DECODER_LM, build_from_config, config_dict, decoder_lm_rule, tiny_config
 from ..models.lm_loading import load_causal_lm, load_tokenizer
 from ..ptq import PTQConfig
-from ..ptq.baselines import GPTQ, RTN
+from ..ptq.baselines import list_baselines, make_baseline, parse_options
 from ..ptq.config import FLOAT_ACTIVATIONS
 from ..report import _fmt, atomic_write, save_figure
 from ..serialization import check_save_target, save_quantized, saved_build_problems
 from ..size import model_size_mb
 from ..utils import seed_everything
-from .cli import init_distributed
+from .cli import init_distributed, method_option
 
 _TAG = re.compile(r"^W(\d+)(?:g(\d+))?A(\d+)(-static)?$")
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
 
 
-def parse_bits(tag: str, method: str = DECODER_LM.default_baseline) -> PTQConfig:
+def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dict[str, Any] | None = None
+               ) -> PTQConfig:
     """``W4A8`` (per-token dynamic inputs), ``W4A8-static`` (per-tensor static), ``W3A16`` (weights only),
-    ``W4g128A8`` (weights per group of 128 input columns). ``method``: ``rtn`` (the decoder-LM family's default)
-    rounds weights to nearest (min-max grid), ``gptq`` with GPTQ (its percentile grid; activations those of the
-    family's default baseline: per-token RTN). Returns the config resolved for the decoder-LM family."""
+    ``W4g128A8`` (weights per group of 128 input columns) with the registered baseline ``method`` (``rtn``, the
+    decoder-LM family's default, rounds weights to nearest on a min-max grid; ``gptq`` rounds with GPTQ, its
+    activations those of the family's default) and its typed ``options``. ``g<group>`` is the baseline's
+    ``group_size`` option, ``-static`` RTN's ``activations=tensor``. Returns the config resolved for the family."""
     m = _TAG.match(tag)
     if m is None:
         raise InputError(f"--bits {tag!r}: expected W<bits>[g<group>]A<bits>[-static], e.g. W4A8, W3A16, "
@@ -67,12 +69,17 @@ def parse_bits(tag: str, method: str = DECODER_LM.default_baseline) -> PTQConfig
     w, group, a, static = int(m[1]), int(m[2]) if m[2] else None, int(m[3]), bool(m[4])
     if a == FLOAT_ACTIVATIONS and static:
         raise InputError(f"--bits {tag}: A16 leaves activations in floating point; -static does not apply")
-    if method == "gptq" and static:
-        raise InputError(f"--bits {tag}: GPTQ rows use per-token inputs; drop -static or use --method rtn")
+    options = dict(options or {})
+    tag_options = {**({"group_size": group} if group is not None else {}),
+                   **({"activations": "tensor"} if static else {})}
+    for key, value in tag_options.items():
+        if static and key == "activations" and method != "rtn":
+            raise InputError(f"--bits {tag}: -static means RTN's per-tensor inputs; drop -static or use --method rtn")
+        if key in options and options[key] != value:
+            raise InputError(f"--bits {tag} sets {key}={value}, --method-option {key}={options[key]}; give it once")
+        options[key] = value
     try:
-        baseline = RTN(group_size=group, activations="tensor" if static else "token") if method == "rtn" else \
-            GPTQ(group_size=group)
-        return PTQConfig(method=baseline, w_bits=w, a_bits=a).for_family(DECODER_LM)
+        return PTQConfig(method=make_baseline(method, options), w_bits=w, a_bits=a).for_family(DECODER_LM)
     except ValueError as err:
         raise InputError(f"--bits {tag}: {err}") from None
 
@@ -262,7 +269,8 @@ def _refuse_repeats(flag: str, values: list[str]) -> None:
 
 def _check(args: argparse.Namespace) -> list[PTQConfig]:
     """Every input check that needs no model: bits, forms, folders, device, text files."""
-    configs = [parse_bits(tag, args.method) for tag in args.bits]
+    options = parse_options(args.method, args.method_option)
+    configs = [parse_bits(tag, args.method, options) for tag in args.bits]
     tags = [bits_label(config) for config in configs]
     _refuse_repeats("--bits", tags)
     _refuse_repeats("--forms", args.forms)
@@ -279,13 +287,10 @@ def _check(args: argparse.Namespace) -> list[PTQConfig]:
         check_device(args.feature_device, "--feature-device")
     check_writable_dir(args.out, "--out")
     if args.save is not None:
-        if "dense" not in args.forms:
-            raise InputError(f"--save keeps each setting's dense {method_name(args.method + '+qwt')} model, and "
-                             f"--forms {' '.join(args.forms)} has none (channel-wise compensation cannot be saved); "
-                             "add dense to --forms or drop --save")
         check_writable_dir(args.save, "--save")
         for tag in tags:
-            check_save_target(args.save / tag)
+            for form in args.forms:
+                check_save_target(args.save / save_name(tag, form))
     _check_text(args)
     qwt_config(args, "dense")  # refuses a bad ridge or guard fraction now
     return configs
@@ -407,7 +412,8 @@ def _setting(s: _Session, config: PTQConfig) -> None:
                     forward=lambda m, x: m(input_ids=x.to(args.device)))
     ptq_seconds = time.perf_counter() - start
     s.rows.append(_row(tag, args.method, s.score(base, tag), s.fp_scores, ptq_seconds=ptq_seconds,
-                       size_mb=model_size_mb(base), peak_memory_mb=s.memory.read_mb()))
+                       size_mb=model_size_mb(base), peak_memory_mb=s.memory.read_mb(),
+                       baseline_options=config.baseline.options()))
     if tag == args.continuation_bits:
         s.continuations[f"{tag} {method_name(args.method)}"] = s.continuation(base)
     start = time.perf_counter()
@@ -433,13 +439,19 @@ def _qwt_row(s: _Session, config: PTQConfig, base: nn.Module, base_held: float |
     method = f"{args.method}+qwt" + ("" if form == "dense" else "-channelwise")
     s.rows.append(_row(tag, method, s.score(model, f"{tag} {method}"), s.fp_scores, ptq_seconds=ptq_seconds,
                        qwt_seconds=qwt_seconds, size_mb=model_size_mb(model), peak_memory_mb=s.memory.read_mb(),
-                       layers_kept=sum(r.applied for r in reports), layers=len(reports), **guard))
+                       layers_kept=sum(r.applied for r in reports), layers=len(reports),
+                       baseline_options=config.baseline.options(), **guard))
     s.blocks[f"{tag} {method}"] = [r.to_dict() for r in reports]
     if form == args.forms[0] and tag == args.continuation_bits:
         s.continuations[f"{tag} {method_name(method)}"] = s.continuation(model)
-    if form == "dense" and args.save is not None and s.rank == 0:
-        save_quantized(model, args.save / tag, "hf_causal_lm", config, {"config": config_dict(s.fp_model)},
-                       extra={"model": s.label, "rows": s.rows[-1]})
+    if args.save is not None and s.rank == 0:
+        save_quantized(model, args.save / save_name(tag, form), "hf_causal_lm", config,
+                       {"config": config_dict(s.fp_model)}, extra={"model": s.label, "rows": s.rows[-1]})
+
+
+def save_name(tag: str, form: str) -> str:
+    """``--save`` sub-folder of a setting's compensated model: ``W4A8`` (dense), ``W4A8-channelwise``."""
+    return tag if form == "dense" else f"{tag}-{form}"
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -546,9 +558,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--bits", nargs="+", default=["W4A8", "W3A16"],
                    help="settings: W<w>[g<group>]A<a>[-static]; A16 = weights only; -static = per-tensor static "
                         "inputs instead of per-token dynamic")
-    p.add_argument("--method", choices=["rtn", "gptq"], default=DECODER_LM.default_baseline,
-                   help="weight baseline: rtn (min-max round to nearest; the decoder-LM family's default) or gptq "
-                        "(GPTQ weights, per-token inputs; slow on CPU: one partial calibration forward per Linear)")
+    p.add_argument("--method", choices=list_baselines(), default=DECODER_LM.default_baseline,
+                   help="PTQ baseline: rtn (min-max round to nearest; the decoder-LM family's default), gptq (GPTQ "
+                        "weights, per-token inputs; slow on CPU: one partial calibration forward per Linear), or "
+                        "any registered one")
+    p.add_argument("--method-option", type=method_option, action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the PTQ method, read as the option's type (true/false, an integer, a number, "
+                        "none where allowed, or text; repeatable), e.g. for gptq: act_order=true, damp=0.01")
     p.add_argument("--forms", nargs="+", choices=["dense", "channelwise"], default=["dense", "channelwise"],
                    help="QwT rows: dense (W x + b per decoder layer) and/or channel-wise (the end of each residual "
                         "branch: o_proj and down_proj for Llama)")
@@ -578,8 +594,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="setting (one of --bits; default: the first) whose baseline and first QwT form get a greedy "
                         "continuation in the results")
     p.add_argument("--continuation-tokens", type=positive_int, default=30)
-    p.add_argument("--save", type=Path, help="save each setting's dense QwT model (on the --method baseline) to "
-                                             "SAVE/<bits>; needs dense in --forms")
+    p.add_argument("--save", type=Path, help="save each setting's QwT models (on the --method baseline): dense to "
+                                             "SAVE/<bits>, channel-wise to SAVE/<bits>-channelwise")
     p.add_argument("--out", type=Path, default=Path("results/llm"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -611,6 +627,10 @@ def config_argv(parser: argparse.ArgumentParser, path: Path) -> list[str]:
             argv += [flag] if value else []
         elif action.nargs in ("+", "*"):
             argv += [flag, *(str(v) for v in (value if isinstance(value, list) else [value]))]
+        elif isinstance(action, argparse._AppendAction):  # --method-option: a list of NAME=VALUE, or an object
+            items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else \
+                value if isinstance(value, list) else [value]
+            argv += [f"{flag}={item}" for item in items]
         elif isinstance(value, (list, dict)):
             raise InputError(f"--config {path}: {key} takes one value, got {value!r}")
         else:

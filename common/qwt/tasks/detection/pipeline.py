@@ -26,7 +26,7 @@ from ...models.checkpoint import check_checkpoint
 from ...ptq.config import bit_tag
 from ...report import write_run
 from ...utils import PhaseTimer, seed_everything
-from ..cli import DETECTION, HelpFormatter, add_quant_flags, ptq_config, qwt_config
+from ..cli import DETECTION, HelpFormatter, add_quant_flags, method_suffix, ptq_config, qwt_config
 
 from .checkpoint import load_detector_weights
 from .coco import TEST_SCALE, check_coco, coco_dataset, compensation_images, compensation_set, evaluate, loader
@@ -78,9 +78,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_label(args: argparse.Namespace) -> str:
-    """The model name in rows and tables: smoke and ``--val-limit`` runs are marked, so neither can pass for a
-    full val2017 result or match a paper row."""
-    return args.model + ("-smoke" if args.smoke else "") + (f"-val{args.val_limit}" if args.val_limit else "")
+    """The model name in rows and tables: another PTQ method (or method options), smoke and ``--val-limit`` runs
+    are marked, so none can pass for a full val2017 RepQ-ViT result or match a paper row."""
+    return (args.model + method_suffix(args, MMDET_SWIN, "-") + ("-smoke" if args.smoke else "")
+            + (f"-val{args.val_limit}" if args.val_limit else ""))
 
 
 def run_stem(args: argparse.Namespace) -> str:
