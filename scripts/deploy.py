@@ -35,8 +35,8 @@ from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
 from qwt.cli import check_writable_dir, hold_output_dir, positive_int, run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment as run_environment, kernels_note  # noqa: E402
-from qwt.export import (calibrate_w8a8, export_onnx, exported_view, integer_nodes, resolve_weight_dtype, run,  # noqa: E402
-                         session)
+from qwt.export import (calibrate_w8a8, export_onnx, exported_view, integer_nodes,  # noqa: E402
+                         resolve_weight_dtype, run, session)
 from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
 from qwt.report import atomic_write, save_figure  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
