@@ -5,8 +5,9 @@ are the "FP" reference) → for each bit setting: PTQ with the family's default 
 registered one) → QwT per decoder layer, dense (token-wise ``W x + b`` on the hidden states) and channel-wise
 (each residual branch's end), each with the held-out guard → held-out perplexity and next-token top-1
 agreement with the FP model. Text: calibration on four Jane Austen novels, evaluation on the other two
-(qwt.data.text), or the user's files, or WikiText-2 with its standard protocol. Everything is checked before any compute; nothing is downloaded. Under ``torchrun`` the calibration
-windows are split across ranks (solver statistics all-reduced) and the evaluation windows too (sums all-reduced).
+(qwt.data.text), or the user's files, or WikiText-2 with its standard protocol. Everything is checked before
+any compute; nothing is downloaded. Under ``torchrun`` the calibration windows are split across ranks (solver
+statistics all-reduced) and the evaluation windows too (sums all-reduced).
 """
 from __future__ import annotations
 
