@@ -61,6 +61,8 @@ def apply_qwt(model: nn.Module, images: torch.Tensor | Iterable, config: QwTConf
     :func:`qwt.compensation.model_guard`).
     """
     check_float32_model(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
     branches = None
     if plan is None or config.compensation == "channelwise":
         fam = _resolve(model, family)
