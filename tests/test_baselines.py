@@ -9,6 +9,7 @@ import torch
 
 import qwt
 from qwt.ptq import Baseline, PTQConfig, list_baselines, register_baseline
+from qwt.ptq.baselines import make_baseline
 from qwt.quant.modules import quant_modules
 
 
@@ -156,3 +157,18 @@ def test_the_classification_cli_records_typed_options_and_refuses_others(tmp_pat
     err = capsys.readouterr().err
     assert err == "error: PTQ method 'gptq' option act_order=no: expected True or False\n"
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_rtn_quantizes_a_model_with_conv_weights_and_reloads_it_bit_identical(tmp_path):
+    """RTN is documented for any family, but its weight quantiser refused every conv weight (a ViT's patch
+    embedding, a CNN's stem) deep inside calibration; conv weights are now one row per output channel."""
+    images = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    config = PTQConfig(method=make_baseline("rtn", {"group_size": 8}), w_bits=4, a_bits=8)
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), images, config)
+    embed = model.patch_embed.proj
+    assert embed.weight.dim() == 4 and embed.weight_quantizer.delta.shape == (embed.weight.shape[0], 2, 1)
+    with torch.no_grad():
+        expected = model(images)
+    saved = qwt.save_quantized(model, tmp_path / "rtn", "vit_fmnist", config)
+    with torch.no_grad():
+        assert torch.equal(qwt.load_quantized(saved)(images), expected)

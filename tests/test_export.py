@@ -299,6 +299,39 @@ def test_cli_exports_a_saved_model(tiny_vit, images, tmp_path):
         assert logits.shape == tiny_vit(images[:4]).shape
 
 
+@pytest.mark.parametrize("target", ["model.safetensors", "qwt.json"])
+def test_cli_refuses_to_write_over_the_saved_model(tiny_vit, images, tmp_path, target):
+    """Before, ``python -m qwt.export SAVED SAVED/model.safetensors`` replaced the saved tensors with the ONNX file
+    and exited 0: the saved model was lost."""
+    from qwt.export.__main__ import main
+
+    config = qwt.PTQConfig(w_bits=4, a_bits=4)
+    qwt.quantize(tiny_vit, images, config)
+    saved = qwt.save_quantized(tiny_vit, tmp_path / "saved", "deit_tiny", config,
+                               build_kwargs={"smoke": True, "num_classes": 10})
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(InputError, match="is a file of the saved model"):
+        main([str(saved), str(saved / ".." / "saved" / target), "--input-shape", "3", "32", "32"])
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def test_cli_refuses_a_saved_language_model_before_loading_it(tmp_path, monkeypatch):
+    """Before, an LM save was loaded (all its weights) and then refused as "--input-shape does not fit" with a
+    message about float embedding indices: no input shape fits, the export does not handle language models."""
+    pytest.importorskip("transformers")
+    from qwt.export import __main__ as cli
+    from qwt.models.decoder_lm import build_from_config, tiny_config
+
+    lm = build_from_config(config=tiny_config())
+    config = qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8)
+    qwt.quantize(lm, torch.randint(0, 128, (2, 8)), config)
+    saved = qwt.save_quantized(lm, tmp_path / "lm", "hf_causal_lm", config, {"config": tiny_config()})
+    monkeypatch.setattr(cli, "load_quantized", lambda *a: pytest.fail("loaded before the refusal"))
+    with pytest.raises(InputError, match="language model.* not exported"):
+        cli.main([str(saved), str(tmp_path / "lm.onnx"), "--input-shape", "1", "1", "16"])
+    assert not (tmp_path / "lm.onnx").exists()
+
+
 def test_cli_reports_a_missing_saved_model_in_one_line(tmp_path):
     import subprocess
     import sys

@@ -793,6 +793,19 @@ def test_a_mixture_of_experts_checkpoint_is_refused_before_the_fp_evaluation(loc
     assert not (tmp_path / "out").exists()
 
 
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_the_fp_evaluation(local_model, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """Before, ``--bits W4g48A8`` on a model of width 64 evaluated the FP model (minutes on a real one) and only
+    then failed, when RTN first calibrated a weight, with a message naming neither layer nor flag."""
+    monkeypatch.setattr(llm, "score_windows", lambda *a, **k: pytest.fail("the FP model was evaluated first"))
+    code, err = _main(_small_run(local_model, tmp_path / "out", "--bits", "W4g48A8"), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "group size 48 does not divide the 64 input columns of model.layers.0.self_attn.q_proj" in err[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(qwt.errors.InputError, match="group size 48 does not divide"):
+        qwt.quantize(_lm("gpt2"), _ids(2), llm.parse_bits("W4g48A8"))
+
+
 def test_the_smoke_model_follows_the_seed():
     tokenizer = _char_tokenizer()
     a, b, c = (llm._tiny_random_lm(tokenizer, seed).state_dict() for seed in (0, 0, 1))

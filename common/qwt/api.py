@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compensation import BlockPlan, BlockReports, QwTConfig, fit_compensation
+from .compensation import BlockPlan, BlockReports, ChannelAffine, Compensated, QwTConfig, fit_compensation
 from .errors import InputError
 from .family import Family, family_of, get_family
 from .inputs import check_finite, check_float32_model
@@ -61,6 +61,9 @@ def apply_qwt(model: nn.Module, images: torch.Tensor | Iterable, config: QwTConf
     :func:`qwt.compensation.model_guard`).
     """
     check_float32_model(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    _refuse_fitted_again(model, config)
     branches = None
     if plan is None or config.compensation == "channelwise":
         fam = _resolve(model, family)
@@ -71,3 +74,16 @@ def apply_qwt(model: nn.Module, images: torch.Tensor | Iterable, config: QwTConf
                              "channel-wise compensation cannot tell which layers to correct")
     return fit_compensation(model, plan, images, config, batch_size=batch_size, progress=progress,
                             residual_branches=branches)
+
+
+def _refuse_fitted_again(model: nn.Module, config: QwTConfig) -> None:
+    """Refuse a second fit over a compensation of the kind it would wrap or repeat: the fit's FP target runs
+    through the first compensation too (it does not switch off with quantisation), so a second dense fit adds the
+    same correction again, and a channel-wise fit cannot find the branches inside a dense wrapper. Channel-wise
+    corrections under a later dense fit stay allowed (that stacked form is saved and loaded)."""
+    dense = sum(isinstance(m, Compensated) for m in model.modules())
+    channelwise = sum(isinstance(m, ChannelAffine) for m in model.modules())
+    if dense or (channelwise and config.compensation == "channelwise"):
+        held = f"{dense} dense-compensated blocks" if dense else f"{channelwise} channel-wise corrections"
+        raise InputError(f"the model already holds QwT compensation ({held}): fit it again on a fresh copy of the "
+                         "quantised model (copy.deepcopy before the first apply_qwt)")

@@ -17,7 +17,10 @@ import torch
 
 from ..cli import check_writable_dir, positive_int, run_cli
 from ..errors import InputError
-from ..serialization import load_quantized
+from ..inputs import check_images
+from ..models import get_model_entry, list_models
+from ..serialization import DESCRIPTION, TENSORS, load_quantized
+from ..serialization.store import read_description, require_save_files
 from .w8a8 import WEIGHT_DTYPES, resolve_weight_dtype
 from .writer import export_onnx
 
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.is_dir():
         raise InputError(f"{args.out} is a folder: pass the ONNX file to write")
     check_writable_dir(args.out.parent, "output folder")
+    _check_saved(args.saved, args.out)
     model = load_quantized(args.saved)
     example = torch.zeros(1, *args.input_shape)
     try:
@@ -62,6 +66,20 @@ def main(argv: list[str] | None = None) -> None:
     path = export_onnx(model, example, args.out, args.mode, args.fp16_compensation, weight_dtype)
     storage = f", {weight_dtype} weights" if args.mode == "w8a8" else ""
     print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, {args.mode}{storage})")
+
+
+def _check_saved(saved: Path, out: Path) -> None:
+    """Refuse, before anything is loaded, an ``out`` that is one of the save's own files (the export would
+    replace the saved model) and a saved model whose inputs are not images (no --input-shape can fit it, and
+    loading a language model costs its full size for nothing)."""
+    if out.resolve() in {(saved / name).resolve() for name in (DESCRIPTION, TENSORS)}:
+        raise InputError(f"{out} is a file of the saved model {saved}: pass another ONNX file to write")
+    require_save_files(saved)
+    name = read_description(saved / DESCRIPTION)[0].get("model")
+    if name in list_models() and get_model_entry(name).family.check_inputs is not check_images:
+        raise InputError(f"{saved} holds a {get_model_entry(name).family.name} model, whose inputs are not images: "
+                         "only image models are exported (language models, with token ids and a KV cache, are not "
+                         "exported)")
 
 
 if __name__ == "__main__":

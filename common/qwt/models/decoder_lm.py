@@ -31,6 +31,8 @@ from ..inputs import check_token_ids
 from ..ptq.config import PTQConfig
 from ..ptq.surgery import LayerRule
 from ..quant.modules import QuantLinear
+from ..quant.quantizers import Quantizer
+from ..quant.rtn import MinMaxWeightQuantizer
 from .registry import ModelEntry, register_model
 
 
@@ -100,6 +102,7 @@ def decoder_lm_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
     prefix = layers_path(model) + "."
     weight = config.baseline.weight_quantizer
     act = config.baseline.activation_baseline()
+    _check_weight_groups(model, weight(config.w_bits))
 
     def rule(name: str, module: nn.Module) -> nn.Module | None:
         if not name.startswith(prefix):
@@ -112,6 +115,23 @@ def decoder_lm_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
         return None
 
     return rule
+
+
+def _check_weight_groups(model: nn.Module, quantizer: Quantizer) -> None:
+    """Refuse a min-max (RTN) group size that does not divide a decoder Linear's input columns now, when the rule
+    is made (the LM task makes it before its FP evaluation), not when the layer is first calibrated."""
+    from transformers.pytorch_utils import Conv1D
+
+    group = getattr(quantizer, "group_size", None)
+    if not isinstance(quantizer, MinMaxWeightQuantizer) or group is None:
+        return
+    path = layers_path(model)
+    for name, module in model.get_submodule(path).named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            columns = module.weight.shape[0 if isinstance(module, Conv1D) else 1]
+            if columns % group:
+                raise InputError(f"group size {group} does not divide the {columns} input columns of {path}.{name}; "
+                                 "pass a group size that divides every Linear's input width")
 
 
 class _Stop(Exception):

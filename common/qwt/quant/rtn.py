@@ -21,8 +21,9 @@ def minmax_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torc
 
 
 class MinMaxWeightQuantizer(Quantizer):
-    """RTN weights of a Linear (out × in): one grid per output channel (``group_size=None``) or per group of
-    ``group_size`` consecutive input columns of each output channel. Δ and z have shape (out, groups, 1)."""
+    """RTN weights of a Linear (out × in) or a conv (out × in·kh·kw, its weight flattened per output channel, as
+    GPTQ reads it): one grid per output channel (``group_size=None``) or per group of ``group_size`` consecutive
+    input columns of each output channel. Δ and z have shape (out, groups, 1)."""
 
     kind = "minmax_weight"
     settings = ("group_size",)
@@ -35,11 +36,12 @@ class MinMaxWeightQuantizer(Quantizer):
         self.register_buffer("zero_point", torch.empty(0))
 
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
-        if w.dim() != 2:
-            raise ValueError(f"{type(self).__name__} quantises Linear weights (2-D), got shape {tuple(w.shape)}")
-        size = w.shape[1] if self.group_size is None else self.group_size
-        if w.shape[1] % size:
-            raise ValueError(f"group size {size} does not divide the {w.shape[1]} input columns")
+        if w.dim() < 2:
+            raise ValueError(f"{type(self).__name__} quantises Linear or conv weights, got shape {tuple(w.shape)}")
+        columns = w[0].numel()
+        size = columns if self.group_size is None else self.group_size
+        if columns % size:
+            raise ValueError(f"group size {size} does not divide the {columns} input columns")
         return w.reshape(w.shape[0], -1, size)
 
     def calibrate(self, x: torch.Tensor) -> None:
