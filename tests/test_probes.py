@@ -18,11 +18,12 @@ def test_apply_qwt_refuses_a_batch_size_that_is_not_a_positive_integer(batch_siz
 
 
 @pytest.mark.parametrize("first,second", [("dense", "dense"), ("channelwise", "channelwise"),
-                                          ("dense", "channelwise")])
+                                          ("dense", "channelwise"), ("channelwise", "dense")])
 def test_apply_qwt_refuses_a_model_it_already_compensated(first, second):
     """Before, a second dense fit ran (its FP target went through the first compensation, which does not switch
     off with quantisation) and added the same correction again, silently; channel-wise twice doubled the
-    corrections likewise; channel-wise after dense ended in an AttributeError from inside the branch lookup."""
+    corrections likewise; channel-wise after dense ended in an AttributeError from inside the branch lookup; dense
+    after channel-wise fitted towards an FP output distorted by the corrections."""
     images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     model = qwt.quantize(qwt.create_model("vit_fmnist", pretrained=False), images, qwt.PTQConfig())
     qwt.apply_qwt(model, images, qwt.QwTConfig(compensation=first), progress=False)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import qwt
-from qwt.compensation import ChannelAffine
+from qwt.compensation import ChannelAffine, fit_compensation
 from qwt.errors import InputError
 from qwt.models.decoder_lm import build_from_config, tiny_config
 
@@ -71,12 +71,14 @@ def test_a_channelwise_language_model_round_trips_bit_identically(tmp_path, mode
 
 
 def test_channelwise_corrections_inside_dense_compensated_blocks_round_trip(tmp_path):
-    # Dense QwT fitted on top of channel-wise corrections: each correction's path runs through the dense wrapper,
-    # which the structure must get first.
+    # Dense wrappers around blocks holding channel-wise corrections (built with the library's fit directly:
+    # qwt.apply_qwt refuses a second fit): each correction's path runs through the dense wrapper, which the
+    # structure must get first.
     torch.manual_seed(0)
     model = qwt.quantize(build_from_config(config=tiny_config("llama")), _ids(4, 1), LM_CONFIG)
     qwt.apply_qwt(model, _ids(16, 2), CHANNELWISE, batch_size=4, progress=False)
-    qwt.apply_qwt(model, _ids(16, 2), qwt.QwTConfig(fp16_eval=False), batch_size=4, progress=False)
+    fit_compensation(model, qwt.family_of(model).plan(model), _ids(16, 2), qwt.QwTConfig(fp16_eval=False),
+                     batch_size=4, progress=False)
     saved = qwt.save_quantized(model, tmp_path / "lm", "hf_causal_lm", LM_CONFIG, {"config": tiny_config("llama")})
     forms = [(e["path"], e["form"]) for e in json.loads((saved / "qwt.json").read_text())["compensation"]][:2]
     assert forms == [("model.layers.0", "linear"), ("model.layers.0.block.self_attn.o_proj", "channelwise")]

@@ -77,13 +77,13 @@ def apply_qwt(model: nn.Module, images: torch.Tensor | Iterable, config: QwTConf
 
 
 def _refuse_fitted_again(model: nn.Module, config: QwTConfig) -> None:
-    """Refuse a second fit over a compensation of the kind it would wrap or repeat: the fit's FP target runs
-    through the first compensation too (it does not switch off with quantisation), so a second dense fit adds the
-    same correction again, and a channel-wise fit cannot find the branches inside a dense wrapper. Channel-wise
-    corrections under a later dense fit stay allowed (that stacked form is saved and loaded)."""
+    """Refuse a second fit over an earlier compensation: the fit's FP target runs through the first compensation
+    too (it does not switch off with quantisation), so a second fit of either form aims at a distorted "FP"
+    output (a second dense fit adds the same correction again), and a channel-wise fit cannot find the branches
+    inside a dense wrapper."""
     dense = sum(isinstance(m, Compensated) for m in model.modules())
     channelwise = sum(isinstance(m, ChannelAffine) for m in model.modules())
-    if dense or (channelwise and config.compensation == "channelwise"):
+    if dense or channelwise:
         held = f"{dense} dense-compensated blocks" if dense else f"{channelwise} channel-wise corrections"
         raise InputError(f"the model already holds QwT compensation ({held}): fit it again on a fresh copy of the "
                          "quantised model (copy.deepcopy before the first apply_qwt)")
