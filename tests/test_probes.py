@@ -32,3 +32,23 @@ def test_apply_qwt_refuses_a_model_it_already_compensated(first, second):
         qwt.apply_qwt(model, images, qwt.QwTConfig(compensation=second), progress=False)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gptq_refuses_an_infinite_damping():
+    from qwt.ptq.baselines import GPTQ
+
+    with pytest.raises(ValueError, match="damp must be a finite number"):
+        GPTQ(damp=float("inf"))
+
+
+def test_a_full_disk_ends_a_command_in_one_line_not_a_traceback(capsys):
+    import errno
+
+    from qwt.cli import run_cli
+
+    def fails() -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/results/summary.json")
+
+    assert run_cli(fails) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: [Errno 28] No space left on device")

@@ -63,11 +63,15 @@ def test_detection_runs_a_baseline_defined_outside_the_library(tmp_path):
 def test_the_language_model_task_runs_a_baseline_defined_outside_the_library(tmp_path):
     from qwt.tasks import llm
 
-    out = tmp_path / "out"
+    out, save = tmp_path / "out", tmp_path / "save"
     assert llm.main("", ["--tiny-random", "--window", "32", "--calib-windows", "8", "--eval-windows", "4",
                          "--ptq-windows", "2", "--bits", "W4A8", "--forms", "dense", "--guard-fraction", "0",
-                         "--continuation-tokens", "1", "--no-progress", "--out", str(out), *TOY]) == 0
+                         "--continuation-tokens", "1", "--no-progress", "--out", str(out), "--save", str(save),
+                         *TOY]) == 0
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["fp", "test_toy_minmax", "test_toy_minmax+qwt"]
     assert all(r["baseline_options"] == {"coarse": True} for r in rows[1:])
+    assert "Baseline test_toy_minmax with coarse=true." in (out / "table.md").read_text()
+    # named for the baseline and its options: a save of another baseline's run never replaces this one
+    assert [p.name for p in save.iterdir()] == ["W4A8-test_toy_minmax-coarse=true"]
     assert all(torch.isfinite(torch.tensor(r["perplexity"])) for r in rows)

@@ -30,6 +30,10 @@ INPUT_ERROR = 2
 _INPUT_ERRORS = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
 
 
+#: Storage failures (disk full, quota, read-only file system): one line, not a traceback; not the user's input.
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -47,6 +51,12 @@ def run_cli(fn: Callable[..., Any], *args: Any, retain_memory: bool = True) -> i
     except _INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return INPUT_ERROR
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRORS:
+            raise
+        print(f"error: {err} (nothing half-written is left: results are written whole or not at all)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: no record of the unfinished run is marked complete", file=sys.stderr)
         return 130

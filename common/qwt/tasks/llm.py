@@ -50,7 +50,7 @@ from ..report import _fmt, atomic_write, save_figure
 from ..serialization import check_save_target, save_quantized, saved_build_problems
 from ..size import model_size_mb
 from ..utils import seed_everything
-from .cli import init_distributed, method_option
+from .cli import init_distributed, method_option, method_suffix
 
 _TAG = re.compile(r"^W(\d+)(?:g(\d+))?A(\d+)(-static)?$")
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
@@ -291,7 +291,7 @@ def _check(args: argparse.Namespace) -> list[PTQConfig]:
         check_writable_dir(args.save, "--save")
         for tag in tags:
             for form in args.forms:
-                check_save_target(args.save / save_name(tag, form))
+                check_save_target(args.save / save_name(args, tag, form))
     _check_text(args)
     qwt_config(args, "dense")  # refuses a bad ridge or guard fraction now
     return configs
@@ -446,13 +446,14 @@ def _qwt_row(s: _Session, config: PTQConfig, base: nn.Module, base_held: float |
     if form == args.forms[0] and tag == args.continuation_bits:
         s.continuations[f"{tag} {method_name(method)}"] = s.continuation(model)
     if args.save is not None and s.rank == 0:
-        save_quantized(model, args.save / save_name(tag, form), "hf_causal_lm", config,
+        save_quantized(model, args.save / save_name(args, tag, form), "hf_causal_lm", config,
                        {"config": config_dict(s.fp_model)}, extra={"model": s.label, "rows": s.rows[-1]})
 
 
-def save_name(tag: str, form: str) -> str:
-    """``--save`` sub-folder of a setting's compensated model: ``W4A8`` (dense), ``W4A8-channelwise``."""
-    return tag if form == "dense" else f"{tag}-{form}"
+def save_name(args: argparse.Namespace, tag: str, form: str) -> str:
+    """``--save`` sub-folder of a setting's compensated model: ``W4A8`` (dense, the default baseline),
+    ``W4A8-channelwise``, ``W4A8-gptq-act_order=true``: another baseline's save never replaces this one's."""
+    return tag + method_suffix(args, DECODER_LM, "-") + ("" if form == "dense" else f"-{form}")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -468,6 +469,12 @@ def method_name(method: str) -> str:
     return base.upper() + {"": "", "qwt": " + QwT", "qwt-channelwise": " + QwT channel-wise"}[qwt]
 
 
+def _options_note(settings: dict[str, Any]) -> str:
+    """The baseline options a run was given, for the table's head (every row's are in ``baseline_options``)."""
+    given = settings.get("method_option") or []
+    return f" Baseline {settings['method']} with " + ", ".join(f"{k}={v}" for k, v in given) + "." if given else ""
+
+
 def markdown(summary: dict[str, Any]) -> str:
     rows = summary["rows"]
     fp = next(r for r in rows if r["method"] == "fp")
@@ -480,7 +487,7 @@ def markdown(summary: dict[str, Any]) -> str:
              "baseline's calibration; QwT s = the QwT fit and the held-out guard, PTQ not included; "
              + ("peak MB = peak memory (CPU: resident, CUDA: allocated) while the row was calibrated and evaluated."
                 if per_row else "peak MB = the process's peak resident memory so far (this platform cannot reset it "
-                                "per row)."), "",
+                                "per row).") + _options_note(summary["settings"]), "",
              "| bits | method | perplexity | gap closed | agreement % | layers kept | PTQ s | QwT s | "
              f"{peak} | size MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -22,6 +22,7 @@ export handle the quantiser like any other.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -63,8 +64,8 @@ class GPTQ(Baseline):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the types; the ranges here
-        if self.damp < 0:
-            raise ValueError(f"GPTQ damp must be ≥ 0, got {self.damp!r}")
+        if not (math.isfinite(self.damp) and self.damp >= 0):
+            raise ValueError(f"GPTQ damp must be a finite number ≥ 0, got {self.damp!r}")
         for name in ("block_size", "group_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
