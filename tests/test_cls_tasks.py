@@ -143,8 +143,9 @@ def test_augmented_images_do_not_depend_on_draw_order(dataset):
 def test_gptq_from_the_command_line_is_named_in_the_record(dataset, tmp_path):
     rows = _run("vit", "deit_small", dataset, tmp_path, "--method", "gptq", "--method-option", "act_order=true",
                 "--save", str(tmp_path / "saved"))
-    assert [r["model"] for r in rows] == ["deit_small-gptq-smoke"] * 3  # never next to a paper RepQ-ViT row
-    details = json.loads((tmp_path / "details" / "deit_small_W4A4_gptq_smoke.json").read_text())
+    # never next to a paper RepQ-ViT row, nor in the place of a run with other options
+    assert [r["model"] for r in rows] == ["deit_small-gptq-act_order=true-smoke"] * 3
+    details = json.loads((tmp_path / "details" / "deit_small_W4A4_gptq_act_order=true_smoke.json").read_text())
     assert details["ptq"]["method"] == "gptq" and details["ptq"]["method_options"]["act_order"] is True
     assert qwt.load_quantized(tmp_path / "saved") is not None
 

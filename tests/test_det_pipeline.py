@@ -251,8 +251,9 @@ def test_help_lists_only_detection_flags_and_keeps_the_examples():
     description = "first line\n\nexamples:\n  python main.py --model m \\\n      --smoke"
     text = build_parser(description).format_help()
     assert description in text  # not reflowed into one paragraph
-    for flag in ("--conv-act-bits", "--kernel-size", "--channels-per-group", "--factor", "--method"):
+    for flag in ("--conv-act-bits", "--kernel-size", "--channels-per-group", "--factor"):
         assert flag not in text  # CNN-only flags
+    assert "--method " in text and "--method-option" in text  # the baseline axis is every task's
     for group in ("detector and data:", "quantisation (PTQ):", "compensation (QwT):", "compensation images"):
         assert group in text
     assert "--comp-draw" in text and "--world-size" in text and "(default: repq_vit)" in text
