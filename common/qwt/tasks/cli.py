@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -119,11 +120,17 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
                         "(temporary files); the result is the same")
 
 
+def chosen_method(args: argparse.Namespace, family: Family) -> tuple[str, dict[str, Any]]:
+    """The baseline the flags name (``--method``, else the family's default) and its typed ``--method-option``s."""
+    name = args.method or family.default_baseline
+    return name, parse_options(name, args.method_option)
+
+
 def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
     """The PTQ config of the flags, resolved for ``family`` (no ``--method``: its default baseline, whose
     options ``--method-option`` then sets) and refused now (before any compute) if the method does not fit it."""
-    name = args.method or family.default_baseline
-    method = make_baseline(name, parse_options(name, args.method_option))
+    name, options = chosen_method(args, family)
+    method = make_baseline(name, options)
     return PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits, layer_map=args.layer_map,
                      log_floor=args.log_floor, conv_act_bits=args.conv_act_bits).for_family(family)
 
@@ -132,8 +139,7 @@ def method_suffix(args: argparse.Namespace, family: Family, sep: str) -> str:
     """A PTQ method other than the family's default, or any option given to one, is named in labels and record
     names (``-gptq-act_order=true``), so that its rows neither overwrite another method's nor stand next to a
     paper row measured with another method."""
-    name = args.method or family.default_baseline
-    options = parse_options(name, args.method_option)
+    name, options = chosen_method(args, family)
     if name == family.default_baseline and not options:
         return ""
     return sep + name + "".join(f"{sep}{key}={str(value).lower()}" for key, value in sorted(options.items()))

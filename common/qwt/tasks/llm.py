@@ -44,13 +44,13 @@ from ..errors import InputError
 from ..models.decoder_lm import DECODER_LM, build_from_config, config_dict, decoder_lm_rule, tiny_config
 from ..models.lm_loading import load_causal_lm, load_tokenizer
 from ..ptq import PTQConfig
-from ..ptq.baselines import list_baselines, make_baseline, parse_options
+from ..ptq.baselines import list_baselines, make_baseline
 from ..ptq.config import FLOAT_ACTIVATIONS
 from ..report import _fmt, atomic_write, save_figure
 from ..serialization import check_save_target, save_quantized, saved_build_problems
 from ..size import model_size_mb
 from ..utils import seed_everything
-from .cli import init_distributed, method_option, method_suffix
+from .cli import chosen_method, init_distributed, method_option, method_suffix
 
 _TAG = re.compile(r"^W(\d+)(?:g(\d+))?A(\d+)(-static)?$")
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
@@ -70,12 +70,12 @@ def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dic
     w, group, a, static = int(m[1]), int(m[2]) if m[2] else None, int(m[3]), bool(m[4])
     if a == FLOAT_ACTIVATIONS and static:
         raise InputError(f"--bits {tag}: A16 leaves activations in floating point; -static does not apply")
+    if static and method != "rtn":
+        raise InputError(f"--bits {tag}: -static means RTN's per-tensor inputs; drop -static or use --method rtn")
     options = dict(options or {})
     tag_options = {**({"group_size": group} if group is not None else {}),
                    **({"activations": "tensor"} if static else {})}
     for key, value in tag_options.items():
-        if static and key == "activations" and method != "rtn":
-            raise InputError(f"--bits {tag}: -static means RTN's per-tensor inputs; drop -static or use --method rtn")
         if key in options and options[key] != value:
             raise InputError(f"--bits {tag} sets {key}={value}, --method-option {key}={options[key]}; give it once")
         options[key] = value
@@ -270,7 +270,7 @@ def _refuse_repeats(flag: str, values: list[str]) -> None:
 
 def _check(args: argparse.Namespace) -> list[PTQConfig]:
     """Every input check that needs no model: bits, forms, folders, device, text files."""
-    options = parse_options(args.method, args.method_option)
+    _, options = chosen_method(args, DECODER_LM)
     configs = [parse_bits(tag, args.method, options) for tag in args.bits]
     tags = [bits_label(config) for config in configs]
     _refuse_repeats("--bits", tags)
