@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -126,19 +126,22 @@ def check_writable_dir(path: Path, flag: str) -> Path:
 
 #: The lock file a run creates in its output folder; it stays there (removing it would race with the next run).
 LOCK_FILE = ".qwt-run.lock"
+#: The folders this process holds (real paths).
+_HELD: set[str] = set()
 
 
 @contextmanager
-def hold_output_dir(path: Path, flag: str, results: Sequence[str] = ()) -> Iterator[Path]:
+def hold_output_dir(path: Path, flag: str) -> Iterator[Path]:
     """Hold ``path`` for one run: a second run with the same folder is refused (with the holder's pid) instead of
     overwriting its records as it goes. The lock is an ``flock`` on :data:`LOCK_FILE`, released by the OS when
     the process ends however it ends. A run started by the process that holds the folder (the table runner's
-    children) shares its hold. Folders created here are removed again if the run wrote nothing into them.
-
-    ``results``: the files a finished run of this kind leaves in ``path``, for a task whose records are not
-    resumed per run: a folder already holding one of them is refused too (checked under the lock, before the lock
-    file is touched), since the new run would overwrite another run's results."""
+    children), or inside this process's own hold (the main job's runs), shares its hold. Folders created here
+    are removed again if the run wrote nothing into them."""
     path = Path(path)
+    key = os.path.realpath(path)
+    if key in _HELD:
+        yield path
+        return
     created = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     try:
@@ -157,11 +160,14 @@ def hold_output_dir(path: Path, flag: str, results: Sequence[str] = ()) -> Itera
                 raise InputError(f"{flag} {path} is in use by another run (pid {pid or 'unknown'}: {command}); wait "
                                  f"for it to finish or pass another {flag}") from None
             created, holder = [], False  # the holder's folder
-        _refuse_finished_run(path, flag, results)
         if holder:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)[:200]}\n".encode(), 0)
-        yield path
+        _HELD.add(key)
+        try:
+            yield path
+        finally:
+            _HELD.discard(key)
     finally:
         if created and [p.name for p in path.iterdir()] == [LOCK_FILE]:
             (path / LOCK_FILE).unlink()
@@ -171,10 +177,3 @@ def hold_output_dir(path: Path, flag: str, results: Sequence[str] = ()) -> Itera
                 except OSError:
                     break
         os.close(fd)
-
-
-def _refuse_finished_run(path: Path, flag: str, results: Sequence[str]) -> None:
-    held = [name for name in results if (path / name).exists()]
-    if held:
-        raise InputError(f"{flag} {path} already holds the results of another run ({', '.join(held)}); pass another "
-                         f"{flag} or move those files away first")

@@ -1,7 +1,9 @@
-"""Result rows → ``summary.json``, ``table.md`` and a bar chart.
+"""Result rows → markdown tables and bar charts; atomic writes; run records read back for resume and assembly.
 
-A row is a dict with at least ``model``, ``bits`` ("W4A4", or "FP" for the float model), ``method`` ("fp",
-"ptq", "ptq+qwt", "ptq+qwt*") and ``top1`` (percent); ``calib_seconds`` and ``size_mb`` are shown when present.
+A row (:mod:`qwt.tasks.protocol` writes them) is a dict with ``model``, ``bits`` ("W4A4", or "FP" for the float
+model), ``baseline`` (None on the FP row) and ``baseline_options``, ``stage`` ("fp", "ptq", "qwt", "qwt*"),
+``form`` (a QwT row's compensation form), the task's metrics, and ``ptq_seconds``, ``qwt_seconds``, ``size_mb``,
+``peak_memory_mb``, ``blocks_kept``/``blocks`` where they apply.
 """
 from __future__ import annotations
 
@@ -10,76 +12,128 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .ptq.config import bit_tag
-
 Row = dict[str, Any]
-METHODS = ("fp", "ptq", "ptq+qwt", "ptq+qwt*")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(rows: Sequence[Row], model: str) -> str:
-    """One table per model: a line per bit width with FP, PTQ and PTQ+QwT top-1, the gain and timings."""
-    mine = [r for r in rows if r["model"] == model]
-    fp = next((r["top1"] for r in mine if r["method"] == "fp"), None)
-    has_size = any("size_mb" in r for r in mine)
-    has_star = any(r["method"] == "ptq+qwt*" for r in mine)
-    head = "| bits | FP top-1 | PTQ top-1 | PTQ+QwT top-1 | Δ QwT | PTQ calib s | QwT calib s |"
-    rule = "|---|---|---|---|---|---|---|"
-    if has_star:
-        head, rule = head + " PTQ+QwT* top-1 |", rule + "---|"
-    if has_size:
-        head, rule = head + " PTQ MB | PTQ+QwT MB |", rule + "---|---|"
-    lines = [f"**{model}**", "", head, rule]
-    for bits in dict.fromkeys(r["bits"] for r in mine if r["method"] != "fp"):
-        ptq = next((r for r in mine if r["bits"] == bits and r["method"] == "ptq"), {})
-        qwt = next((r for r in mine if r["bits"] == bits and r["method"] == "ptq+qwt"), {})
-        gain = qwt["top1"] - ptq["top1"] if ptq and qwt else None
-        cells = [bits, _fmt(fp), _fmt(ptq.get("top1")), _fmt(qwt.get("top1")),
-                 "–" if gain is None else f"{gain:+.2f}", _fmt(ptq.get("calib_seconds"), 1),
-                 _fmt(qwt.get("calib_seconds"), 1)]
-        if has_star:
-            star = next((r for r in mine if r["bits"] == bits and r["method"] == "ptq+qwt*"), {})
-            cells.append(_fmt(star.get("top1")))
-        if has_size:
-            cells += [_fmt(ptq.get("size_mb"), 3), _fmt(qwt.get("size_mb"), 3)]
-        lines.append("| " + " | ".join(cells) + " |")
+@dataclass(frozen=True)
+class Column:
+    """A metric column of a task's table: its key in the rows, its label, its digits, and which way is better."""
+
+    key: str
+    label: str
+    digits: int = 2
+    lower_is_better: bool = False
+
+
+#: How each stage reads in tables and charts.
+STAGES = {"fp": "FP", "ptq": "PTQ", "qwt": "PTQ + QwT", "qwt*": "PTQ + QwT*"}
+
+
+def stage_label(row: Row) -> str:
+    """``PTQ + QwT``, ``PTQ + QwT channel-wise``, ..."""
+    form = row.get("form")
+    return STAGES[row["stage"]] + (" channel-wise" if form == "channelwise" else "")
+
+
+def baseline_label(row: Row) -> str:
+    """``gptq`` or ``gptq (act_order=true, group_size=128)``; empty for the FP row."""
+    options = row.get("baseline_options") or {}
+    given = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(options.items()))
+    return (row.get("baseline") or "") + (f" ({given})" if given else "")
+
+
+def _setting(row: Row) -> tuple[str, str, str]:
+    return row["model"], row["bits"], baseline_label(row)
+
+
+def _gap(row: Row, rows: Sequence[Row], column: Column) -> tuple[str, str]:
+    """(Δ against the same setting's PTQ row, the share of the PTQ row's distance to FP that the row closes)."""
+    if row["stage"] not in ("qwt", "qwt*"):
+        return "–", "–"
+    ptq = next((r for r in rows if r["stage"] == "ptq" and _setting(r) == _setting(row)), None)
+    fp = next((r for r in rows if r["stage"] == "fp" and r["model"] == row["model"]), None)
+    if ptq is None or row.get(column.key) is None or ptq.get(column.key) is None:
+        return "–", "–"
+    delta = row[column.key] - ptq[column.key]
+    closed = "–"
+    if fp is not None and fp.get(column.key) is not None and fp[column.key] != ptq[column.key]:
+        closed = f"{100 * delta / (fp[column.key] - ptq[column.key]):.0f} %"
+    return f"{delta:+.{column.digits}f}", closed
+
+
+def _kept(row: Row) -> str:
+    if "blocks" not in row:
+        return "–"
+    kept = f"{row['blocks_kept']}/{row['blocks']}"
+    guard = row.get("output_guard")
+    if guard and guard["depth"] < row["blocks"]:
+        kept += f" (model guard: first {guard['depth']})"
+    return kept
+
+
+def results_table(rows: Sequence[Row], columns: Sequence[Column], title: str, record: dict[str, Any]) -> str:
+    """Markdown: a table per model, a line per row (bits, baseline, stage, the metrics, Δ and gap closed on the
+    first metric, blocks kept, seconds, peak memory, size), under the title and the machine it ran on."""
+    head = columns[0]
+    env = record.get("environment") or {}
+    machine = ", ".join(f"{k} {env[k]}" for k in ("cpu_capability", "torch", "threads", "device") if k in env)
+    peak = "peak MB" + ("" if record.get("peak_memory", "per row") == "per row" else " (running max)")
+    lines = [f"## {title}", "", f"Machine: {machine}." if machine else "", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        lines += [f"**{model}**", "",
+                  "| bits | baseline | stage | " + " | ".join(c.label for c in columns)
+                  + f" | Δ {head.label} | gap closed | blocks kept | PTQ s | QwT s | {peak} | size MB |",
+                  "|" + "---|" * (len(columns) + 10)]
+        for r in (r for r in rows if r["model"] == model):
+            delta, closed = _gap(r, rows, head)
+            cells = [r["bits"], baseline_label(r) or "–", stage_label(r),
+                     *(_fmt(r.get(c.key), c.digits) for c in columns), delta, closed, _kept(r),
+                     _fmt(r.get("ptq_seconds"), 1), _fmt(r.get("qwt_seconds"), 1),
+                     _fmt(r.get("peak_memory_mb"), 0), _fmt(r.get("size_mb"), 3)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def bar_chart(rows: Sequence[Row], path: Path, title: str) -> None:
+def results_chart(rows: Sequence[Row], column: Column, path: Path, title: str) -> None:
+    """Bars of ``column`` per setting (model, bits, baseline), one per stage; the FP value dashed over each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys((r["model"], r["bits"]) for r in rows if r["method"] != "fp"))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-    width = 0.38
-    for k, (method, color) in enumerate((("ptq", "#9aa5b1"), ("ptq+qwt", "#2f7ed8"))):
-        values = [next((r["top1"] for r in rows if (r["model"], r["bits"]) == g and r["method"] == method), 0.0)
+    groups = list(dict.fromkeys(_setting(r) for r in rows if r["stage"] != "fp"))
+    stages = list(dict.fromkeys(stage_label(r) for r in rows if r["stage"] != "fp"))
+    colors = ["#9aa5b1", "#2f7ed8", "#8bbc21", "#f28f43"]
+    width = 0.8 / max(1, len(stages))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.2))
+    for k, stage in enumerate(stages):
+        values = [next((r.get(column.key) or 0.0 for r in rows if _setting(r) == g and stage_label(r) == stage), 0.0)
                   for g in groups]
-        xs = [i + (k - 0.5) * width for i in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=method.upper().replace("+QWT", "+QwT"), color=color)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    for i, (model, _) in enumerate(groups):
-        fp = next((r["top1"] for r in rows if r["model"] == model and r["method"] == "fp"), None)
+        xs = [i + (k - (len(stages) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=stage, color=colors[k % len(colors)])
+        ax.bar_label(bars, fmt=f"%.{min(column.digits, 1)}f", fontsize=7)
+    for i, (model, _, _) in enumerate(groups):
+        fp = next((r.get(column.key) for r in rows if r["model"] == model and r["stage"] == "fp"), None)
         if fp is not None:
-            ax.hlines(fp, i - width, i + width, colors="black", linestyles="dashed",
-                      label="FP" if i == 0 else None)
-    ax.set_xticks(range(len(groups)), [f"{m}\n{b}" for m, b in groups], fontsize=8)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 108)
-    ax.set_title(title)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
+            ax.hlines(fp, i - 0.4, i + 0.4, colors="black", linestyles="dashed", label="FP" if i == 0 else None)
+    ax.set_xticks(range(len(groups)), [f"{m}\n{b} {s}".strip() for m, b, s in groups], fontsize=7)
+    ax.set_ylabel(column.label + (" (log scale, lower is better)" if column.lower_is_better else ""))
+    if column.lower_is_better:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(stages) + 1, fontsize=8, frameon=False)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -118,9 +172,10 @@ def save_figure(fig: Any, path: Path) -> None:
         fig.savefig(staged, dpi=120)
 
 
-#: Flags that do not change a run's numbers (where it writes, how it loads, what it prints) or that name the run
-#: itself (model, bit widths, weights file; stored as the record's ``run``): left out of the configuration hash.
-_NOT_CONFIG = ("out", "workers", "no_progress", "skip_fp", "save", "model", "w_bits", "a_bits", "checkpoint")
+#: Flags that do not change a run's numbers (where it writes, how it loads, what it prints, the --config file whose
+#: values are in the other flags) or that name the run itself (model, bit widths, weights file; stored as the
+#: record's ``run``): left out of the configuration hash.
+_NOT_CONFIG = ("out", "workers", "no_progress", "skip_fp", "save", "model", "w_bits", "a_bits", "checkpoint", "config")
 
 
 def config_hash(args: Any) -> str:
@@ -147,31 +202,6 @@ def file_sha256(path: str | Path) -> str:
     return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def run_key(args: Any) -> dict[str, Any]:
-    """What one record is a run of: model, bit label, smoke or not, and the weights file by path and by content
-    (a file replaced under the same name is another run)."""
-    checkpoint = args.checkpoint
-    return {"model": args.model, "bits": bit_tag(args.w_bits, args.a_bits, args.conv_act_bits),
-            "smoke": bool(args.smoke), "checkpoint": None if checkpoint is None else str(checkpoint),
-            "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint)}
-
-
-def write_run(out_dir: str | Path, stem: str, rows: Sequence[Row], details: dict[str, Any], args: Any,
-              environment: dict[str, Any], complete: bool, data: dict[str, Any] | None = None) -> None:
-    """One run's record, rewritten after every new row so a later crash loses nothing already computed.
-
-    ``OUT/<stem>.json``: ``complete`` (false until the last row), ``config_hash``, ``run``, ``environment``,
-    ``data`` (the image counts actually used) and ``rows``; ``OUT/details/<stem>.json``: per-block R²,
-    configuration and the command-line ``args`` with paths as strings.
-    """
-    out = Path(out_dir)
-    record = {"complete": complete, "config_hash": config_hash(args), "run": run_key(args),
-              "environment": environment, "data": data or {}, "rows": list(rows)}
-    details = {**details, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    atomic_write(out / "details" / f"{stem}.json", json.dumps(details, indent=2) + "\n")
-    atomic_write(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
-
-
 def read_record(path: Path) -> dict[str, Any] | None:
     """A record file's content if it is a complete record, else None (partial, interrupted or foreign)."""
     try:
@@ -181,29 +211,6 @@ def read_record(path: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("complete") is not True or not isinstance(record.get("rows"), list):
         return None
     return record
-
-
-def is_done(out_dir: Path, stem: str, args: Any) -> bool:
-    """Whether ``OUT/<stem>.json`` is a complete record of exactly this run and configuration (resume)."""
-    record = read_record(Path(out_dir) / f"{stem}.json")
-    return record is not None and record.get("config_hash") == config_hash(args) and record.get("run") == run_key(args)
-
-
-def resume_plan(out_dir: Path, flag_lists: Sequence[list[str]], parse: Callable[[list[str]], Any],
-                stem: Callable[[Any], str]) -> tuple[list[tuple[list[str], Any]], list[str], str | None]:
-    """Parse every run's flags up front (a bad flag fails before the first run) and drop the runs that already
-    have a complete record of the same configuration. Returns the (flags, args) still to run, every run's record
-    stem, and the table's configuration hash."""
-    todo, stems, config = [], [], None
-    for flags in flag_lists:
-        args = parse(flags)
-        stems.append(stem(args))
-        config = config_hash(args)
-        if is_done(out_dir, stems[-1], args):
-            print(f"= {stems[-1]}: complete record with this configuration, skipped", flush=True)
-        else:
-            todo.append((flags, args))
-    return todo, stems, config
 
 
 def collect_records(folder: Path, expected: Sequence[str], config: str) -> tuple[list[Row], list[dict], list[str]]:
@@ -221,25 +228,8 @@ def collect_records(folder: Path, expected: Sequence[str], config: str) -> tuple
         if record.get("environment") not in environments:
             environments.append(record.get("environment"))
         for row in record["rows"]:
-            key = (row["model"], row["bits"], row["method"])
+            key = (row["model"], row["bits"], row.get("baseline"), row["stage"], row.get("form"))
             if key not in seen:  # the FP row is evaluated once per model
                 seen.add(key)
                 rows.append(row)
     return rows, environments, missing
-
-
-def write_report(rows: Sequence[Row], out_dir: str | Path, title: str, meta: dict[str, Any]) -> str:
-    """Write summary.json (``meta``, e.g. the environment, plus ``rows``), table.md and chart.png into
-    ``out_dir``; returns the markdown."""
-    for r in rows:
-        missing = {"model", "bits", "method", "top1"} - set(r)
-        if missing or r["method"] not in METHODS:
-            raise ValueError(f"malformed result row {r}: needs model/bits/method/top1, method in {METHODS}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    markdown = f"## {title}\n\n" + "\n\n".join(markdown_table(rows, m) for m in models) + "\n"
-    atomic_write(out / "summary.json", json.dumps({**meta, "rows": list(rows)}, indent=2) + "\n")
-    atomic_write(out / "table.md", markdown)
-    bar_chart(rows, out / "chart.png", title)
-    return markdown

