@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def bits_config(tag: str, method: str) -> PTQConfig:
     try:
         w, a = tag.upper().removeprefix("W").split("A")
-        return PTQConfig(method=method, w_bits=int(w), a_bits=int(a))
+        return PTQConfig(baseline=method, w_bits=int(w), a_bits=int(a))
     except ValueError as err:
         raise InputError(f"bad bit setting {tag!r}: expected like W4A4 with bits in 2..8 (A16: weights only) "
                          f"({err})") from None

@@ -80,15 +80,15 @@ def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dic
             raise InputError(f"--bits {tag} sets {key}={value}, --method-option {key}={options[key]}; give it once")
         options[key] = value
     try:
-        return PTQConfig(method=make_baseline(method, options), w_bits=w, a_bits=a).for_family(DECODER_LM)
+        return PTQConfig(baseline=make_baseline(method, options), w_bits=w, a_bits=a).for_family(DECODER_LM)
     except ValueError as err:
         raise InputError(f"--bits {tag}: {err}") from None
 
 
 def bits_label(config: PTQConfig) -> str:
     """The tag :func:`parse_bits` reads back."""
-    group = getattr(config.method, "group_size", None)
-    static = not config.float_activations and getattr(config.method, "activations", None) == "tensor"
+    group = getattr(config.baseline, "group_size", None)
+    static = not config.float_activations and getattr(config.baseline, "activations", None) == "tensor"
     return f"W{config.w_bits}{f'g{group}' if group else ''}A{config.a_bits}{'-static' if static else ''}"
 
 
@@ -414,7 +414,7 @@ def _setting(s: _Session, config: PTQConfig) -> None:
     ptq_seconds = time.perf_counter() - start
     s.rows.append(_row(tag, args.method, s.score(base, tag), s.fp_scores, ptq_seconds=ptq_seconds,
                        size_mb=model_size_mb(base), peak_memory_mb=s.memory.read_mb(),
-                       baseline_options=config.baseline.options()))
+                       baseline_options=config.resolved_baseline().options()))
     if tag == args.continuation_bits:
         s.continuations[f"{tag} {method_name(args.method)}"] = s.continuation(base)
     start = time.perf_counter()
@@ -441,7 +441,7 @@ def _qwt_row(s: _Session, config: PTQConfig, base: nn.Module, base_held: float |
     s.rows.append(_row(tag, method, s.score(model, f"{tag} {method}"), s.fp_scores, ptq_seconds=ptq_seconds,
                        qwt_seconds=qwt_seconds, size_mb=model_size_mb(model), peak_memory_mb=s.memory.read_mb(),
                        layers_kept=sum(r.applied for r in reports), layers=len(reports),
-                       baseline_options=config.baseline.options(), **guard))
+                       baseline_options=config.resolved_baseline().options(), **guard))
     s.blocks[f"{tag} {method}"] = [r.to_dict() for r in reports]
     if form == args.forms[0] and tag == args.continuation_bits:
         s.continuations[f"{tag} {method_name(method)}"] = s.continuation(model)
