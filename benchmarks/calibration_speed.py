@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         check_device(args.feature_device, "--feature-device")
     entry = get_model_entry(args.model)
     shape = image_shape(entry, args.smoke)
-    ptq_config = PTQConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits).for_family(entry.family)
+    ptq_config = PTQConfig(baseline=args.method, w_bits=args.w_bits, a_bits=args.a_bits).for_family(entry.family)
     qwt_config = QwTConfig(solver=args.solver, feature_device=args.feature_device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": args.model + ("-smoke" if args.smoke else ""), "device": name, "threads": torch.get_num_threads(),
         "images": args.calib_images + args.comp_images, "calib_images": args.calib_images,
-        "comp_images": args.comp_images, "bits": ptq_config.tag, "method": ptq_config.method.name,
+        "comp_images": args.comp_images, "bits": ptq_config.tag, "method": ptq_config.baseline.name,
         "solver": args.solver,
         "feature_device": args.feature_device or args.device,
         "calibrate_s": round(timer.phases["calibrate"], 3),

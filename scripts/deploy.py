@@ -116,7 +116,7 @@ def variants(work: Workload) -> list[tuple[str, str, str, nn.Module]]:
     channelwise = copy.deepcopy(w8a8)
     qwt.apply_qwt(channelwise, work.comp, qwt.QwTConfig(compensation="channelwise"), progress=False)
     w4a4 = copy.deepcopy(work.fp)
-    qwt.quantize(w4a4, work.calib, qwt.PTQConfig(method=work.method, w_bits=4, a_bits=4))
+    qwt.quantize(w4a4, work.calib, qwt.PTQConfig(baseline=work.method, w_bits=4, a_bits=4))
     w4a4_qwt = copy.deepcopy(w4a4)
     qwt.apply_qwt(w4a4_qwt, work.comp, qwt.QwTConfig(), progress=False)
     return [("FP32", "none", "simulate", work.fp), ("W8A8", "none", "w8a8", w8a8),

@@ -202,7 +202,7 @@ def test_reference_mode_equals_authors_loop_on_a_resnet():
     calib = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(14))
     comp = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(15))
     test = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(16))
-    got = _compare(build, resnet_plan, calib, comp, test, PTQConfig(method="percentile", w_bits=4, a_bits=4),
+    got = _compare(build, resnet_plan, calib, comp, test, PTQConfig(baseline="percentile", w_bits=4, a_bits=4),
                    "conv", 16)
     assert any(r2 > 0 for *_, r2 in got)
     assert any(w.shape[1] * 8 == w.shape[0] for _, w, _, _ in got[-2:])  # layer4 runs 8 groups

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def test_a_baseline_defined_outside_the_library_runs_every_path(tmp_path):
     from qwt.export import export_onnx, run, session
 
     assert "test_clipped_rtn" in list_baselines()
-    config = PTQConfig(method=ClippedRTN(ratio=0.7), w_bits=4, a_bits=4)
+    config = PTQConfig(baseline=ClippedRTN(ratio=0.7), w_bits=4, a_bits=4)
     model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist(0, 32), config)
     qkv = model.blocks[0].attn.qkv
     expected = qkv.weight.abs().amax(1) * 0.7 * 2 / 15
@@ -59,7 +59,7 @@ def test_a_baseline_defined_outside_the_library_runs_every_path(tmp_path):
         logits = model(test)
 
     saved = qwt.save_quantized(model, tmp_path / "toy", "vit_fmnist", config)
-    assert '"method": "test_clipped_rtn"' in (saved / "qwt.json").read_text()
+    assert '"baseline": "test_clipped_rtn"' in (saved / "qwt.json").read_text()
     reloaded = qwt.load_quantized(saved)
     with torch.no_grad():
         assert torch.equal(reloaded(test), logits)
@@ -75,15 +75,55 @@ def test_a_baseline_defined_outside_the_library_runs_every_path(tmp_path):
 
 
 def test_options_round_trip_and_unknown_names_are_refused():
-    config = PTQConfig(method=ClippedRTN(ratio=0.5))
-    assert config.to_dict()["method_options"] == {"ratio": 0.5}
+    config = PTQConfig(baseline=ClippedRTN(ratio=0.5))
+    assert config.to_dict()["baseline_options"] == {"ratio": 0.5}
     assert PTQConfig.from_dict(config.to_dict()) == config
-    assert PTQConfig.from_dict({"w_bits": 4}).method is None  # no method: the family's default, resolved later
-    assert "method_options" not in PTQConfig(method="percentile").to_dict()  # saved JSON of a built-in unchanged
+    assert PTQConfig.from_dict({"w_bits": 4}).baseline is None  # no baseline: the family's default, resolved later
+    assert "baseline_options" not in PTQConfig(baseline="percentile").to_dict()  # saved JSON of a built-in unchanged
     with pytest.raises(ValueError, match="no option"):
-        PTQConfig.from_dict({**config.to_dict(), "method_options": {"ratio": 0.5, "bogus": 1}})
+        PTQConfig.from_dict({**config.to_dict(), "baseline_options": {"ratio": 0.5, "bogus": 1}})
     with pytest.raises(ValueError, match="unknown PTQ method 'nope'"):
-        PTQConfig(method="nope")
+        PTQConfig(baseline="nope")
+
+
+def test_method_is_the_deprecated_name_of_baseline():
+    """``method`` was the field's name: accepted (keyword only) and read for one release, with a warning, and
+    never a stale value; ``baseline`` is the field ``fields()``, ``replace()``, equality and repr see."""
+    with pytest.warns(DeprecationWarning, match=r"PTQConfig\(baseline=\.\.\.\)"):
+        old = PTQConfig(method="gptq", w_bits=4)
+    assert old == PTQConfig(baseline="gptq", w_bits=4) and hash(old) == hash(PTQConfig(baseline="gptq", w_bits=4))
+    assert [f.name for f in fields(PTQConfig)][0] == "baseline" and repr(old).startswith("PTQConfig(baseline=GPTQ(")
+    with pytest.raises(ValueError, match="both baseline and method"):
+        PTQConfig(method="gptq", baseline="rtn")
+    with pytest.raises(ValueError, match="both baseline and method"):
+        PTQConfig("rtn", method="gptq")
+    changed = replace(old, baseline="percentile")
+    assert changed.baseline == make_baseline("percentile") and changed.w_bits == 4
+    with pytest.warns(DeprecationWarning, match="PTQConfig.baseline"):
+        assert changed.method is changed.baseline  # the replaced value, not the one it was built with
+    with pytest.raises(ValueError, match="both baseline and method"):
+        replace(old, method="rtn")
+
+
+def test_the_previous_release_keys_are_read_and_the_new_ones_written():
+    config = PTQConfig(baseline=ClippedRTN(ratio=0.5))
+    data = config.to_dict()
+    assert data["baseline"] == "test_clipped_rtn" and "method" not in data and "method_options" not in data
+    old = {("method" if k == "baseline" else "method_options" if k == "baseline_options" else k): v
+           for k, v in data.items()}
+    assert PTQConfig.from_dict(old) == config
+    with pytest.raises(ValueError, match="both 'baseline' and 'method'"):
+        PTQConfig.from_dict({**data, "method": "rtn"})
+    with pytest.raises(ValueError, match="both 'baseline_options' and 'method_options'"):
+        PTQConfig.from_dict({**data, "method_options": {"ratio": 0.9}})
+
+
+def test_an_unresolved_baseline_is_none_and_resolved_baseline_refuses_it():
+    assert PTQConfig().baseline is None
+    with pytest.raises(ValueError, match=r"PTQConfig\(baseline=None\).*for_family\(family\)"):
+        PTQConfig().resolved_baseline()
+    resolved = PTQConfig().for_family(qwt.get_family("resnet"))
+    assert resolved.resolved_baseline() is resolved.baseline == make_baseline("percentile")
 
 
 def test_families_state_what_they_provide_and_baselines_decide():
@@ -91,11 +131,11 @@ def test_families_state_what_they_provide_and_baselines_decide():
     assert qwt.get_family("resnet").default_baseline == "percentile"
     with pytest.raises(ValueError, match="LayerNorm → Linear pairs.*resnet"):
         qwt.quantize(qwt.create_model("resnet18", smoke=True, num_classes=4), torch.zeros(1, 3, 32, 32),
-                     PTQConfig(method="repq_vit"))
+                     PTQConfig(baseline="repq_vit"))
 
 
 def test_weights_only_setting_places_no_activation_quantiser():
-    model = qwt.quantize(qwt.create_model("vit_fmnist"), _images(8, 0), PTQConfig(method="percentile", a_bits=16))
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _images(8, 0), PTQConfig(baseline="percentile", a_bits=16))
     assert PTQConfig(a_bits=16).tag == "W4A16"
     assert not any(module.activation_quantizers() for _, module in quant_modules(model))
     fp = qwt.create_model("vit_fmnist")
@@ -151,7 +191,7 @@ def test_the_classification_cli_records_typed_options_and_refuses_others(tmp_pat
     base = ["--model", "deit_small", "--smoke", "--out", str(tmp_path / "out"), "--method", "gptq"]
     args = build_parser("vit", "t").parse_args(
         base + ["--method-option", "act_order=True", "--method-option", "group_size=32", "--method-option", "damp=0"])
-    options = ptq_config(args, qwt.get_family("vit")).to_dict()["method_options"]
+    options = ptq_config(args, qwt.get_family("vit")).to_dict()["baseline_options"]
     assert options["act_order"] is True and options["group_size"] == 32 and options["damp"] == 0.0
     assert main("vit", "t", base + ["--method-option", "act_order=no"]) == 2
     err = capsys.readouterr().err
@@ -163,7 +203,7 @@ def test_rtn_quantizes_a_model_with_conv_weights_and_reloads_it_bit_identical(tm
     """RTN is documented for any family, but its weight quantiser refused every conv weight (a ViT's patch
     embedding, a CNN's stem) deep inside calibration; conv weights are now one row per output channel."""
     images = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    config = PTQConfig(method=make_baseline("rtn", {"group_size": 8}), w_bits=4, a_bits=8)
+    config = PTQConfig(baseline=make_baseline("rtn", {"group_size": 8}), w_bits=4, a_bits=8)
     model = qwt.quantize(qwt.create_model("vit_fmnist"), images, config)
     embed = model.patch_embed.proj
     assert embed.weight.dim() == 4 and embed.weight_quantizer.delta.shape == (embed.weight.shape[0], 2, 1)

@@ -205,7 +205,7 @@ def test_apply_qwt_is_bit_identical_to_the_plain_procedure(name, feature_device,
     fp = qwt.create_model(name, smoke=True, num_classes=4)
     g = torch.Generator().manual_seed(6)
     calib, comp = torch.randn(8, 3, 32, 32, generator=g), torch.randn(12, 3, 32, 32, generator=g)
-    model = qwt.quantize(fp, calib, qwt.PTQConfig(method=entry.family.default_baseline))
+    model = qwt.quantize(fp, calib, qwt.PTQConfig(baseline=entry.family.default_baseline))
     plain = copy.deepcopy(model)
     config = qwt.QwTConfig(feature_device=feature_device, skip_degenerate=False)  # the plain loop fits every block
     with torch.no_grad():

@@ -146,7 +146,7 @@ def test_gptq_from_the_command_line_is_named_in_the_record(dataset, tmp_path):
     # never next to a paper RepQ-ViT row, nor in the place of a run with other options
     assert [r["model"] for r in rows] == ["deit_small-gptq-act_order=true-smoke"] * 3
     details = json.loads((tmp_path / "details" / "deit_small_W4A4_gptq_act_order=true_smoke.json").read_text())
-    assert details["ptq"]["method"] == "gptq" and details["ptq"]["method_options"]["act_order"] is True
+    assert details["ptq"]["baseline"] == "gptq" and details["ptq"]["baseline_options"]["act_order"] is True
     assert qwt.load_quantized(tmp_path / "saved") is not None
 
 

@@ -43,14 +43,14 @@ def test_every_family_names_a_default_and_the_table_covers_them():
 def test_ptq_config_resolves_to_the_family_default_and_gptq_to_its_partner(name):
     family = _family(name)
     config = PTQConfig(w_bits=3, a_bits=5).for_family(family)
-    assert config.method.name == EXPECTED[name] and config.to_dict()["method"] == EXPECTED[name]
+    assert config.baseline.name == EXPECTED[name] and config.to_dict()["baseline"] == EXPECTED[name]
     assert (config.w_bits, config.a_bits, config.tag) == (3, 5, "W3A5")
     assert config.for_family(family) == config  # resolving twice changes nothing
-    gptq = PTQConfig(method=GPTQ(act_order=True)).for_family(family).method
+    gptq = PTQConfig(baseline=GPTQ(act_order=True)).for_family(family).baseline
     assert gptq == GPTQ(act_order=True, activations=EXPECTED[name])
     assert gptq.activation_baseline().name == EXPECTED[name]
     # A partner that is named stays what it is.
-    assert PTQConfig(method=GPTQ(activations="percentile")).for_family(family).method.activations == "percentile"
+    assert PTQConfig(baseline=GPTQ(activations="percentile")).for_family(family).baseline.activations == "percentile"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -61,7 +61,7 @@ def test_quantize_without_a_config_runs_the_family_default(name):
     g = torch.Generator().manual_seed(0)
     calib = entry.reduced_batch(g) if entry.reduced_batch else torch.randn(8, *entry.reduced_input, generator=g)
     default = qwt.quantize(copy.deepcopy(fp), calib)
-    explicit = qwt.quantize(copy.deepcopy(fp), calib, PTQConfig(method=EXPECTED[entry.family.name]))
+    explicit = qwt.quantize(copy.deepcopy(fp), calib, PTQConfig(baseline=EXPECTED[entry.family.name]))
     with torch.no_grad():
         out, ref = default(calib), explicit(calib)
     assert torch.equal(getattr(out, "logits", out), getattr(ref, "logits", ref))
@@ -73,14 +73,14 @@ def test_gptq_on_a_decoder_lm_takes_rtn_inputs_as_the_lm_task_asks():
     inputs); the decoder-LM family's default is RTN, per-token at run time, which the LM task named by hand."""
     entry = _REGISTRY["hf_causal_lm"]
     model = entry.build(pretrained=False, **entry.reduced)
-    rule = decoder_lm_rule(model, PTQConfig(method=GPTQ(), a_bits=8).for_family(DECODER_LM))
+    rule = decoder_lm_rule(model, PTQConfig(baseline=GPTQ(), a_bits=8).for_family(DECODER_LM))
     inputs = [rule(n, m).input_quantizer for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
               and n.startswith("model.layers.")]
     assert inputs and all(isinstance(q, TokenQuantizer) for q in inputs)
     from qwt.tasks import llm
 
-    assert llm.parse_bits("W4A8", "gptq").method == GPTQ(activations="rtn")  # the LM task's rows unchanged
-    assert llm.parse_bits("W4A8").method == RTN()
+    assert llm.parse_bits("W4A8", "gptq").baseline == GPTQ(activations="rtn")  # the LM task's rows unchanged
+    assert llm.parse_bits("W4A8").baseline == RTN()
 
 
 def test_an_unresolved_config_is_refused_where_it_would_run(tiny_vit):
@@ -89,9 +89,9 @@ def test_an_unresolved_config_is_refused_where_it_would_run(tiny_vit):
     with pytest.raises(ValueError, match=r"for_family\(family\)"):
         vit_layer_rule(tiny_vit, PTQConfig())
     with pytest.raises(ValueError, match=r"GPTQ\(activations=None\).*for_family\(family\)"):
-        vit_layer_rule(tiny_vit, PTQConfig(method=GPTQ()))
+        vit_layer_rule(tiny_vit, PTQConfig(baseline=GPTQ()))
     assert not list(quant_modules(tiny_vit))
-    vit_layer_rule(tiny_vit, PTQConfig(method=GPTQ()).for_family(VIT))  # resolved: fine
+    vit_layer_rule(tiny_vit, PTQConfig(baseline=GPTQ()).for_family(VIT))  # resolved: fine
 
 
 def test_a_family_default_it_cannot_run_is_refused_at_registration():
@@ -117,4 +117,4 @@ def test_classification_records_name_only_a_non_default_method(task, model, meth
     from qwt.tasks.cli import ptq_config
 
     config = ptq_config(args, qwt.get_model_entry(model).family)
-    assert config.method.name == (method or EXPECTED[qwt.get_model_entry(model).family.name])
+    assert config.baseline.name == (method or EXPECTED[qwt.get_model_entry(model).family.name])

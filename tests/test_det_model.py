@@ -173,7 +173,7 @@ def test_quantised_window_attention_is_mmdet_window_msa_when_off():
     mask = torch.zeros(4, 49, 49).masked_fill(torch.rand(4, 49, 49) > 0.7, -100.0)
     expected = [msa(x), msa(x, mask=mask)]
     keys = set(msa.state_dict())
-    config = PTQConfig(method="repq_vit", w_bits=4, a_bits=4, layer_map="repq_vit")
+    config = PTQConfig(baseline="repq_vit", w_bits=4, a_bits=4, layer_map="repq_vit")
     quant = QuantWindowAttention(msa, *attention_matmuls(config))
     assert isinstance(quant, QuantWindowAttention)
     assert {k for k in quant.state_dict() if "quantizer" not in k} == keys
@@ -186,7 +186,7 @@ def test_whole_detector_is_quantised_with_the_authors_map():
     model = _detector("cascade_mask_rcnn_swin_t")
     convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    config = PTQConfig(method="repq_vit", w_bits=4, a_bits=6, layer_map="repq_vit")
+    config = PTQConfig(baseline="repq_vit", w_bits=4, a_bits=6, layer_map="repq_vit")
     quantize_modules(model, detector_layer_rule(model, config))
     modules = dict(model.named_modules())
     assert all(isinstance(modules[n], QuantConv2d) for n in convs)
@@ -205,7 +205,7 @@ def test_whole_detector_is_quantised_with_the_authors_map():
     # The percentile baseline needs nothing of a family: on the detector its post-norm inputs and softmax
     # outputs get per-tensor uniform quantisers.
     other = _detector()
-    quantize_modules(other, detector_layer_rule(other, PTQConfig(method="percentile", layer_map="repq_vit")))
+    quantize_modules(other, detector_layer_rule(other, PTQConfig(baseline="percentile", layer_map="repq_vit")))
     assert not any(isinstance(m, QuantLinear) and m.input_quantizer.channel_axis is not None for m in other.modules())
     softmax = [m.matmul2.a_quantizer for m in other.modules() if isinstance(m, QuantWindowAttention)]
     assert len(softmax) == 8 and all(type(q) is UniformQuantizer for q in softmax)
@@ -213,7 +213,7 @@ def test_whole_detector_is_quantised_with_the_authors_map():
 
 def test_calibration_covers_the_whole_detector_and_reparam_keeps_the_fp_function():
     model = _detector()
-    config = PTQConfig(method="repq_vit", w_bits=4, a_bits=4, layer_map="repq_vit")
+    config = PTQConfig(baseline="repq_vit", w_bits=4, a_bits=4, layer_map="repq_vit")
     quantize_modules(model, detector_layer_rule(model, config))
     batch = _batch()
     calibrate(model, batch, detector_forward)

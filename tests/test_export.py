@@ -84,7 +84,7 @@ def test_simulation_export_reproduces_percentile_cnn(tmp_path):
     """Random-weight ResNet-18 (per-channel weights, affine activations whose z may lie outside 0..L−1)."""
     model = _resnet18()
     calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    qwt.quantize(model, calib, qwt.PTQConfig(method="percentile", w_bits=6, a_bits=6))
+    qwt.quantize(model, calib, qwt.PTQConfig(baseline="percentile", w_bits=6, a_bits=6))
     logits, reference, _ = _compare(model, calib, tmp_path)
     assert ((logits - reference).abs() <= 1e-3).float().mean() >= 0.9
 
@@ -323,7 +323,7 @@ def test_cli_refuses_a_saved_language_model_before_loading_it(tmp_path, monkeypa
     from qwt.models.decoder_lm import build_from_config, tiny_config
 
     lm = build_from_config(config=tiny_config())
-    config = qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8)
+    config = qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=8)
     qwt.quantize(lm, torch.randint(0, 128, (2, 8)), config)
     saved = qwt.save_quantized(lm, tmp_path / "lm", "hf_causal_lm", config, {"config": tiny_config()})
     monkeypatch.setattr(cli, "load_quantized", lambda *a: pytest.fail("loaded before the refusal"))
@@ -402,7 +402,7 @@ def test_a_language_model_export_is_refused_in_one_line(tmp_path):
 
     lm = build_from_config(config=tiny_config())
     ids = torch.randint(0, 128, (2, 8))
-    qwt.quantize(lm, ids, qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8))
+    qwt.quantize(lm, ids, qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=8))
     with pytest.raises(InputError, match="language models .* are not exported"):
         export_onnx(lm, ids, tmp_path / "lm.onnx")
     assert list(tmp_path.iterdir()) == []

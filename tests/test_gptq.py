@@ -182,8 +182,9 @@ def test_gptq_beats_round_to_nearest_on_every_layer(model_name):
         torch.manual_seed(0)
         fp = timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()
         data = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # ≥ 2×2 maps in the last stage
-    gptq = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(method=GPTQ(activations="percentile"), w_bits=3, a_bits=16))
-    rtn = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(method="percentile", w_bits=3, a_bits=16))
+    gptq = qwt.quantize(copy.deepcopy(fp), data,
+                        PTQConfig(baseline=GPTQ(activations="percentile"), w_bits=3, a_bits=16))
+    rtn = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(baseline="percentile", w_bits=3, a_bits=16))
     fp_weights = dict(fp.named_parameters())
     inputs = _layer_inputs(gptq, data)
     rtn_layers = dict(quant_modules(rtn))
@@ -201,7 +202,7 @@ def test_act_order_and_groups_change_the_result_and_keep_it_valid(tmp_path):
     fp, data = qwt.create_model("vit_fmnist"), _fmnist_calib()
     weights = {}
     for options in (GPTQ(), GPTQ(act_order=True), GPTQ(group_size=32), GPTQ(act_order=True, group_size=32)):
-        config = PTQConfig(method=options, w_bits=3, a_bits=4)
+        config = PTQConfig(baseline=options, w_bits=3, a_bits=4)
         model = qwt.quantize(copy.deepcopy(fp), data, config)
         layers = dict(quant_modules(model))
         for name, layer in layers.items():
@@ -234,13 +235,13 @@ def test_gptq_options_are_checked():
         GPTQ(activations="nope")
     with pytest.raises(ValueError, match="LayerNorm → Linear pairs"):
         qwt.quantize(qwt.create_model("resnet18", smoke=True, num_classes=4), torch.zeros(2, 3, 32, 32),
-                     PTQConfig(method=GPTQ(activations="repq_vit")))
+                     PTQConfig(baseline=GPTQ(activations="repq_vit")))
 
 
 def test_quantisation_off_gives_the_float_model_back():
     """QwT fits each block towards its output with quantisation off: GPTQ must leave the float weights in place."""
     fp, data = qwt.create_model("vit_fmnist"), _fmnist_calib()
-    model = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(method="gptq", w_bits=3, a_bits=16))
+    model = qwt.quantize(copy.deepcopy(fp), data, PTQConfig(baseline="gptq", w_bits=3, a_bits=16))
     with torch.no_grad():
         quantized = model(data)
         with qwt.quant_state(model, weight=False, act=False):
@@ -261,7 +262,7 @@ def test_symmetric_gptq_uses_every_code_of_the_published_grid(tmp_path):
     rounded weights are on the grid, every code of a 3-bit layer is used, and the model saves and loads."""
     from qwt.quant.percentile import PERCENTILES, row_quantiles
 
-    config = PTQConfig(method=GPTQ(symmetric=True), w_bits=3, a_bits=4)
+    config = PTQConfig(baseline=GPTQ(symmetric=True), w_bits=3, a_bits=4)
     data = _fmnist_calib()
     model = qwt.quantize(qwt.create_model("vit_fmnist"), data, config)
     layers = [(n, m) for n, m in quant_modules(model) if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -311,7 +312,8 @@ def test_the_hessian_is_taken_from_the_quantised_inputs(monkeypatch):
 
     monkeypatch.setattr(gptq_module, "_collect_hessian", spy_collect)
     monkeypatch.setattr(gptq_module, "hessian_update", spy_update)
-    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist_calib(), PTQConfig(method=GPTQ(), w_bits=4, a_bits=4))
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist_calib(),
+                         PTQConfig(baseline=GPTQ(), w_bits=4, a_bits=4))
     names = {layer: name for name, layer in quant_modules(model)}
     assert len(seen) > 10
     for layer, (raw, quantized, cols) in seen.items():
@@ -326,7 +328,7 @@ def test_non_finite_calibration_data_is_named_not_blamed_on_the_damping():
     library cannot inspect (a custom forward over batches) is refused at the first non-finite Hessian."""
     data = _fmnist_calib()
     data[3, 0, 5, 5] = float("nan")
-    config = PTQConfig(method=GPTQ(), w_bits=4, a_bits=16)
+    config = PTQConfig(baseline=GPTQ(), w_bits=4, a_bits=16)
     model = qwt.create_model("vit_fmnist")
     with pytest.raises(InputError, match=r"^calibration inputs hold 1 NaN or Inf value\(s\)"):
         qwt.quantize(model, data, config)
@@ -340,7 +342,8 @@ def test_rounding_codes_stay_on_the_grid_when_the_weight_moves():
     """QwT* fine-tunes the float weights under frozen quantisers: a GPTQ offset set for the original weight,
     added to round-to-nearest's code of a moved weight, could leave 0..L−1 (the 8-bit head reached code 256).
     The sum is clamped; for the weights GPTQ rounded it is in range already, so nothing changes bit for bit."""
-    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist_calib(), PTQConfig(method=GPTQ(), w_bits=4, a_bits=4))
+    model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist_calib(),
+                         PTQConfig(baseline=GPTQ(), w_bits=4, a_bits=4))
     for name, layer in quant_modules(model):
         if not isinstance(layer, (QuantLinear, QuantConv2d)):
             continue

@@ -128,7 +128,7 @@ def test_conv_act_bits_is_refused_for_a_token_model(images):
 # --- labels and records are what ran -----------------------------------------------------------------------------
 
 def test_conv_act_bits_shows_in_the_tag_rows_and_file_names():
-    config = qwt.PTQConfig(method="percentile", w_bits=4, a_bits=4, conv_act_bits=8)
+    config = qwt.PTQConfig(baseline="percentile", w_bits=4, a_bits=4, conv_act_bits=8)
     assert config.tag == "W4A4-convA8"
     assert qwt.PTQConfig(w_bits=4, a_bits=4, conv_act_bits=4).tag == "W4A4"  # same arithmetic, same label
     args = classification.build_parser("resnet", "").parse_args(

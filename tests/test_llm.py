@@ -20,7 +20,7 @@ from qwt.quant.modules import QuantLinear, quant_state
 from qwt.quant.rtn import MinMaxWeightQuantizer, TokenQuantizer
 from qwt.tasks import llm
 
-W4A8 = qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8)
+W4A8 = qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=8)
 
 
 def _lm(model_type: str) -> torch.nn.Module:
@@ -181,9 +181,9 @@ def test_guard_needs_batches_to_fit_and_to_hold_out():
 
 @pytest.mark.parametrize("model_type,config", [
     ("llama", W4A8),
-    ("qwen2", qwt.PTQConfig(method="rtn", w_bits=3, a_bits=16)),
-    ("llama", qwt.PTQConfig(method=RTN(group_size=32, activations="tensor"), w_bits=4, a_bits=6)),
-    ("llama", qwt.PTQConfig(method=GPTQ(activations="rtn"), w_bits=4, a_bits=8)),
+    ("qwen2", qwt.PTQConfig(baseline="rtn", w_bits=3, a_bits=16)),
+    ("llama", qwt.PTQConfig(baseline=RTN(group_size=32, activations="tensor"), w_bits=4, a_bits=6)),
+    ("llama", qwt.PTQConfig(baseline=GPTQ(activations="rtn"), w_bits=4, a_bits=8)),
     ("gpt2", W4A8),  # its Conv1D layers are rebuilt as the same Linear layers
     ("gemma3_text", W4A8),
 ])
@@ -252,7 +252,7 @@ def test_perplexity_equals_a_plain_restatement():
     # FP32 cross-entropy summed per batch vs FP64 per token: agree to FP32 rounding of sums of ~100 terms.
     assert math.isclose(llm.perplexity(scores), math.exp(nll / count), rel_tol=1e-5)
     assert scores.tokens == count
-    model = qwt.quantize(copy.deepcopy(fp), _ids(4), qwt.PTQConfig(method="rtn", w_bits=2, a_bits=4))
+    model = qwt.quantize(copy.deepcopy(fp), _ids(4), qwt.PTQConfig(baseline="rtn", w_bits=2, a_bits=4))
     q = llm.score_windows(model, windows, batch_size=5, device="cpu")
     with torch.no_grad():
         same = (model(windows).logits[:, :-1].argmax(-1) == fp(windows).logits[:, :-1].argmax(-1))
@@ -267,7 +267,7 @@ def test_perplexity_equals_a_plain_restatement():
 ])
 def test_bit_tags(tag, method, expected):
     config = llm.parse_bits(tag, method)
-    assert config.method == expected and config.tag == tag.split("-")[0].replace("g128", "")
+    assert config.baseline == expected and config.tag == tag.split("-")[0].replace("g128", "")
     assert llm.bits_label(config) == tag
 
 

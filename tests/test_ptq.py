@@ -18,7 +18,7 @@ def _quantizers(model):
 
 
 def test_vit_layer_map_qwt(tiny_vit):
-    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(method="repq_vit", w_bits=4, a_bits=4)))
+    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(baseline="repq_vit", w_bits=4, a_bits=4)))
     attn = tiny_vit.blocks[0].attn
     assert isinstance(attn.qkv, QuantLinear) and attn.qkv.input_quantizer.channel_axis == -1
     assert tiny_vit.blocks[0].mlp.fc1.input_quantizer.channel_axis == -1
@@ -31,7 +31,7 @@ def test_vit_layer_map_qwt(tiny_vit):
 
 
 def test_vit_layer_map_repq_original(tiny_vit):
-    config = PTQConfig(method="repq_vit", w_bits=4, a_bits=6, layer_map="repq_vit")
+    config = PTQConfig(baseline="repq_vit", w_bits=4, a_bits=6, layer_map="repq_vit")
     quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, config))
     pe = tiny_vit.patch_embed.proj
     assert (pe.input_quantizer.n_bits, pe.weight_quantizer.n_bits) == (8, 4)
@@ -39,7 +39,7 @@ def test_vit_layer_map_repq_original(tiny_vit):
 
 
 def test_percentile_vit_map_is_layerwise_and_uniform(tiny_vit):
-    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(method="percentile")))
+    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(baseline="percentile")))
     qs = _quantizers(tiny_vit)
     assert not any(isinstance(q, LogSqrt2Quantizer) for q in qs.values())
     assert all(q.channel_axis is None for n, q in qs.items() if "input" in n or "matmul" in n)
@@ -52,7 +52,7 @@ def test_reparameterization_keeps_fp_function(tiny_vit, images):
             torch.nn.init.normal_(m.weight, 1.0, 0.3)
             torch.nn.init.normal_(m.bias, 0.0, 0.3)
     reference = tiny_vit(images)
-    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(method="repq_vit")))
+    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(baseline="repq_vit")))
     calibrate(tiny_vit, images)
     touched = reparameterize_model(tiny_vit, VIT.norm_linear_pairs)
     assert len(touched) == 2 * len(tiny_vit.blocks)
@@ -67,7 +67,7 @@ def test_reparameterization_keeps_fp_function(tiny_vit, images):
 
 
 def test_repq_pipeline_recalibrates_only_reset_weights(tiny_vit, images):
-    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(method="repq_vit")))
+    quantize_modules(tiny_vit, vit_layer_rule(tiny_vit, PTQConfig(baseline="repq_vit")))
     calibrate(tiny_vit, images)
     before = {n: q.delta.clone() for n, q in _quantizers(tiny_vit).items()}
     reparameterize_model(tiny_vit, VIT.norm_linear_pairs)
@@ -93,12 +93,12 @@ def test_quantize_end_to_end_and_error_is_bounded(tiny_vit, images):
 
 def test_cnn_map_stem_and_head_w8a8_and_conv_act_bits():
     model = torchvision.models.resnet18(num_classes=10).eval()
-    quantize_modules(model, resnet_layer_rule(model, PTQConfig(method="percentile", w_bits=4, a_bits=4)))
+    quantize_modules(model, resnet_layer_rule(model, PTQConfig(baseline="percentile", w_bits=4, a_bits=4)))
     assert (model.conv1.input_quantizer.n_bits, model.conv1.weight_quantizer.n_bits) == (8, 8)
     assert (model.fc.input_quantizer.n_bits, model.fc.weight_quantizer.n_bits) == (8, 8)
     assert (model.layer1[0].conv1.input_quantizer.n_bits, model.layer1[0].conv1.weight_quantizer.n_bits) == (4, 4)
     legacy = torchvision.models.resnet18(num_classes=10).eval()
-    config = PTQConfig(method="percentile", w_bits=4, a_bits=4, conv_act_bits=8)
+    config = PTQConfig(baseline="percentile", w_bits=4, a_bits=4, conv_act_bits=8)
     quantize_modules(legacy, resnet_layer_rule(legacy, config))
     assert legacy.layer1[0].conv1.input_quantizer.n_bits == 8
     assert isinstance(legacy.layer2[0].downsample[0], QuantConv2d)
@@ -106,10 +106,10 @@ def test_cnn_map_stem_and_head_w8a8_and_conv_act_bits():
 
 def test_cnn_refuses_repq_and_bad_configs():
     with pytest.raises(ValueError, match="percentile"):
-        quantize(torchvision.models.resnet18(), torch.zeros(1, 3, 32, 32), PTQConfig(method="repq_vit"))
+        quantize(torchvision.models.resnet18(), torch.zeros(1, 3, 32, 32), PTQConfig(baseline="repq_vit"))
     with pytest.raises(ValueError, match="2..8"):
         PTQConfig(w_bits=9)
     with pytest.raises(ValueError, match="2..8"):
         PTQConfig(a_bits=1)
     with pytest.raises(ValueError, match="method"):
-        PTQConfig(method="no_such_method")
+        PTQConfig(baseline="no_such_method")

@@ -93,7 +93,7 @@ def test_cnn_grouped_conv_compensation_on_efficientnet():
     fp = timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()
     calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     comp = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    model = quantize(copy.deepcopy(fp), calib, PTQConfig(method="percentile", w_bits=4, a_bits=4))
+    model = quantize(copy.deepcopy(fp), calib, PTQConfig(baseline="percentile", w_bits=4, a_bits=4))
     before = copy.deepcopy(model)
     reports = apply_qwt(model, comp, batch_size=16, progress=False)
     assert len(reports) == sum(len(s) for s in fp.blocks)

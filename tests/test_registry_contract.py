@@ -62,7 +62,7 @@ def test_registered_model_honours_the_family_contract(name, tmp_path):
     assert torch.isfinite(logits).all() and logits.shape == reference.shape
 
     qwt.save_quantized(model, tmp_path / name, name, config, entry.reduced)
-    assert json.loads((tmp_path / name / "qwt.json").read_text())["ptq"]["method"] == family.default_baseline
+    assert json.loads((tmp_path / name / "qwt.json").read_text())["ptq"]["baseline"] == family.default_baseline
     with torch.no_grad():
         assert torch.equal(_logits(qwt.load_quantized(tmp_path / name)(images)), logits)
 

@@ -13,7 +13,7 @@ from qwt.errors import InputError
 from qwt.models.decoder_lm import build_from_config, tiny_config
 
 VIT_CONFIG = qwt.PTQConfig(w_bits=4, a_bits=4)
-LM_CONFIG = qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8)
+LM_CONFIG = qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=8)
 CHANNELWISE = qwt.QwTConfig(fp16_eval=False, compensation="channelwise")
 PROJ = "blocks.0.attn.proj"
 

@@ -11,7 +11,7 @@ import qwt
 from qwt.errors import InputError
 from qwt.ptq.baselines import GPTQ
 
-GROUPED = qwt.PTQConfig(method=GPTQ(group_size=16, act_order=True), w_bits=4, a_bits=4)
+GROUPED = qwt.PTQConfig(baseline=GPTQ(group_size=16, act_order=True), w_bits=4, a_bits=4)
 FC1 = "blocks.0.block.mlp.fc1"  # a Linear with 64 input columns: four groups of 16
 
 
@@ -36,18 +36,18 @@ def saved_grouped(grouped, tmp_path):
 
 def test_the_description_states_the_gptq_options_that_ran(grouped, saved_grouped):
     meta = json.loads((saved_grouped / "qwt.json").read_text())
-    assert meta["ptq"]["method_options"]["act_order"] is True and meta["ptq"]["method_options"]["group_size"] == 16
+    assert meta["ptq"]["baseline_options"]["act_order"] is True and meta["ptq"]["baseline_options"]["group_size"] == 16
     assert meta["quantizers"][f"{FC1}.weight_quantizer"]["group_size"] == 16
     with torch.no_grad():
         assert torch.equal(qwt.load_quantized(saved_grouped)(_fmnist(8)), grouped(_fmnist(8)))
 
 
-@pytest.mark.parametrize("config", [qwt.PTQConfig(method="gptq", w_bits=4, a_bits=4),
-                                    qwt.PTQConfig(method=GPTQ(group_size=16), w_bits=4, a_bits=4)])
+@pytest.mark.parametrize("config", [qwt.PTQConfig(baseline="gptq", w_bits=4, a_bits=4),
+                                    qwt.PTQConfig(baseline=GPTQ(group_size=16), w_bits=4, a_bits=4)])
 def test_saving_with_other_options_than_ran_is_refused(grouped, tmp_path, config):
-    # Before: GPTQ(act_order=True, group_size=16) saved with PTQConfig(method="gptq") recorded act_order false and
+    # Before: GPTQ(act_order=True, group_size=16) saved with PTQConfig(baseline="gptq") recorded act_order false and
     # group_size null (only kinds, bits, axes, grids and floors were compared).
-    with pytest.raises(InputError, match=r"quantised with PTQConfig\(method=GPTQ\(.*act_order=True, group_size=16"
+    with pytest.raises(InputError, match=r"quantised with PTQConfig\(baseline=GPTQ\(.*act_order=True, group_size=16"
                                          r".*not with the config passed.*qwt.ptq.applied_config"):
         qwt.save_quantized(grouped, tmp_path / "m", "vit_fmnist", config)
     assert not (tmp_path / "m").exists()
@@ -58,13 +58,13 @@ def test_a_model_quantised_by_hand_is_refused_a_config_of_another_group_size(gro
     del by_hand.qwt_ptq_config  # no remembered config: the quantisers' declared settings are compared
     assert qwt.ptq.applied_config(by_hand) is None
     with pytest.raises(InputError, match=f"{FC1}.weight_quantizer: the model's group_size is 16, the config's None"):
-        qwt.save_quantized(by_hand, tmp_path / "m", "vit_fmnist", qwt.PTQConfig(method=GPTQ(act_order=True),
+        qwt.save_quantized(by_hand, tmp_path / "m", "vit_fmnist", qwt.PTQConfig(baseline=GPTQ(act_order=True),
                                                                                  w_bits=4, a_bits=4))
 
 
 def _relabel_groups(size):
     def edit(meta):
-        meta["ptq"]["method_options"]["group_size"] = size
+        meta["ptq"]["baseline_options"]["group_size"] = size
         for spec in meta["quantizers"].values():
             if spec["kind"] == "uniform_rounding":
                 spec["group_size"] = size
@@ -73,7 +73,7 @@ def _relabel_groups(size):
 
 def _as_earlier_save(meta):
     """A description written before RoundingQuantizer declared its group size, relabelled per channel."""
-    meta["ptq"]["method_options"]["group_size"] = None
+    meta["ptq"]["baseline_options"]["group_size"] = None
     for spec in meta["quantizers"].values():
         spec.pop("group_size", None)
 
@@ -95,7 +95,7 @@ def test_the_loaded_model_remembers_its_config(saved_grouped, tmp_path):
     loaded = qwt.load_quantized(saved_grouped)
     assert qwt.ptq.applied_config(loaded) == GROUPED.for_family(qwt.get_model_entry("vit_fmnist").family)
     with pytest.raises(InputError, match="quantised with"):
-        qwt.save_quantized(loaded, tmp_path / "again", "vit_fmnist", qwt.PTQConfig(method="gptq", w_bits=4,
+        qwt.save_quantized(loaded, tmp_path / "again", "vit_fmnist", qwt.PTQConfig(baseline="gptq", w_bits=4,
                                                                                     a_bits=4))
 
 
@@ -120,7 +120,7 @@ def test_values_the_format_cannot_mean_are_refused(saved_grouped, resign, key, v
 def test_a_zero_point_the_affine_search_puts_far_from_zero_round_trips(tmp_path):
     # Calibration data on one side of 0, concentrated far from it: the authors' affine grid puts z at about
     # −lo·(L−1)/(hi−lo), far outside 0..L−1. Such a grid is a genuine one, so load may not refuse it.
-    config = qwt.PTQConfig(method="percentile", w_bits=4, a_bits=4)
+    config = qwt.PTQConfig(baseline="percentile", w_bits=4, a_bits=4)
     model = qwt.quantize(qwt.create_model("vit_fmnist"), _fmnist(), config)
     q = model.blocks[0].mlp.fc2.input_quantizer
     q.calibrate(5 + torch.rand(4096, generator=torch.Generator().manual_seed(0)) / 10)
@@ -153,7 +153,7 @@ def lm_model():
     return model
 
 
-LM_CONFIG = qwt.PTQConfig(method="rtn", w_bits=4, a_bits=8)
+LM_CONFIG = qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=8)
 
 
 @pytest.fixture

@@ -56,10 +56,10 @@ def test_description_comes_from_the_model(saved, w6a6):
 
 def test_the_saved_config_names_the_baseline_that_ran(saved, entry, w6a6, tmp_path):
     """``PTQConfig()`` means the family's default; the save records that default by name, never "default"."""
-    assert json.loads((saved / "qwt.json").read_text())["ptq"]["method"] == "repq_vit"
-    with pytest.raises(InputError, match=r"quantised with PTQConfig\(method=RepQViT\(\).*not with the config "
-                                         r"passed, PTQConfig\(method=Percentile\(\)"):
-        save_quantized(w6a6[0], tmp_path / "p", entry.name, PTQConfig(method="percentile", w_bits=6, a_bits=6))
+    assert json.loads((saved / "qwt.json").read_text())["ptq"]["baseline"] == "repq_vit"
+    with pytest.raises(InputError, match=r"quantised with PTQConfig\(baseline=RepQViT\(\).*not with the config "
+                                         r"passed, PTQConfig\(baseline=Percentile\(\)"):
+        save_quantized(w6a6[0], tmp_path / "p", entry.name, PTQConfig(baseline="percentile", w_bits=6, a_bits=6))
 
 
 def test_a_gptq_save_with_its_partner_left_to_the_family_loads(entry, resign, tmp_path):
@@ -68,14 +68,41 @@ def test_a_gptq_save_with_its_partner_left_to_the_family_loads(entry, resign, tm
     from qwt.ptq.baselines import GPTQ
 
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    config = PTQConfig(method=GPTQ(), w_bits=4, a_bits=6)
+    config = PTQConfig(baseline=GPTQ(), w_bits=4, a_bits=6)
     model = quantize(entry.build(), images, config)
     saved = save_quantized(model, tmp_path / "g", entry.name, config)
-    assert json.loads((saved / "qwt.json").read_text())["ptq"]["method_options"]["activations"] == "repq_vit"
-    resign(saved, edit=lambda meta: meta["ptq"]["method_options"].update(activations=None))
-    assert json.loads((saved / "qwt.json").read_text())["ptq"]["method_options"]["activations"] is None
+    assert json.loads((saved / "qwt.json").read_text())["ptq"]["baseline_options"]["activations"] == "repq_vit"
+    resign(saved, edit=lambda meta: meta["ptq"]["baseline_options"].update(activations=None))
+    assert json.loads((saved / "qwt.json").read_text())["ptq"]["baseline_options"]["activations"] is None
     with torch.no_grad():
         assert torch.equal(load_quantized(saved)(images), model(images))
+
+
+def test_a_save_of_the_previous_release_with_method_keys_loads(entry, resign, tmp_path):
+    """The previous release wrote the baseline as ``"method"`` / ``"method_options"``: such a save loads to the
+    same model and config, and saving it again writes the new keys."""
+    from qwt.ptq import applied_config
+    from qwt.ptq.baselines import GPTQ
+
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    config = PTQConfig(baseline=GPTQ(act_order=True), w_bits=4, a_bits=6)
+    model = quantize(entry.build(), images, config)
+    saved = save_quantized(model, tmp_path / "old", entry.name, config)
+
+    def old_keys(meta):
+        meta["ptq"] = {("method" if k == "baseline" else "method_options" if k == "baseline_options" else k): v
+                       for k, v in meta["ptq"].items()}
+
+    resign(saved, edit=old_keys)
+    ptq = json.loads((saved / "qwt.json").read_text())["ptq"]
+    assert ptq["method"] == "gptq" and ptq["method_options"]["act_order"] is True and "baseline" not in ptq
+    loaded = load_quantized(saved)
+    assert applied_config(loaded) == applied_config(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    again = save_quantized(loaded, tmp_path / "new", entry.name, config)
+    ptq = json.loads((again / "qwt.json").read_text())["ptq"]
+    assert ptq["baseline"] == "gptq" and ptq["baseline_options"]["act_order"] is True and "method" not in ptq
 
 
 def test_a_config_that_disagrees_with_the_model_is_refused(entry, w6a6, tmp_path):

@@ -18,7 +18,7 @@ from qwt.quant import swap_module
 def test_size_matches_the_authors_deit_tiny_count():
     # The authors' count for deit_tiny W4A4 with the QwT layer map counts 3.27184 MB, 4.165792 MB with 12 compensations.
     model = timm.create_model("deit_tiny_patch16_224")
-    quantize_modules(model, vit_layer_rule(model, PTQConfig(method="repq_vit", w_bits=4, a_bits=4)))
+    quantize_modules(model, vit_layer_rule(model, PTQConfig(baseline="repq_vit", w_bits=4, a_bits=4)))
     assert model_size_mb(model) == 3.27184
     for i, block in enumerate(model.blocks):
         swap_module(model, f"blocks.{i}", LinearCompensated.zeros(block, 192, 192))

@@ -44,7 +44,7 @@ def test_classification_runs_a_baseline_defined_outside_the_library(task, model,
     record = _record(out)
     assert all(row["model"] == f"{model}-test_toy_minmax-coarse=true-smoke" for row in record["rows"])
     details = json.loads((out / "details" / f"{model}_W4A4_test_toy_minmax_coarse=true_smoke.json").read_text())
-    assert details["ptq"]["method"] == "test_toy_minmax" and details["ptq"]["method_options"] == {"coarse": True}
+    assert details["ptq"]["baseline"] == "test_toy_minmax" and details["ptq"]["baseline_options"] == {"coarse": True}
 
 
 def test_detection_runs_a_baseline_defined_outside_the_library(tmp_path):
@@ -57,7 +57,7 @@ def test_detection_runs_a_baseline_defined_outside_the_library(tmp_path):
     assert [row["method"] for row in record["rows"]] == ["ptq", "ptq+qwt"]
     assert record["rows"][0]["model"] == "mask_rcnn_swin_t-test_toy_minmax-coarse=true-smoke"
     details = json.loads(next((out / "details").glob("*.json")).read_text())
-    assert details["ptq"]["method_options"] == {"coarse": True}
+    assert details["ptq"]["baseline_options"] == {"coarse": True}
 
 
 def test_the_language_model_task_runs_a_baseline_defined_outside_the_library(tmp_path):

@@ -29,7 +29,7 @@ class Family:
     matches: Callable[[nn.Module], bool]
     layer_rule: Callable[[nn.Module, PTQConfig], LayerRule]
     plan: Callable[[nn.Module], BlockPlan]
-    #: the registered baseline ``PTQConfig()`` (method left unset) and ``--method``'s default run on this family,
+    #: the registered baseline ``PTQConfig()`` (baseline left unset) and ``--method``'s default run on this family,
     #: and the activation partner of a baseline that leaves it open (``GPTQ(activations=None)``)
     default_baseline: str
     norm_linear_pairs: NormLinearPairs = ()

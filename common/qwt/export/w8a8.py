@@ -37,7 +37,7 @@ from ..ptq import act_quantizer, quantize_modules
 from ..quant.modules import QuantConv2d, QuantModule, quant_modules, swap_module
 from ..quant.quantizers import Quantizer, RoundingQuantizer, UniformQuantizer
 
-W8A8 = PTQConfig(method="percentile", w_bits=8, a_bits=8)
+W8A8 = PTQConfig(baseline="percentile", w_bits=8, a_bits=8)
 _ACT_RANGE = (0, 255)
 WeightDtype = Literal["auto", "uint8", "int8"]
 #: Storage of the symmetric 8-bit weight codes: (code range, zero point). Same values, different kernels.

@@ -100,8 +100,8 @@ def decoder_lm_rule(model: nn.Module, config: PTQConfig) -> LayerRule:
 
     check_supported_layers(model)
     prefix = layers_path(model) + "."
-    weight = config.baseline.weight_quantizer
-    act = config.baseline.activation_baseline()
+    baseline = config.resolved_baseline()
+    weight, act = baseline.weight_quantizer, baseline.activation_baseline()
     _check_weight_groups(model, weight(config.w_bits))
 
     def rule(name: str, module: nn.Module) -> nn.Module | None:

@@ -51,6 +51,6 @@ def apply_ptq(model: nn.Module, data: Any, config: PTQConfig, rule: LayerRule,
     calibrate(model, data, forward)
     if on_phase:
         on_phase("calibrate")
-    norms = config.baseline.after_calibration(model, data, forward, pairs, on_phase)
+    norms = config.resolved_baseline().after_calibration(model, data, forward, pairs, on_phase)
     setattr(model, APPLIED_CONFIG, config)
     return norms

@@ -1,6 +1,8 @@
 """What to quantise and how: one frozen config applied to a model (the torchao style)."""
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,6 +16,10 @@ if TYPE_CHECKING:  # the family module imports this one
 LayerMap = Literal["qwt", "repq_vit"]
 #: ``a_bits`` value that leaves every activation in float: weights-only quantisation (W4A16, W3A16).
 FLOAT_ACTIVATIONS = 16
+#: The previous release's names of the baseline keys (``method``): still read from saved models and records.
+_OLD_KEYS = {"method": "baseline", "method_options": "baseline_options"}
+#: Tells a ``method=`` left out from ``method=None`` (the family's default, as ``baseline=None``).
+_NOT_GIVEN: Any = object()
 
 
 def bit_tag(w_bits: int, a_bits: int, conv_act_bits: int | None = None) -> str:
@@ -24,17 +30,39 @@ def bit_tag(w_bits: int, a_bits: int, conv_act_bits: int | None = None) -> str:
     return tag
 
 
+def _accept_old_method_keyword(cls: type[PTQConfig]) -> type[PTQConfig]:
+    """``PTQConfig(method=...)``, the previous release's name of ``baseline``, still accepted (keyword only, with
+    a DeprecationWarning) for one release. Wrapping the generated ``__init__`` keeps the fields declared once and
+    leaves ``fields()``, ``replace()``, equality, hashing and repr to the dataclass."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: PTQConfig, *args: Any, method: Any = _NOT_GIVEN, **kwargs: Any) -> None:
+        if method is not _NOT_GIVEN:
+            if args or "baseline" in kwargs:
+                raise ValueError("PTQConfig got both baseline and method (its former name): give baseline only")
+            warnings.warn("PTQConfig(method=...) is renamed PTQConfig(baseline=...); method will be removed in the "
+                          "next release", DeprecationWarning, stacklevel=2)
+            kwargs["baseline"] = method
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_accept_old_method_keyword
 @dataclass(frozen=True)
 class PTQConfig:
     """Post-training quantisation settings.
 
-    method: a registered baseline's name or a :class:`~qwt.ptq.baselines.Baseline` instance (stored as the
+    baseline: a registered baseline's name or a :class:`~qwt.ptq.baselines.Baseline` instance (stored as the
         instance): ``repq_vit`` (channel-wise post-LayerNorm inputs reparameterised, log-√2 post-softmax),
         ``percentile`` (every activation per tensor, uniform softmax quantiser, no reparameterisation), ``gptq``
         (GPTQ-rounded weights, activations as the family's default baseline), ``rtn``, or your own. None (the
         default): the model family's ``default_baseline``, filled in by :meth:`for_family` where the family is
         known (``qwt.quantize``, ``qwt.save_quantized``, the task CLIs), so what runs and what is recorded is
-        always a concrete baseline.
+        always a concrete baseline. ``method=`` (keyword only), its former name, is accepted until the next
+        release.
     a_bits: 2..8, or 16 (:data:`FLOAT_ACTIVATIONS`): no activation quantiser anywhere (weights only).
     layer_map: ``qwt`` keeps patch-embed and classifier head at W8A8 as the QwT authors do; ``repq_vit`` is
         RepQ-ViT's original map (patch-embed input 8-bit, weights and head at W/A bits).
@@ -43,7 +71,7 @@ class PTQConfig:
         code did this with 8 bits, so its "W4/A4" table was really W4/A8. None = use ``a_bits``.
     """
 
-    method: Baseline | str | None = None
+    baseline: Baseline | str | None = None
     w_bits: int = 4
     a_bits: int = 4
     layer_map: LayerMap = "qwt"
@@ -51,8 +79,8 @@ class PTQConfig:
     conv_act_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method is not None:
-            object.__setattr__(self, "method", resolve_baseline(self.method))
+        if self.baseline is not None:
+            object.__setattr__(self, "baseline", resolve_baseline(self.baseline))
         check_fields(self, "PTQConfig")
         if self.layer_map not in ("qwt", "repq_vit"):
             raise ValueError(f"unknown layer map {self.layer_map!r}; choose 'qwt' or 'repq_vit'")
@@ -72,21 +100,29 @@ class PTQConfig:
             raise ValueError(f"log_floor must be in (0, 1) or None (no floor), got {self.log_floor!r}")
 
     def for_family(self, family: Family) -> PTQConfig:
-        """This config as it runs on ``family``: the method filled in with the family's default baseline when
-        unset, any choice the baseline leaves to the family made (GPTQ's activation partner), and refused
-        (ValueError, one line) if the family cannot run it. Resolving a resolved config returns an equal one."""
-        method = make_baseline(family.default_baseline) if self.method is None else self.method
-        method = method.for_family(family)
-        method.check_family(family)
-        return replace(self, method=method)
+        """This config as it runs on ``family``: the baseline filled in with the family's default when unset, any
+        choice the baseline leaves to the family made (GPTQ's activation partner), and refused (ValueError, one
+        line) if the family cannot run it. Resolving a resolved config returns an equal one."""
+        baseline = make_baseline(family.default_baseline) if self.baseline is None else self.baseline
+        baseline = baseline.for_family(family)
+        baseline.check_family(family)
+        return replace(self, baseline=baseline)
+
+    def resolved_baseline(self) -> Baseline:
+        """The baseline that runs; refuses a config whose baseline is still its family's default (not resolved),
+        so that nothing quantises, records or saves "the default" without knowing which one it is."""
+        if self.baseline is None:
+            raise ValueError("PTQConfig(baseline=None) means the model family's default baseline, which is not "
+                             "chosen yet: resolve the config with config.for_family(family) first (qwt.quantize "
+                             "does)")
+        return self.baseline
 
     @property
-    def baseline(self) -> Baseline:
-        """The baseline that runs; refuses a config whose method is still its family's default (not resolved)."""
-        if self.method is None:
-            raise ValueError("PTQConfig(method=None) means the model family's default baseline, which is not chosen "
-                             "yet: resolve the config with config.for_family(family) first (qwt.quantize does)")
-        return self.method
+    def method(self) -> Baseline | None:
+        """The previous release's name of :attr:`baseline`, read for one more release (DeprecationWarning)."""
+        warnings.warn("PTQConfig.method is renamed PTQConfig.baseline; method will be removed in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return self.baseline
 
     @property
     def float_activations(self) -> bool:
@@ -101,19 +137,27 @@ class PTQConfig:
         return bit_tag(self.w_bits, self.a_bits, self.conv_act_bits)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values; the method by name, with ``method_options`` for a baseline that has some.
+        """Plain JSON-able values; the baseline by name, with ``baseline_options`` for a baseline that has some.
         Only a resolved config has them (a record or saved model names the baseline that ran)."""
+        baseline = self.resolved_baseline()
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["method"] = self.baseline.name
-        options = self.baseline.options()
+        data["baseline"] = baseline.name
+        options = baseline.options()
         if options:
-            data["method_options"] = options
+            data["baseline_options"] = options
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PTQConfig:
+        """The config :meth:`to_dict` wrote; the previous release's ``method``/``method_options`` keys are read
+        too, so that its saved models still load."""
         data = dict(data)
-        options = data.pop("method_options", None)
-        if "method" in data:
-            data["method"] = make_baseline(data["method"], options)
+        for old, new in _OLD_KEYS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"a PTQ config gives both {new!r} and {old!r} (its former name): keep {new!r}")
+                data[new] = data.pop(old)
+        options = data.pop("baseline_options", None)
+        if "baseline" in data:
+            data["baseline"] = make_baseline(data["baseline"], options)
         return cls(**data)

@@ -29,7 +29,7 @@ class _Activations:
     """The activation quantisers a rule places: the baseline's, or none at all for weights-only settings."""
 
     def __init__(self, config: PTQConfig) -> None:
-        self.baseline: Baseline = config.baseline.activation_baseline()
+        self.baseline: Baseline = config.resolved_baseline().activation_baseline()
         self.off = config.float_activations
 
     def __call__(self, bits: int) -> Quantizer | None:
@@ -59,7 +59,7 @@ def token_rule(config: PTQConfig, *, attention: AttentionRule, embed: NameTest, 
     Any other conv is refused unless ``other_convs`` (a detector's neck and heads: W/A bits).
     """
     a, w, qwt_map = config.a_bits, config.w_bits, config.layer_map == "qwt"
-    act, weight = _Activations(config), config.baseline.weight_quantizer
+    act, weight = _Activations(config), config.resolved_baseline().weight_quantizer
     if config.conv_act_bits not in (None, a):  # it would show in the bit label without changing any layer
         raise ValueError(f"conv_act_bits={config.conv_act_bits} applies to CNNs only; token models quantise "
                          f"every activation at a_bits ({a})")
@@ -87,7 +87,7 @@ def cnn_rule(config: PTQConfig, *, stem: str, classifier: NameTest) -> LayerRule
     """Bits of a CNN: stem conv and classifier W8A8, every other conv and Linear at W bits with
     ``conv_act_bits`` (or A) bit inputs. BatchNorm is not folded; activations and adds stay FP."""
     conv_a = config.conv_act_bits or config.a_bits
-    act, weight = _Activations(config), config.baseline.weight_quantizer
+    act, weight = _Activations(config), config.resolved_baseline().weight_quantizer
 
     def rule(name: str, module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Conv2d):

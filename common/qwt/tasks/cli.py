@@ -131,7 +131,7 @@ def ptq_config(args: argparse.Namespace, family: Family) -> PTQConfig:
     options ``--method-option`` then sets) and refused now (before any compute) if the method does not fit it."""
     name, options = chosen_method(args, family)
     method = make_baseline(name, options)
-    return PTQConfig(method=method, w_bits=args.w_bits, a_bits=args.a_bits, layer_map=args.layer_map,
+    return PTQConfig(baseline=method, w_bits=args.w_bits, a_bits=args.a_bits, layer_map=args.layer_map,
                      log_floor=args.log_floor, conv_act_bits=args.conv_act_bits).for_family(family)
 
 

@@ -46,7 +46,7 @@ def bits_config(tag: str, method: str | None) -> PTQConfig:
     """``W4A4`` → a PTQ config (``method`` None: the model family's default baseline)."""
     try:
         w, a = tag.upper().removeprefix("W").split("A")
-        return PTQConfig(method=method, w_bits=int(w), a_bits=int(a))
+        return PTQConfig(baseline=method, w_bits=int(w), a_bits=int(a))
     except ValueError as err:
         raise InputError(f"bad bit setting {tag!r}: expected like W4A4 with bits in 2..8 (A16: weights only) "
                          f"({err})") from None

@@ -435,7 +435,7 @@ class Run:
 
     def row(self, bits: str, config: PTQConfig | None, stage: str, form: str | None, metrics: dict[str, float],
             model: nn.Module, **extra: Any) -> Row:
-        baseline = None if config is None else config.baseline
+        baseline = None if config is None else config.resolved_baseline()
         row: Row = {"model": self.session.label, "bits": bits, "baseline": None if baseline is None else baseline.name,
                     "stage": stage, "form": form, **metrics}
         if baseline is not None and chosen_options(baseline):
@@ -493,7 +493,8 @@ def combine(out: Path, stems: Sequence[str], columns: Sequence[Column], title: s
 
 def setting_name(config: PTQConfig) -> str:
     """``W4A4 gptq`` / ``W4A8 rtn (activations=tensor)``: the bits and the baseline as the rows name them."""
-    return f"{config.tag} {baseline_label({'baseline': config.baseline.name, 'baseline_options': chosen_options(config.baseline)})}"
+    baseline = config.resolved_baseline()
+    return f"{config.tag} {baseline_label({'baseline': baseline.name, 'baseline_options': chosen_options(baseline)})}"
 
 
 def chosen_options(baseline: Baseline) -> dict[str, Any]:

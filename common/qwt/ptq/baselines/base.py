@@ -135,13 +135,13 @@ def _refuse_unknown(cls: type[Baseline], names: Iterable[str]) -> None:
                          f"{'; it takes ' + ', '.join(sorted(known)) if known else ''}")
 
 
-def resolve_baseline(method: str | Baseline) -> Baseline:
+def resolve_baseline(baseline: str | Baseline) -> Baseline:
     """A baseline instance from a registered name or an instance."""
-    if isinstance(method, Baseline):
-        return method
-    if not isinstance(method, str):
-        raise ValueError(f"method must be a registered PTQ method name or a Baseline, got {method!r}")
-    return make_baseline(method)
+    if isinstance(baseline, Baseline):
+        return baseline
+    if not isinstance(baseline, str):
+        raise ValueError(f"baseline must be a registered PTQ baseline's name or a Baseline, got {baseline!r}")
+    return make_baseline(baseline)
 
 
 __all__ = ["Baseline", "act_quantizer", "weight_quantizer", "register_baseline", "list_baselines", "make_baseline",

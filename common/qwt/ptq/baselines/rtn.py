@@ -1,4 +1,4 @@
-"""Round-to-nearest as language-model PTQ uses it (``method="rtn"``): min-max weights per output channel or per
+"""Round-to-nearest as language-model PTQ uses it (``baseline="rtn"``): min-max weights per output channel or per
 group of ``group_size`` input columns, and activations per token at run time (``activations="token"``, dynamic)
 or one static per-tensor grid (``"tensor"``, percentile-MSE on the calibration text); ``a_bits=16`` leaves them
 in float (weights only). Applies to any family; the decoder-LM family quantises every Linear of its decoder

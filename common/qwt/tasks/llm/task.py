@@ -55,7 +55,7 @@ def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dic
                          "weight groups are baseline options: --method-option activations=tensor, "
                          "--method-option group_size=128)")
     try:
-        return PTQConfig(method=make_baseline(method, options), w_bits=int(m[1]),
+        return PTQConfig(baseline=make_baseline(method, options), w_bits=int(m[1]),
                          a_bits=int(m[2])).for_family(DECODER_LM)
     except ValueError as err:
         raise InputError(f"--bits {tag}: {err}") from None
