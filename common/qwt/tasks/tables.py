@@ -1,18 +1,14 @@
 """One table runner and one assembler for every task folder, driven by the folder's ``configs/table.json``.
 
-``table.json`` names the models × bit settings of the paper's table, the task's command-line parser, the
-metrics (with their key in ``configs/paper.json``), where results go, the weights-file suffixes, the flags every
-run of the table gets (``flags``, e.g. the authors' solver; the user's own flags come after and win) and the
-reduced ``--smoke`` set. The runner checks every checkpoint first, runs each model × bits as ``<folder>/main.py`` in a
-child process (the FP model once per model), skips runs that already have a complete record of the same
-configuration, and stops its child on SIGTERM/SIGINT; the assembler reads only complete records of that
-configuration, lists the missing ones and writes ``summary.json``, ``table.md`` (ours next to the paper) and,
-for top-1 tables, the per-model tables and ``chart.png``.
-
-The language model's table (``"parser": "llm"``) is one run: its ``main.py`` evaluates every bit setting in one
-process and writes the whole table itself, so the runner starts it once with the description's flags (``--smoke``:
-its ``smoke`` flags) and there is nothing to resume or assemble; such a description names no models, bit pairs,
-metrics or weights files.
+``table.json`` names the runs of the paper's table, either as models × bit settings (``models``, ``bits``: a run
+per pair, the FP model evaluated with each model's first setting) or as explicit flag lists (``runs``), the task
+(``parser``: ``vit``, ``resnet``, ``detection``, ``llm``), where results go, the weights-file suffixes, the flags
+every run gets (``flags``, e.g. the authors' solver; the user's own come after and win), the reduced ``--smoke``
+set, and for a table with published numbers the metrics to hold against ``configs/paper.json``. The runner checks
+every run's flags and checkpoint first, runs each as ``<folder>/main.py`` in a child process (the run protocol,
+:mod:`qwt.tasks.protocol`), skips runs that already have a complete record of the same run and configuration,
+and stops its child on SIGTERM/SIGINT; the assembler reads only those complete records, lists the missing ones
+and writes ``summary.json``, ``table.md`` (ours next to the paper, where there is one) and ``chart.png``.
 """
 from __future__ import annotations
 
@@ -20,16 +16,19 @@ import argparse
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..cli import check_writable_dir, hold_output_dir, run_cli
 from ..errors import InputError
-from ..report import Row, _fmt, atomic_write, bar_chart, collect_records, markdown_table, resume_plan
+from ..report import Row, _fmt, atomic_write, config_hash, read_record, results_chart, results_table
+from . import protocol
 
-METHOD_LABELS = {"fp": "FP", "ptq": "PTQ", "ptq+qwt": "PTQ+QwT", "ptq+qwt*": "PTQ+QwT*"}
+#: How the paper's tables name each stage.
+PAPER_METHODS = {"fp": "fp", "ptq": "ptq", "qwt": "ptq+qwt", "qwt*": "ptq+qwt*"}
 
 
 @dataclass(frozen=True)
@@ -39,21 +38,16 @@ class Metric:
     label: str
 
 
-#: The one parser whose table is a single run (see the module docstring).
-ONE_RUN_PARSER = "llm"
-#: What a table of model × bits runs needs besides title, parser, out and smoke.
-_RUNS_KEYS = ("models", "bits", "metrics", "checkpoint_suffixes")
-
-
 @dataclass(frozen=True)
 class Table:
     folder: Path
     title: str
     parser: str
     out: str
-    smoke: dict[str, list[str]]
+    smoke: dict[str, Any]
     models: list[str] = field(default_factory=list)
     bits: list[list[int]] = field(default_factory=list)
+    runs: list[list[str]] = field(default_factory=list)
     metrics: list[Metric] = field(default_factory=list)
     checkpoint_suffixes: list[str] = field(default_factory=list)
     flags: tuple[str, ...] = ()
@@ -67,34 +61,37 @@ class Table:
         try:
             spec = json.loads(path.read_text())
             spec.pop("bits_note", None)
-            needed = () if spec.get("parser") == ONE_RUN_PARSER else _RUNS_KEYS
-            missing = [key for key in (*needed, "smoke") if key not in spec]
+            needed = ("runs",) if "runs" in spec else ("models", "bits", "checkpoint_suffixes")
+            missing = [key for key in ("title", "parser", "out", "smoke", *needed) if key not in spec]
             if missing:
                 raise KeyError(", ".join(missing))
             spec["metrics"] = [Metric(*m) for m in spec.get("metrics", [])]
             spec["flags"] = tuple(spec.get("flags", ()))
-            return cls(folder=folder, **spec)
+            table = cls(folder=folder, **spec)
+            table.task()
+            return table
         except (AttributeError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise InputError(f"{path} is not a table description ({type(err).__name__}: {err})") from None
-
-    @property
-    def one_run(self) -> bool:
-        return self.parser == ONE_RUN_PARSER
 
     @property
     def paper(self) -> Path:
         return self.folder / "configs" / "paper.json"
 
+    def task(self) -> protocol.Task:
+        """The task whose main.py runs the table (detection imported only when asked for)."""
+        if self.parser == "detection":
+            from .detection.pipeline import Detection
 
-def _task_parser(name: str) -> tuple[Callable[[list[str]], argparse.Namespace], Callable[[Any], str]]:
-    """The task's flag parser and record-stem function (detection imported only when asked for)."""
-    if name == "detection":
-        from .detection.pipeline import build_parser, run_stem
+            return Detection()
+        if self.parser == "llm":
+            from .llm import LanguageModel
 
-        return build_parser("").parse_args, run_stem
-    from .classification import build_parser, run_stem
+            return LanguageModel()
+        if self.parser in ("vit", "resnet"):
+            from .classification import Classification
 
-    return build_parser(name, "").parse_args, run_stem
+            return Classification(self.parser)
+        raise KeyError(f"parser {self.parser!r}: one of vit, resnet, detection, llm")
 
 
 def checkpoints(folder: Path, models: Sequence[str], suffixes: Sequence[str]) -> dict[str, Path]:
@@ -133,52 +130,76 @@ def reproduce(folder: Path, argv: list[str] | None = None) -> int:
     return run_cli(_reproduce, folder, args, extra)
 
 
-def _reproduce(folder: Path, args: argparse.Namespace, extra: list[str]) -> int:
-    table = Table.load(folder)
-    out = check_writable_dir(args.out or Path(table.out + ("_smoke" if args.smoke else "")), "--out")
-    if table.one_run:
-        return _reproduce_one_run(table, args, extra, out)
+def flag_lists(table: Table, args: argparse.Namespace, extra: list[str], out: Path) -> list[list[str]]:
+    """Each run's flags: the description's, the run's own, (``--smoke``) the smoke set's, then the user's."""
+    smoke = ["--smoke", "--no-progress", *table.smoke.get("flags", [])] if args.smoke else []
+    if table.parser == "llm" and args.smoke:
+        smoke.remove("--smoke")  # the language model's smoke flags name their own model (--tiny-random)
+    common = [*table.flags, *smoke, *extra, "--out", str(out)]
+    if table.runs:
+        if args.checkpoints is not None:
+            raise InputError(f"--checkpoints: {table.folder.name}'s table loads its model with --model DIR (a local "
+                             "checkpoint folder; default: the one it names), not from a checkpoints folder")
+        return [[*run, *common] for run in (table.smoke.get("runs", table.runs) if args.smoke else table.runs)]
     if not args.smoke and args.checkpoints is None:
         raise InputError("pass --checkpoints DIR and the task's data flag, or --smoke")
     models = table.smoke["models"] if args.smoke else table.models
-    extra = [*table.flags, *extra]
-    if args.smoke:
-        extra = [*extra, "--smoke", "--no-progress", *table.smoke["flags"]]
     weights = checkpoints(args.checkpoints, models, table.checkpoint_suffixes) if args.checkpoints else {}
-    flag_lists = []
+    lists = []
     for model in models:
         ckpt = ["--checkpoint", str(weights[model])] if model in weights else []
         for i, (w, a) in enumerate(table.bits):
             # The FP model is evaluated once per model, with its first bit setting.
-            flag_lists.append(["--model", model, "--w-bits", str(w), "--a-bits", str(a), "--out", str(out), *ckpt,
-                               *extra, *(["--skip-fp"] if i else [])])
-    parse, stem = _task_parser(table.parser)
-    todo, stems, config = resume_plan(out, flag_lists, parse, stem)
+            lists.append(["--model", model, "--w-bits", str(w), "--a-bits", str(a), *ckpt, *common,
+                          *(["--skip-fp"] if i else [])])
+    return lists
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run of the table: its flags, and the record it leaves (stem, configuration hash, run key)."""
+
+    flags: list[str]
+    stem: str
+    config: str
+    key: dict[str, Any]
+
+    def done(self, out: Path) -> bool:
+        record = read_record(out / f"{self.stem}.json")
+        return record is not None and record.get("config_hash") == self.config and record.get("run") == self.key
+
+
+def plan(table: Table, lists: list[list[str]]) -> list[PlannedRun]:
+    """Every run's flags parsed and checked up front (a bad flag fails before the first run)."""
+    task, runs = table.task(), []
+    for flags in lists:
+        args = protocol.parse_args(task, "", flags)
+        protocol.check(task, args)
+        runs.append(PlannedRun(flags, task.stem(args), config_hash(args), task.run_key(args)))
+    return runs
+
+
+def _reproduce(folder: Path, args: argparse.Namespace, extra: list[str]) -> int:
+    table = Table.load(folder)
+    out = check_writable_dir(args.out or Path(table.out + ("_smoke" if args.smoke else "")), "--out")
+    runs = plan(table, flag_lists(table, args, extra, out))
     with hold_output_dir(out, "--out"):  # held for the children too: they are started by this process
-        for flags, _ in todo:
-            cmd = [sys.executable, str(table.folder / "main.py"), *flags]
+        for run in runs:
+            if run.done(out):
+                print(f"= {run.stem}: complete record with this configuration, skipped", flush=True)
+                continue
+            cmd = [sys.executable, str(table.folder / "main.py"), *run.flags]
             print("+", " ".join(cmd), flush=True)
             code = run_child(cmd)
             if code != 0:
                 return code
-        return assemble(out, stems, config, table)
-
-
-def _reproduce_one_run(table: Table, args: argparse.Namespace, extra: list[str], out: Path) -> int:
-    """The table that one run of the task's main.py writes whole: the description's flags, then (``--smoke``) its
-    smoke flags, then the user's. The run itself holds ``out`` and refuses one that holds results already."""
-    if args.checkpoints is not None:
-        raise InputError(f"--checkpoints: {table.folder.name}'s table loads its model with --model DIR (a local "
-                         "checkpoint folder; default: the one it names), not from a checkpoints folder")
-    smoke = ["--no-progress", *table.smoke["flags"]] if args.smoke else []
-    cmd = [sys.executable, str(table.folder / "main.py"), *table.flags, *smoke, *extra, "--out", str(out)]
-    print("+", " ".join(cmd), flush=True)
-    return run_child(cmd)
+        return assemble(out, [(r.stem, r.config) for r in runs], table)
 
 
 def comparison(rows: Sequence[Row], paper: dict[str, Any], metrics: Sequence[Metric]) -> str:
-    """Markdown: for every (model, bits, method) either side has, each metric ours | paper | difference."""
-    ours = {(r["model"], r["bits"], r["method"]): r for r in rows}
+    """Markdown: for every (model, bits, stage) either side has, each metric ours | paper | difference. Ours are
+    the dense QwT rows (the paper's form)."""
+    ours = {(r["model"], r["bits"], PAPER_METHODS[r["stage"]]): r for r in rows if r.get("form") in (None, "dense")}
     published: dict[tuple[str, str, str], Any] = {}
     for model, entry in paper["models"].items():
         if entry.get("fp") is not None:
@@ -189,8 +210,9 @@ def comparison(rows: Sequence[Row], paper: dict[str, Any], metrics: Sequence[Met
     head = "| model | bits | method | " + " | ".join(f"ours {m.label} | paper {m.label} | ours − paper"
                                                        for m in metrics) + " |"
     lines = [head, "|" + "---|" * (3 + 3 * len(metrics))]
+    labels = {"fp": "FP", "ptq": "PTQ", "ptq+qwt": "PTQ+QwT", "ptq+qwt*": "PTQ+QwT*"}
     for key in dict.fromkeys([*ours, *published]):
-        cells = [key[0], key[1], METHOD_LABELS.get(key[2], key[2])]
+        cells = [key[0], key[1], labels.get(key[2], key[2])]
         for m in metrics:
             mine = ours.get(key, {}).get(m.key)
             theirs = published.get(key)
@@ -201,47 +223,56 @@ def comparison(rows: Sequence[Row], paper: dict[str, Any], metrics: Sequence[Met
     return "\n".join(lines) + f"\n\nPaper numbers: {paper.get('source', '')}\n"
 
 
-def assemble(folder: Path, stems: Sequence[str], config: str, table: Table, absent: Sequence[str] = ()) -> int:
-    """Write the table from the complete records ``folder/<stem>.json`` made with configuration ``config``;
-    returns 1 (after writing what exists) when some runs are missing (a listed stem without such a record, or
-    one of ``absent``), else 0."""
-    rows, environments, missing = collect_records(folder, stems, config)
-    missing = [*missing, *absent]
+def assemble(folder: Path, runs: Sequence[tuple[str, str]], table: Table, absent: Sequence[str] = ()) -> int:
+    """Write the table from the complete records ``folder/<stem>.json`` of each (stem, configuration hash) in
+    ``runs``; returns 1 (after writing what exists) when some runs are missing (no such record, or one of
+    ``absent``), else 0."""
+    rows, environments, missing, seen = [], [], [*absent], set()
+    for stem, config in runs:
+        record = read_record(Path(folder) / f"{stem}.json")
+        if record is None or record.get("config_hash") != config:
+            missing.append(stem)
+            continue
+        if record.get("environment") not in environments:
+            environments.append(record.get("environment"))
+        for row in record["rows"]:
+            key = (row["model"], row["bits"], row.get("baseline"), row["stage"], row.get("form"))
+            if key not in seen:  # the FP row is evaluated once per model
+                seen.add(key)
+                rows.append(row)
     if not rows:
-        raise InputError(f"no complete record with configuration {config} in {folder}")
-    keys = {"model", "bits", "method"} | {m.key for m in table.metrics}
+        raise InputError(f"no complete record of this table's runs in {folder}")
+    task = table.task()
+    keys = {"model", "bits", "stage"} | {c.key for c in task.columns}
     for r in rows:
-        if not keys <= set(r) or r["method"] not in METHOD_LABELS:
+        if not keys <= set(r) or r["stage"] not in PAPER_METHODS:
             raise InputError(f"malformed result row in {folder}: {r} (needs {sorted(keys)})")
-    text = f"## {table.title}\n\n" + comparison(rows, json.loads(table.paper.read_text()), table.metrics)
-    if any(m.key == "top1" for m in table.metrics):
-        models = list(dict.fromkeys(r["model"] for r in rows))
-        text += "\n" + "\n\n".join(markdown_table(rows, m) for m in models) + "\n"
-        bar_chart(rows, folder / "chart.png", table.title)
+    text = results_table(rows, task.columns, table.title, {"environment": environments[0]})
+    if table.metrics and table.paper.is_file():
+        text = f"## {table.title}\n\n" + comparison(rows, json.loads(table.paper.read_text()), table.metrics) + \
+            "\n" + text.partition("\n\n")[2]
     if missing:
-        text += f"\nMissing runs (no complete record with configuration {config}): {', '.join(missing)}\n"
-    summary = {"config_hash": config, "environment": environments, "missing": missing, "rows": rows}
+        text += f"\nMissing runs (no complete record of the table's configuration): {', '.join(missing)}\n"
+    summary = {"environment": environments, "missing": missing, "rows": rows}
     atomic_write(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write(folder / "table.md", text)
+    results_chart(rows, task.columns[0], folder / "chart.png", table.title)
     print(text)
     if missing:
-        print(f"missing runs (no complete record with configuration {config}): {', '.join(missing)}",
+        print(f"missing runs (no complete record of the table's configuration): {', '.join(missing)}",
               file=sys.stderr)
         return 1
     return 0
 
 
 def assemble_folder(folder: Path, results: Path, config: str | None = None) -> int:
-    """``scripts/assemble_table.py``: assemble ``results`` for the task ``folder`` from its complete records of
-    one configuration (``config``, or the only one present); other JSON in ``results`` is ignored and named."""
-    from collections import Counter
-
-    from ..report import read_record
-
+    """``scripts/assemble_table.py``: assemble ``results`` for the task ``folder`` (a models × bits table) from its
+    complete records of one configuration (``config``, or the only one present); other JSON in ``results`` is
+    ignored and named."""
     table = Table.load(folder)
-    if table.one_run:
-        raise InputError(f"{folder.name}'s table is written whole by its one run (table.md in that run's --out); "
-                         "there is nothing to assemble")
+    if table.runs:
+        raise InputError(f"{folder.name}'s table is a list of runs whose flags differ: scripts/reproduce_table.py "
+                         f"{folder.name} assembles it (finished runs are skipped), there is nothing to assemble here")
     if not results.is_dir():
         raise InputError(f"{results} is not a folder of run records")
     records = {f.stem: read_record(f) for f in sorted(results.glob("*.json")) if f.name != "summary.json"}
@@ -263,7 +294,8 @@ def assemble_folder(folder: Path, results: Path, config: str | None = None) -> i
     if ignored:
         print(f"ignored (incomplete, damaged or not a run record): {', '.join(ignored)}", file=sys.stderr)
     stems = [stem for stem, r in complete.items() if r.get("config_hash") == config]
-    return assemble(results, stems, config, table, absent_runs(table, [complete[s]["run"] for s in stems]))
+    return assemble(results, [(stem, config) for stem in stems], table,
+                    absent_runs(table, [complete[s]["run"] for s in stems]))
 
 
 def absent_runs(table: Table, runs: Sequence[dict[str, Any]]) -> list[str]:
