@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -465,7 +465,8 @@ class Run:
         atomic_write(out / "details" / f"{self.stem}.json", json.dumps(details, indent=1, default=str) + "\n")
         if complete:
             title = self.task.title(args)
-            text = results_table(self.rows, self.task.columns, title, record) + self.session.notes()
+            record["notes"] = self.session.notes()
+            text = results_table(self.rows, self.task.columns, title, record) + record["notes"]
             atomic_write(out / f"{self.stem}.md", text)
             results_chart(self.rows, self.task.columns[0], out / f"{self.stem}.png", title)
         atomic_write(out / f"{self.stem}.json", json.dumps(record, indent=1) + "\n")
@@ -482,13 +483,18 @@ def combine(out: Path, stems: Sequence[str], columns: Sequence[Column], title: s
     environment = next(iter(records.values()))["environment"]
     title = title.format(**environment)
     rows = [row for record in records.values() for row in record["rows"]]
-    text = results_table(rows, columns, title, {"environment": environment})
+    text = results_table(rows, columns, title, {"environment": environment}) + record_notes(records.values())
     summary = {"environment": {stem: r["environment"] for stem, r in records.items()},
                "data": {stem: r["data"] for stem, r in records.items()}, "rows": rows}
     atomic_write(Path(out) / "summary.json", json.dumps(summary, indent=1) + "\n")
     atomic_write(Path(out) / "table.md", text)
     results_chart(rows, columns[0], Path(out) / "chart.png", title)
     return text
+
+
+def record_notes(records: Iterable[dict[str, Any]]) -> str:
+    """The notes of each record (e.g. a language model's sample continuations), in order, once each."""
+    return "".join(dict.fromkeys(r.get("notes") or "" for r in records))
 
 
 def setting_name(config: PTQConfig) -> str:

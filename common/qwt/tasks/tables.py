@@ -227,12 +227,13 @@ def assemble(folder: Path, runs: Sequence[tuple[str, str]], table: Table, absent
     """Write the table from the complete records ``folder/<stem>.json`` of each (stem, configuration hash) in
     ``runs``; returns 1 (after writing what exists) when some runs are missing (no such record, or one of
     ``absent``), else 0."""
-    rows, environments, missing, seen = [], [], [*absent], set()
+    rows, environments, missing, seen, records = [], [], [*absent], set(), []
     for stem, config in runs:
         record = read_record(Path(folder) / f"{stem}.json")
         if record is None or record.get("config_hash") != config:
             missing.append(stem)
             continue
+        records.append(record)
         if record.get("environment") not in environments:
             environments.append(record.get("environment"))
         for row in record["rows"]:
@@ -247,7 +248,8 @@ def assemble(folder: Path, runs: Sequence[tuple[str, str]], table: Table, absent
     for r in rows:
         if not keys <= set(r) or r["stage"] not in PAPER_METHODS:
             raise InputError(f"malformed result row in {folder}: {r} (needs {sorted(keys)})")
-    text = results_table(rows, task.columns, table.title, {"environment": environments[0]})
+    text = results_table(rows, task.columns, table.title, {"environment": environments[0]}) + \
+        protocol.record_notes(records)
     if table.metrics and table.paper.is_file():
         text = f"## {table.title}\n\n" + comparison(rows, json.loads(table.paper.read_text()), table.metrics) + \
             "\n" + text.partition("\n\n")[2]
