@@ -213,23 +213,23 @@ def read_record(path: Path) -> dict[str, Any] | None:
     return record
 
 
-def collect_records(folder: Path, expected: Sequence[str], config: str) -> tuple[list[Row], list[dict], list[str]]:
-    """Rows of the complete records ``folder/<stem>.json`` for every stem in ``expected`` made with configuration
-    hash ``config``; returns (rows, environments, missing stems). Other JSON in the folder is ignored."""
+def collect_records(folder: Path, runs: Sequence[tuple[str, str]]) -> tuple[list[Row], list[dict], list[str]]:
+    """Rows of the complete records ``folder/<stem>.json`` of each (stem, configuration hash) in ``runs``;
+    returns (rows, the records, missing stems). A row several records hold (the FP row of a model, evaluated with
+    each of its runs) is taken once."""
     rows: list[Row] = []
-    environments: list[dict] = []
+    records: list[dict] = []
     missing: list[str] = []
     seen = set()
-    for stem in expected:
+    for stem, config in runs:
         record = read_record(Path(folder) / f"{stem}.json")
         if record is None or record.get("config_hash") != config:
             missing.append(stem)
             continue
-        if record.get("environment") not in environments:
-            environments.append(record.get("environment"))
+        records.append(record)
         for row in record["rows"]:
             key = (row["model"], row["bits"], row.get("baseline"), row["stage"], row.get("form"))
-            if key not in seen:  # the FP row is evaluated once per model
+            if key not in seen:
                 seen.add(key)
                 rows.append(row)
-    return rows, environments, missing
+    return rows, records, missing

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -99,9 +99,6 @@ class Classification(protocol.Task):
         bits = bit_tag(args.w_bits, args.a_bits, args.conv_act_bits)
         method = method_suffix(args, get_model_entry(args.model).family, "_")
         return f"{args.model}_{bits}{method}{'_smoke' if args.smoke else ''}{subset}"
-
-    def run_key(self, args: argparse.Namespace) -> dict[str, Any]:
-        return protocol.weights_key(args)
 
     def title(self, args: argparse.Namespace) -> str:
         return f"ImageNet classification: {run_label(args)}"

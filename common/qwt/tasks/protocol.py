@@ -150,9 +150,10 @@ class Task(ABC):
     def stem(self, args: argparse.Namespace) -> str:
         """The run's record name in --out: everything that tells it from another run of the same table."""
 
-    @abstractmethod
     def run_key(self, args: argparse.Namespace) -> dict[str, Any]:
-        """What the record is a run of (model, bits, weights file by content); a resume needs the same key."""
+        """What the record is a run of; a resume needs the same key. The default suits a task with ``--model``,
+        ``--w-bits``/``--a-bits``, ``--smoke`` and ``--checkpoint`` (:func:`weights_key`)."""
+        return weights_key(args)
 
     @abstractmethod
     def open(self, args: argparse.Namespace, rank: int, world: int) -> contextlib.AbstractContextManager[Session]:

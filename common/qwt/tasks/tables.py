@@ -24,7 +24,7 @@ from typing import Any
 
 from ..cli import check_writable_dir, hold_output_dir, run_cli
 from ..errors import InputError
-from ..report import Row, _fmt, atomic_write, config_hash, read_record, results_chart, results_table
+from ..report import Row, _fmt, atomic_write, collect_records, config_hash, read_record, results_chart, results_table
 from . import protocol
 
 #: How the paper's tables name each stage.
@@ -227,20 +227,10 @@ def assemble(folder: Path, runs: Sequence[tuple[str, str]], table: Table, absent
     """Write the table from the complete records ``folder/<stem>.json`` of each (stem, configuration hash) in
     ``runs``; returns 1 (after writing what exists) when some runs are missing (no such record, or one of
     ``absent``), else 0."""
-    rows, environments, missing, seen, records = [], [], [*absent], set(), []
-    for stem, config in runs:
-        record = read_record(Path(folder) / f"{stem}.json")
-        if record is None or record.get("config_hash") != config:
-            missing.append(stem)
-            continue
-        records.append(record)
-        if record.get("environment") not in environments:
-            environments.append(record.get("environment"))
-        for row in record["rows"]:
-            key = (row["model"], row["bits"], row.get("baseline"), row["stage"], row.get("form"))
-            if key not in seen:  # the FP row is evaluated once per model
-                seen.add(key)
-                rows.append(row)
+    rows, records, missing = collect_records(folder, runs)
+    missing += absent
+    environments = list({json.dumps(r.get("environment"), sort_keys=True): r.get("environment")
+                         for r in records}.values())
     if not rows:
         raise InputError(f"no complete record of this table's runs in {folder}")
     task = table.task()

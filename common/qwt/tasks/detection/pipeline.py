@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import mmdet
 import mmengine
@@ -95,9 +95,6 @@ class Detection(protocol.Task):
 
     def stem(self, args: argparse.Namespace) -> str:
         return f"{run_label(args)}_{bit_tag(args.w_bits, args.a_bits, args.conv_act_bits)}"
-
-    def run_key(self, args: argparse.Namespace) -> dict[str, Any]:
-        return protocol.weights_key(args)
 
     def title(self, args: argparse.Namespace) -> str:
         return f"COCO detection: {run_label(args)}"
