@@ -91,6 +91,8 @@ class PTQConfig:
             except ValueError:
                 raise ValueError(f"a_bits must be an integer in {MIN_BITS}..{MAX_BITS}, or {FLOAT_ACTIVATIONS} to "
                                  f"leave activations in float (weights only), got {self.a_bits!r}") from None
+        if self.float_activations and isinstance(self.baseline, Baseline):
+            _refuse_activation_options(self.baseline)
         if self.conv_act_bits is not None:
             check_bits(self.conv_act_bits)
             if self.float_activations:
@@ -161,3 +163,14 @@ class PTQConfig:
         if "baseline" in data:
             data["baseline"] = make_baseline(data["baseline"], options)
         return cls(**data)
+
+
+def _refuse_activation_options(baseline: Baseline) -> None:
+    """With ``a_bits=16`` nothing is quantised that the baseline's activation-only options shape: one set away from
+    its default would be recorded as if it had run."""
+    given = {f.name: getattr(baseline, f.name) for f in fields(baseline)
+             if f.name in baseline.activation_options and getattr(baseline, f.name) != f.default}
+    if given:
+        options = ", ".join(f"{k}={v}" for k, v in given.items())
+        raise ValueError(f"{baseline.name} option {options} shapes the activation quantisers, and a_bits="
+                         f"{FLOAT_ACTIVATIONS} leaves activations in float (weights only); drop it for this setting")

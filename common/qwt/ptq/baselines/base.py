@@ -43,6 +43,9 @@ class Baseline:
     name: ClassVar[str]
     #: One line for ``--help`` and error messages.
     summary: ClassVar[str] = ""
+    #: Options that shape only the activation quantisers: with ``a_bits=16`` (weights only) they do nothing, so a
+    #: value other than the default is refused there and a row of such a run does not name them.
+    activation_options: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         """Refuse an option whose value its type hint does not allow (``act_order="no"`` would run as true),

@@ -20,6 +20,7 @@ class RTN(Baseline):
     (per-token min-max at run time) or ``tensor`` (per-tensor, static)."""
 
     name = "rtn"
+    activation_options = ("activations",)
     summary = "min-max round-to-nearest weights (per channel or group), per-token dynamic or per-tensor inputs"
 
     group_size: int | None = None
