@@ -2,16 +2,20 @@
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import qwt
-from qwt.tasks.classification import build_parser, run
+from qwt.cli import LOCK_FILE
 from qwt.compensation import Compensated
 from qwt.data.synthetic import write_class_folders
 from qwt.models import get_model_entry
 from qwt.quant import quant_state, set_quant_state
+from qwt.report import config_hash
+from qwt.tasks import protocol
+from qwt.tasks.classification import Classification, main
 
 
 @pytest.fixture(scope="module")
@@ -19,37 +23,57 @@ def dataset(tmp_path_factory):
     return write_class_folders(tmp_path_factory.mktemp("imagenet"), classes=4, train_per_class=24, val_per_class=6)
 
 
-def _run(task, model, dataset, out, *extra):
-    args = build_parser(task, "test").parse_args(
-        ["--model", model, "--smoke", "--data-dir", str(dataset), "--out", str(out), "--workers", "0",
-         "--comp-images", "64", "--no-progress", *extra])
-    return run(args, task)
+def _argv(model, dataset, out, *extra):
+    return ["--model", model, "--smoke", "--data-dir", str(dataset), "--out", str(out), "--workers", "0",
+            "--comp-images", "64", "--no-progress", *extra]
+
+
+def _run(kind, model, dataset, out, *extra):
+    """One run through the protocol; its record's rows."""
+    task = Classification(kind)
+    args = protocol.parse_args(task, "test", _argv(model, dataset, out, *extra))
+    assert protocol.run(task, args) == 0
+    return json.loads((Path(out) / f"{task.stem(args)}.json").read_text())["rows"]
+
+
+def _blocks(details):
+    """Every per-block report of a details record (one list per setting and form)."""
+    return [b for reports in details["blocks"].values() for b in reports]
 
 
 @pytest.mark.parametrize("task,model", [("vit", "vit_small"), ("vit", "deit_small_distilled"),
                                         ("vit", "swin_tiny"), ("resnet", "resnet18")])
 def test_end_to_end_record_is_complete(task, model, dataset, tmp_path):
     rows = _run(task, model, dataset, tmp_path, "--save", str(tmp_path / "saved"))
-    assert [r["method"] for r in rows] == ["fp", "ptq", "ptq+qwt"]
+    assert [r["stage"] for r in rows] == ["fp", "ptq", "qwt"]
     saved = json.loads((tmp_path / f"{model}_W4A4_smoke.json").read_text())
     assert saved["rows"] == rows and saved["complete"] is True and saved["data"]["comp"] == 64
+    assert saved["task"] == f"classification-{task}" and saved["run"]["model"] == model
     kernels = {"cpu_capability", "cpu_flags", "mkl", "onednn"}  # the instruction set behind the last digits
     assert {"cpu", "threads", "torch", "timm", "device"} | kernels <= set(saved["environment"])
+    baseline = get_model_entry(model).family.default_baseline
     for r in rows:
-        assert {"model", "bits", "method", "top1", "calib_seconds"} <= set(r) and 0 <= r["top1"] <= 100
+        assert {"model", "bits", "baseline", "stage", "top1", "size_mb", "peak_memory_mb"} <= set(r)
+        assert 0 <= r["top1"] <= 100 and r["model"] == f"{model}-smoke"
+    assert [r["baseline"] for r in rows] == [None, baseline, baseline]
+    assert rows[2]["form"] == "dense" and rows[1]["ptq_seconds"] == rows[2]["ptq_seconds"] > 0
     assert rows[2]["size_mb"] > rows[1]["size_mb"] > 0
     details = json.loads((tmp_path / "details" / f"{model}_W4A4_smoke.json").read_text())
-    assert details["blocks"] and all("r2" in b for b in details["blocks"])
-    assert (tmp_path / f"{model}_W4A4_smoke.md").read_text().startswith(f"**{model}-smoke**")
+    assert list(details["blocks"]) == [f"W4A4 {baseline} dense"]
+    blocks = _blocks(details)
+    assert blocks and all("r2" in b for b in blocks) and rows[2]["blocks"] == len(blocks)
+    assert rows[2]["blocks_kept"] == sum(b["applied"] for b in blocks)
+    assert f"**{model}-smoke**" in (tmp_path / f"{model}_W4A4_smoke.md").read_text()
+    assert (tmp_path / f"{model}_W4A4_smoke.png").stat().st_size > 0
     loaded = qwt.load_quantized(tmp_path / "saved")
-    assert sum(isinstance(m, Compensated) for m in loaded.modules()) == len(details["blocks"])
+    assert sum(isinstance(m, Compensated) for m in loaded.modules()) == len(blocks)
 
 
 def test_features_on_disk_give_the_same_record(dataset, tmp_path):
     default = _run("resnet", "resnet18", dataset, tmp_path / "memory")
     on_disk = _run("resnet", "resnet18", dataset, tmp_path / "disk", "--feature-device", "disk")
     assert [r["top1"] for r in on_disk] == [r["top1"] for r in default]
-    blocks = [json.loads((tmp_path / d / "details" / "resnet18_W4A4_smoke.json").read_text())["blocks"]
+    blocks = [_blocks(json.loads((tmp_path / d / "details" / "resnet18_W4A4_smoke.json").read_text()))
               for d in ("memory", "disk")]
     assert [b["r2"] for b in blocks[0]] == [b["r2"] for b in blocks[1]]
 
@@ -97,7 +121,8 @@ def test_compensation_reduces_block_error_and_gate_zeroes(model):
 
 def test_qwt_star_trains_compensation_and_head_only(dataset, tmp_path):
     rows = _run("vit", "deit_tiny", dataset, tmp_path, "--qwt-star", "--star-max-steps", "3", "--skip-fp")
-    assert [r["method"] for r in rows] == ["ptq", "ptq+qwt", "ptq+qwt*"]
+    assert [r["stage"] for r in rows] == ["ptq", "qwt", "qwt*"]
+    assert rows[2]["form"] == "dense" and rows[2]["qwt_seconds"] >= rows[1]["qwt_seconds"]
     model = qwt.create_model("deit_tiny", smoke=True, num_classes=4)
     images = torch.randn(32, 3, 32, 32)
     q = qwt.quantize(copy.deepcopy(model), images, qwt.PTQConfig())
@@ -116,8 +141,6 @@ def test_qwt_star_trains_compensation_and_head_only(dataset, tmp_path):
 
 
 def test_missing_data_dir_and_checkpoint_errors(tmp_path, capsys):
-    from qwt.tasks.classification import main
-
     assert main("vit", "t", ["--model", "deit_small", "--data-dir", str(tmp_path), "--workers", "0"]) == 2
     assert "train/ and val/" in capsys.readouterr().err
     data = write_class_folders(tmp_path / "d", classes=2, train_per_class=20, val_per_class=2, size=16)
@@ -126,7 +149,7 @@ def test_missing_data_dir_and_checkpoint_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="deit_small_patch16_224-cd65a155.pth"):
         qwt.create_model("deit_small")
     with pytest.raises(SystemExit):
-        build_parser("vit", "t").parse_args(["--model", "resnet18"])  # wrong task: not a choice
+        protocol.parse_args(Classification("vit"), "t", ["--model", "resnet18"])  # wrong task: not a choice
 
 
 def test_augmented_images_do_not_depend_on_draw_order(dataset):
@@ -145,8 +168,12 @@ def test_gptq_from_the_command_line_is_named_in_the_record(dataset, tmp_path):
                 "--save", str(tmp_path / "saved"))
     # never next to a paper RepQ-ViT row, nor in the place of a run with other options
     assert [r["model"] for r in rows] == ["deit_small-gptq-act_order=true-smoke"] * 3
+    # the rows name what ran: the option given, and the activations GPTQ took from the family's baseline
+    options = {"act_order": True, "activations": "repq_vit"}
+    assert [(r["baseline"], r.get("baseline_options")) for r in rows[1:]] == [("gptq", options)] * 2
     details = json.loads((tmp_path / "details" / "deit_small_W4A4_gptq_act_order=true_smoke.json").read_text())
-    assert details["ptq"]["baseline"] == "gptq" and details["ptq"]["baseline_options"]["act_order"] is True
+    [ptq] = details["ptq"]
+    assert ptq["baseline"] == "gptq" and ptq["baseline_options"]["act_order"] is True
     assert qwt.load_quantized(tmp_path / "saved") is not None
 
 
@@ -154,3 +181,92 @@ def test_a_method_the_family_cannot_take_is_refused_before_any_compute(dataset, 
     with pytest.raises(ValueError, match="LayerNorm → Linear pairs"):
         _run("resnet", "resnet18", dataset, tmp_path / "out", "--method", "repq_vit")
     assert not (tmp_path / "out").exists()
+
+
+# --- --config FILE: the flags' own checks, named as the file's, before any compute -------------------------------
+
+def _refuse_compute(monkeypatch):
+    """From here on, loading a model or data fails the test: what follows is decided before any compute."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run loaded its model and data")
+
+    monkeypatch.setattr(Classification, "open", refuse)
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    _refuse_compute(monkeypatch)
+
+
+@pytest.mark.parametrize("settings,flags,words", [
+    ({"w_bits": "four"}, [], "argument --w-bits: invalid int value: 'four'"),
+    ({"method": "awq"}, [], "argument --method: invalid choice: 'awq'"),
+    ({"method": "gptq", "method_option": {"act_order": "no"}}, [], "act_order=no: expected True or False"),
+    ({"method_option": {"act_order": "no"}}, ["--method", "gptq"], "act_order=no: expected True or False"),
+    ({"method_option": {"act_order": True}}, [], "'repq_vit' has no option(s) act_order"),
+    ({"qwt_star": True, "star_temperature": 0}, [], "temperature must be > 0"),
+    ({"r2_treshold": 0.5}, [], "unknown setting(s) r2_treshold"),
+    ({"skip_fp": "yes"}, [], "skip_fp is true or false, got 'yes'"),
+])
+def test_a_config_files_bad_value_is_refused_in_one_line_naming_the_file(settings, flags, words, dataset, tmp_path,
+                                                                          capsys, no_compute):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(settings))
+    out = tmp_path / "out"
+    assert main("vit", "t", [*_argv("deit_tiny", dataset, out), "--config", str(config), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --config {config}: ") and words in err[0], err
+    assert not out.exists()
+
+
+def test_a_bad_command_line_value_is_not_blamed_on_the_config_file(dataset, tmp_path, capsys, no_compute):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"method": "gptq"}))
+    argv = [*_argv("deit_tiny", dataset, tmp_path / "out"), "--config", str(config), "--method-option", "act_order=no"]
+    assert main("vit", "t", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: PTQ method 'gptq' option act_order=no: expected True or False"]
+
+
+def test_a_config_file_may_name_the_model_and_the_command_line_wins(dataset, tmp_path):
+    """The file may hold a required flag; its run is the one the same flags give (same record name, run and
+    configuration), so either resumes the other."""
+    task = Classification("vit")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": "deit_tiny", "w_bits": 6, "method": "gptq", "smoke": True,
+                                  "method_option": {"act_order": True}}))
+    from_file = protocol.parse_args(task, "t", ["--config", str(config), "--w-bits", "8", "--out", str(tmp_path)])
+    flags = protocol.parse_args(task, "t", ["--model", "deit_tiny", "--w-bits", "8", "--method", "gptq", "--smoke",
+                                            "--method-option", "act_order=true", "--out", str(tmp_path)])
+    assert from_file.model == "deit_tiny" and from_file.w_bits == 8
+    assert task.stem(from_file) == task.stem(flags) == "deit_tiny_W8A4_gptq_act_order=true_smoke"
+    assert task.run_key(from_file) == task.run_key(flags)
+    assert config_hash(from_file) == config_hash(flags)
+
+
+# --- a second run on the same --out ------------------------------------------------------------------------------
+
+def _snapshot(out):
+    """Every file under ``out``: its bytes, and (but for the lock, which each hold rewrites) when it was written."""
+    return {p.relative_to(out).as_posix(): (p.read_bytes(), None if p.name == LOCK_FILE else p.stat().st_mtime_ns)
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_on_the_same_out_is_skipped_or_refused_and_changes_nothing(dataset, tmp_path, capsys,
+                                                                                monkeypatch):
+    out = tmp_path / "out"
+    flags = [*_argv("deit_tiny", dataset, out), "--skip-fp"]
+    assert main("vit", "t", flags) == 0
+    before = _snapshot(out)
+    stem = "deit_tiny_W4A4_smoke"
+    assert {f"{stem}.json", f"{stem}.md", f"{stem}.png", f"details/{stem}.json"} <= set(before)
+    _refuse_compute(monkeypatch)
+    capsys.readouterr()
+    assert main("vit", "t", flags) == 0  # the same run: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    assert _snapshot(out) == before
+    assert main("vit", "t", [*flags, "--r2-threshold", "0.5"]) == 2  # another configuration of the same record
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out} already holds a complete record of {stem}"), err
+    assert _snapshot(out) == before

@@ -4,6 +4,7 @@ import argparse
 import copy
 import json
 import os
+import runpy
 import subprocess
 import sys
 import warnings
@@ -20,10 +21,11 @@ from qwt.data.imagenet import class_folder, eval_transform, Preprocessing
 from qwt.data.synthetic import write_class_folders
 from qwt.errors import InputError
 from qwt.finetune import FinetuneConfig
-from qwt.report import is_done, write_run
-from qwt.tasks import classification
+from qwt.report import config_hash
+from qwt.tasks import classification, protocol
 from qwt.tasks.cli import qwt_config
-from qwt.tasks.tables import assemble_folder
+from qwt.tasks.fashion_mnist import FashionMNIST, FashionMNISTSession
+from qwt.tasks.tables import assemble_folder, reproduce
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "common"), "OMP_WAIT_POLICY": "PASSIVE"}
@@ -131,9 +133,9 @@ def test_conv_act_bits_shows_in_the_tag_rows_and_file_names():
     config = qwt.PTQConfig(baseline="percentile", w_bits=4, a_bits=4, conv_act_bits=8)
     assert config.tag == "W4A4-convA8"
     assert qwt.PTQConfig(w_bits=4, a_bits=4, conv_act_bits=4).tag == "W4A4"  # same arithmetic, same label
-    args = classification.build_parser("resnet", "").parse_args(
-        ["--model", "resnet18", "--smoke", "--conv-act-bits", "8"])
-    assert classification.run_stem(args) == "resnet18_W4A4-convA8_smoke"
+    task = classification.Classification("resnet")
+    args = protocol.parse_args(task, "", ["--model", "resnet18", "--smoke", "--conv-act-bits", "8"])
+    assert task.stem(args) == "resnet18_W4A4-convA8_smoke"
 
 
 def test_conv_act_bits_run_is_labelled_in_its_record(tmp_path):
@@ -153,31 +155,51 @@ def test_size_counts_the_compensation_as_it_runs(fp16_eval, weight_bits):
     assert qwt.model_size_mb(model) == (16 * weight_bits + 4 * 32) // 8 / 1e6
 
 
+RESNET = classification.Classification("resnet")
+
+
 def _table_args(folder: Path, checkpoint: Path | None, model: str = "resnet18") -> argparse.Namespace:
-    flags = ["--model", model, "--out", str(folder)] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
-    return classification.build_parser("resnet", "").parse_args(flags)
+    flags = ["--model", model, "--data-dir", str(folder), "--out", str(folder)]
+    return protocol.parse_args(RESNET, "", flags + (["--checkpoint", str(checkpoint)] if checkpoint else []))
 
 
 def _rows(model: str) -> list[dict]:
-    return [{"model": model, "bits": "FP", "method": "fp", "top1": 70.0},
-            {"model": model, "bits": "W4A4", "method": "ptq", "top1": 60.0},
-            {"model": model, "bits": "W4A4", "method": "ptq+qwt", "top1": 65.0}]
+    setting = {"model": model, "bits": "W4A4", "baseline": "percentile"}
+    return [{"model": model, "bits": "FP", "baseline": None, "stage": "fp", "form": None, "top1": 70.0},
+            {**setting, "stage": "ptq", "form": None, "top1": 60.0},
+            {**setting, "stage": "qwt", "form": "dense", "top1": 65.0, "blocks_kept": 8, "blocks": 8}]
 
 
-def test_resume_matches_the_checkpoint_by_content(tmp_path):
+def _write_record(args: argparse.Namespace, rows: list[dict], task: protocol.Task = RESNET) -> Path:
+    """A complete record of ``args``'s run, as the protocol leaves it in --out (the keys resume and assembly read)."""
+    record = {"complete": True, "task": task.name, "config_hash": config_hash(args), "run": task.run_key(args),
+              "environment": {"cpu": "x"}, "data": {}, "rows": rows}
+    path = Path(args.out) / f"{task.stem(args)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_resume_matches_the_checkpoint_by_content(tmp_path, capsys, monkeypatch):
     # Before: after the weights file was replaced, the old record still counted as done and its numbers stayed.
+    # Now a record of the same weights is a finished run (nothing is loaded), one of other weights is refused.
+    monkeypatch.setattr(classification.Classification, "open", lambda *a: pytest.fail("the run loaded a model"))
     weights = tmp_path / "resnet18.pth"
     weights.write_bytes(b"first weights")
     args = _table_args(tmp_path, weights)
-    write_run(tmp_path, "resnet18_W4A4", _rows("resnet18"), {}, args, {"cpu": "x"}, True)
-    assert is_done(tmp_path, "resnet18_W4A4", args)
-    weights.write_bytes(b"other weights")
-    assert not is_done(tmp_path, "resnet18_W4A4", args)
+    record = _write_record(args, _rows("resnet18"))
+    saved = record.read_bytes()
+    assert protocol.run(RESNET, args) == 0 and "nothing to do" in capsys.readouterr().out
+    weights.write_bytes(b"other weights, not the same")
+    with pytest.raises(InputError, match="already holds a complete record of resnet18_W4A4 made with other settings "
+                                         "or another weights file"):
+        protocol.run(RESNET, args)
+    assert record.read_bytes() == saved
 
 
 def test_assembly_reports_missing_and_damaged_runs_and_fails_when_partial(tmp_path, capsys):
     for model in ("resnet18", "resnet50"):
-        write_run(tmp_path, f"{model}_W4A4", _rows(model), {}, _table_args(tmp_path, None, model), {"cpu": "x"}, True)
+        _write_record(_table_args(tmp_path, None, model), _rows(model))
     (tmp_path / "resnet101_W4A4.json").write_text('{"complete": tru')  # damaged
     assert assemble_folder(ROOT / "QwT-cls-ResNet", tmp_path) == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -188,7 +210,7 @@ def test_assembly_reports_missing_and_damaged_runs_and_fails_when_partial(tmp_pa
 
 
 def test_assembly_refuses_records_of_another_task(tmp_path):
-    write_run(tmp_path, "resnet18_W4A4", _rows("resnet18"), {}, _table_args(tmp_path, None), {"cpu": "x"}, True)
+    _write_record(_table_args(tmp_path, None), _rows("resnet18"))
     with pytest.raises(InputError, match="not in .*QwT-cls-RepQ-ViT's table: resnet18_W4A4"):
         assemble_folder(ROOT / "QwT-cls-RepQ-ViT", tmp_path)
     assert not (tmp_path / "summary.json").exists()
@@ -201,36 +223,50 @@ def _load_script(name: str, code: str) -> str:
     return done.stdout
 
 
-def test_main_job_labels_its_cnn_subset_and_records_only_what_ran():
-    code = """
-import json, torch
-import demo
-test = (torch.zeros(10000, 28, 28, dtype=torch.uint8), torch.zeros(10000, dtype=torch.long))
-vit = demo.parse_args(["--models", "vit_fmnist"])
-both = demo.parse_args([])
-full = demo.parse_args(["--cnn-test-images", "20000"])
-print(json.dumps([demo.run_data(vit, test), demo.run_data(both, test), demo.cnn_label(both, test),
-                  demo.cnn_label(full, test)]))
-"""
-    vit_only, both, label, full_label = json.loads(_load_script("demo", code).strip().splitlines()[-1])
-    assert "cnn_test_images" not in vit_only and "probe_images" not in vit_only and vit_only["vit_test_images"] == 10000
-    assert both["cnn_test_images"] == 2000
-    assert label == "efficientnet_lite0@64px-test2000" and full_label == "efficientnet_lite0@64px"
+@pytest.fixture
+def small_fashion_mnist(monkeypatch):
+    """Fashion-MNIST cut to 300 train and 60 test images, so that the main job's runs load and run in seconds."""
+    from qwt.tasks import fashion_mnist
+
+    gen = torch.Generator().manual_seed(0)
+    data = {split: (torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen), torch.arange(n) % 10)
+            for split, n in (("train", 300), ("test", 60))}
+    monkeypatch.setattr(fashion_mnist, "load_fashion_mnist", lambda split, root=None: data[split])
 
 
-def test_main_job_records_every_qwt_setting_that_ran():
-    """summary.json's ``qwt`` is the configuration the runs used (it did not state --guard-fraction before)."""
-    code = """
-import json, torch
-import demo
-test = (torch.zeros(10, 28, 28, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
-args = demo.parse_args(["--guard-fraction", "0.25", "--solver", "reference", "--seed", "3"])
-print(json.dumps([demo.summary_meta(args, test, {"cpu": "x"}), demo.summary_meta(demo.parse_args([]), test, {})]))
-"""
-    guarded, default = json.loads(_load_script("demo", code).strip().splitlines()[-1])
-    assert guarded["qwt"] == {**asdict(qwt.QwTConfig()), "guard_fraction": 0.25, "solver": "reference"}
-    assert default["qwt"] == asdict(qwt.QwTConfig())  # the job's defaults are the library's
-    assert guarded["data"]["seed"] == 3 and guarded["environment"] == {"cpu": "x"}
+def _main_job_session(*flags: str) -> FashionMNISTSession:
+    args = protocol.parse_args(FashionMNIST(), "", [*flags, "--calib-images", "8", "--comp-images", "32",
+                                                    "--no-progress"])
+    return FashionMNISTSession(args)
+
+
+def test_main_job_labels_its_cnn_subset_and_records_only_what_ran(small_fashion_mnist):
+    vit = _main_job_session("--model", "vit_fmnist")
+    assert vit.label == "vit_fmnist" and vit.data == {"calib_images": 8, "comp_images": 32, "test_images": 60}
+    cnn = ["--model", "efficientnet_lite0", "--probe-images", "20"]
+    subset = _main_job_session(*cnn, "--cnn-test-images", "50")
+    assert subset.label == "efficientnet_lite0@64px-test50"  # a subset never passes for the full test set
+    assert subset.data == {"calib_images": 8, "comp_images": 32, "test_images": 50, "probe_images": 20}
+    assert _main_job_session(*cnn, "--cnn-test-images", "100").label == "efficientnet_lite0@64px"
+
+
+def test_main_job_records_every_qwt_setting_that_ran(small_fashion_mnist, tmp_path):
+    """The run's details record the QwT configuration it used (the main job did not state --guard-fraction)."""
+    task = FashionMNIST()
+    args = protocol.parse_args(task, "", ["--model", "vit_fmnist", "--bits", "W4A4", "--gptq-bits", "--calib-images",
+                                          "8", "--comp-images", "128", "--guard-fraction", "0.25", "--solver",
+                                          "reference", "--seed", "3", "--skip-fp", "--no-progress",
+                                          "--out", str(tmp_path)])
+    assert protocol.run(task, args) == 0
+    details = json.loads((tmp_path / "details" / "vit_fmnist.json").read_text())
+    guarded = asdict(qwt.QwTConfig(guard_fraction=0.25, solver="reference"))
+    assert details["qwt"] == [json.loads(json.dumps(guarded))]
+    assert details["args"]["seed"] == 3 and details["args"]["guard_fraction"] == 0.25
+    record = json.loads((tmp_path / "vit_fmnist.json").read_text())
+    assert record["data"] == {"calib_images": 8, "comp_images": 128, "test_images": 60}
+    assert [r["stage"] for r in record["rows"]] == ["ptq", "qwt"]
+    default = protocol.check(task, protocol.parse_args(task, "", ["--model", "vit_fmnist", "--out", str(tmp_path)]))
+    assert default.forms == [qwt.QwTConfig()]  # the job's defaults are the library's
 
 
 def test_deploy_records_its_counts():
@@ -291,7 +327,8 @@ def test_export_cli_refuses_an_output_below_a_file(saved_vit, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_feature_device_cuda_without_a_gpu_is_refused():
-    args = classification.build_parser("vit", "").parse_args(["--model", "deit_tiny", "--feature-device", "cuda"])
+    args = protocol.parse_args(classification.Classification("vit"), "",
+                               ["--model", "deit_tiny", "--feature-device", "cuda"])
     with pytest.raises(InputError, match="--feature-device cuda: no CUDA GPU"):
         qwt_config(args)
 
@@ -303,22 +340,39 @@ def test_star_temperature_zero_is_refused_before_the_run(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.json"))
 
 
-def test_reproduce_table_refuses_a_folder_that_is_not_a_task(tmp_path):
+def test_reproduce_table_refuses_a_folder_that_is_not_a_task(tmp_path, capsys):
     _one_line_refusal(_cli("scripts/reproduce_table.py", str(tmp_path), "--smoke"), "configs/table.json not found")
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "table.json").write_text('{"title": "x"}')
-    _one_line_refusal(_cli("scripts/reproduce_table.py", str(tmp_path), "--smoke"), "is not a table description")
+    _refused_in_process(lambda argv: reproduce(tmp_path, argv), ["--smoke"], capsys, "is not a table description")
+
+
+def _script_main(path: str):
+    """``main`` of a script outside the package, loaded as a module (its refusals checked in process: its start as
+    a program is checked by the tests above that run it)."""
+    return runpy.run_path(str(ROOT / path), run_name=Path(path).stem)["main"]
+
+
+def _refused_in_process(main, argv: list[str], capsys, *words: str) -> None:
+    """Exit status 2 (argparse's, or run_cli's for an input error: no exception escapes) and one ``error:`` line
+    naming the problem."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1 and all(w in err for w in words), err
 
 
 @pytest.mark.parametrize("flags,words", [
     (["--comp-images", "0"], ["must be at least 1"]), (["--comp-images", "-5"], ["must be at least 1"]),
     (["--out", "FILE"], ["exists and is not a folder"]),
 ])
-def test_deploy_checks_its_inputs_first(tmp_path, flags, words):
+def test_deploy_checks_its_inputs_first(tmp_path, capsys, flags, words):
     (tmp_path / "file").write_text("keep")
     flags = [str(tmp_path / "file") if f == "FILE" else f for f in flags]
-    done = _cli("scripts/deploy.py", "--models", "vit_fmnist", *flags, timeout=120)
-    _one_line_refusal(done, *words)
+    _refused_in_process(_script_main("scripts/deploy.py"), ["--models", "vit_fmnist", *flags], capsys, *words)
     assert (tmp_path / "file").read_text() == "keep"
 
 
@@ -327,9 +381,9 @@ def test_deploy_checks_its_inputs_first(tmp_path, flags, words):
     (["--w-bits", "9"], ["bit width"]), (["--model", "no_such_model"], ["unknown model"]),
     (["--feature-device", "nowhere"], ["--feature-device"]),
 ])
-def test_calibration_benchmark_refuses_bad_input_in_one_line(flags, words):
-    _one_line_refusal(_cli("benchmarks/calibration_speed.py", "--smoke", "--model", "deit_tiny", *flags,
-                           timeout=120), *words)
+def test_calibration_benchmark_refuses_bad_input_in_one_line(capsys, flags, words):
+    main = _script_main("benchmarks/calibration_speed.py")
+    _refused_in_process(main, ["--smoke", "--model", "deit_tiny", *flags], capsys, *words)
 
 
 # --- a non-regular file in a dataset folder is refused, never read -----------------------------------------------

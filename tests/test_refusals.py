@@ -1,6 +1,5 @@
 """Inputs that used to give a silent wrong number or a raw traceback are refused before any compute, with one
 exit code; runs record what they used and where; table assembly reads only matching complete records."""
-import argparse
 import importlib.util
 import json
 import os
@@ -16,12 +15,13 @@ import pytest
 import torch
 
 from qwt import PTQConfig, QwTConfig
-from qwt.tasks.classification import build_parser, main, run, run_label
+from qwt.compensation.blockwise import check_qwt_config
 from qwt.data.imagenet import Preprocessing, make_loaders
 from qwt.data.synthetic import write_class_folders
 from qwt.errors import InputError
-from qwt.experiment import check_qwt_config
-from qwt.report import write_run
+from qwt.report import config_hash
+from qwt.tasks import protocol
+from qwt.tasks.classification import Classification, main, run_label
 from qwt.tasks.tables import Table, assemble
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +82,14 @@ def test_counts_larger_than_the_data_are_recorded_as_used(dataset):
     (["--checkpoint", "{tmp}"], "is a directory"), (["--checkpoint", "{tmp}/w.safetensors"], "truncated"),
     (["--checkpoint", "{tmp}/w.npz"], "not a complete big_vision .npz"),
     (["--out", "{tmp}/file/out"], "is not a folder"), (["--device", "cuda:7"], "--device cuda:7"),
-    (["--save", "{tmp}"], "is not a saved QwT model"),
+    (["--save", "{tmp}/notes"], "is not a saved QwT model"), (["--save", "{tmp}"], "pass a --save outside --out"),
 ])
 def test_main_refuses_bad_input_with_exit_2_and_no_traceback(flags, message, dataset, tmp_path, capsys):
     (tmp_path / "w.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     (tmp_path / "w.npz").write_bytes(b"PK\x03\x04" + b"\0" * 20)
     (tmp_path / "file").write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a saved model")
     argv = ["--model", "vit_small", "--smoke", "--data-dir", str(dataset), "--workers", "0", "--no-progress",
             "--out", str(tmp_path / "out"), *(f.format(tmp=tmp_path) for f in flags)]
     assert _exit_code(argv) == 2
@@ -105,31 +107,36 @@ def _exit_code(argv: list[str]) -> int:
 
 def test_rows_are_recorded_as_they_come_and_subset_runs_are_marked(dataset, tmp_path, monkeypatch):
     # A crash in QwT must not lose the FP and PTQ rows; the record says it is incomplete.
-    import qwt.experiment
-
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(qwt.experiment, "apply_qwt", crash)
-    args = build_parser("resnet", "t").parse_args(
-        ["--model", "resnet18", "--smoke", "--data-dir", str(dataset), "--workers", "0", "--no-progress",
-         "--comp-images", "8", "--val-limit", "3", "--out", str(tmp_path)])
+    monkeypatch.setattr(protocol, "apply_qwt", crash)
+    task = Classification("resnet")
+    args = protocol.parse_args(task, "t", [
+        "--model", "resnet18", "--smoke", "--data-dir", str(dataset), "--workers", "0", "--no-progress",
+        "--comp-images", "8", "--val-limit", "3", "--out", str(tmp_path)])
     assert run_label(args) == "resnet18-smoke-val3"
-    with pytest.raises(RuntimeError):
-        run(args, "resnet")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        protocol.run(task, args)
     record = json.loads((tmp_path / "resnet18_W4A4_smoke_val3.json").read_text())
-    assert record["complete"] is False and [r["method"] for r in record["rows"]] == ["fp", "ptq"]
+    assert record["complete"] is False and [r["stage"] for r in record["rows"]] == ["fp", "ptq"]
+    assert not (tmp_path / "resnet18_W4A4_smoke_val3.md").exists()  # a table is written from complete records
     assert record["data"]["val"] == 3 and record["rows"][0]["model"] == "resnet18-smoke-val3"
     assert record["environment"]["threads"] == torch.get_num_threads()
 
 
 def _record(folder: Path, model: str, complete: bool, seed: int = 0) -> None:
-    args = argparse.Namespace(model=model, w_bits=4, a_bits=4, conv_act_bits=None, smoke=False, checkpoint=None,
-                              seed=seed, out=folder)
-    rows = [{"model": model, "bits": "FP", "method": "fp", "top1": 80.0},
-            {"model": model, "bits": "W4A4", "method": "ptq", "top1": 70.0},
-            {"model": model, "bits": "W4A4", "method": "ptq+qwt", "top1": 75.0}]
-    write_run(folder, f"{model}_W4A4", rows, {}, args, {"cpu": "x"}, complete)
+    """A record of a ViT run as the protocol leaves it in --out (complete, or cut off after its PTQ row)."""
+    task = Classification("vit")
+    args = protocol.parse_args(task, "", ["--model", model, "--data-dir", str(folder), "--seed", str(seed),
+                                          "--out", str(folder)])
+    setting = {"model": model, "bits": "W4A4", "baseline": "repq_vit"}
+    rows = [{"model": model, "bits": "FP", "baseline": None, "stage": "fp", "form": None, "top1": 80.0},
+            {**setting, "stage": "ptq", "form": None, "top1": 70.0},
+            {**setting, "stage": "qwt", "form": "dense", "top1": 75.0, "blocks_kept": 12, "blocks": 12}]
+    record = {"complete": complete, "task": task.name, "config_hash": config_hash(args), "run": task.run_key(args),
+              "environment": {"cpu": "x"}, "data": {}, "rows": rows if complete else rows[:2]}
+    (folder / f"{task.stem(args)}.json").write_text(json.dumps(record))
 
 
 def test_assembly_reads_only_matching_complete_records(tmp_path, capsys):
@@ -145,7 +152,7 @@ def test_assembly_reads_only_matching_complete_records(tmp_path, capsys):
     _record(tmp_path, "deit_base", True, seed=1)  # made with other settings
     assert assemble_table.main([str(task), str(tmp_path)]) == 2  # two configurations: which one?
     config = json.loads((tmp_path / "deit_tiny_W4A4.json").read_text())["config_hash"]
-    assert assemble(tmp_path, ["deit_tiny_W4A4", "deit_base_W4A4"], config, Table.load(task)) == 1
+    assert assemble(tmp_path, [("deit_tiny_W4A4", config), ("deit_base_W4A4", config)], Table.load(task)) == 1
     assert json.loads((tmp_path / "summary.json").read_text())["missing"] == ["deit_base_W4A4"]
 
 
@@ -166,7 +173,7 @@ def test_sigterm_stops_the_table_script_and_its_child(tmp_path):
     # holds the run's last row, a second run, if one started, is marked incomplete, no child is left and nothing
     # is assembled.
     first = json.loads(record.read_text())
-    assert not first["complete"] or first["rows"][-1]["method"] == "ptq+qwt"
+    assert not first["complete"] or first["rows"][-1]["stage"] == "qwt"
     others = [p for p in out.glob("*_smoke.json") if p != record]
     assert len(others) <= 1 and all(json.loads(p.read_text())["complete"] is False for p in others)
     children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(out).encode() in _cmdline(p)]

@@ -246,20 +246,52 @@ def parse_args(task: Task, description: str, argv: Sequence[str] | None = None) 
     file's); the command line wins."""
     p = build_parser(task, description)
     argv = list(sys.argv[1:] if argv is None else argv)
-    first, _ = p.parse_known_args(argv)
-    if first.config is not None:
-        from_file = config_argv(p, first.config)
-        checker = build_parser(task, description)
-        for action in checker._actions:
-            action.required = False  # the file need not hold what the command line gives
+    alone, _ = _lenient_parser(task, description).parse_known_args(argv)  # the file may give a required flag
+    if alone.config is None:
+        return p.parse_args(argv)
+    path = alone.config
+    from_file = config_argv(p, path)
+    checker = _lenient_parser(task, description)
 
-        def refuse(message: str) -> NoReturn:
-            raise InputError(f"--config {first.config}: {message}")
+    def refuse(message: str) -> NoReturn:
+        raise InputError(f"--config {path}: {message}")
 
-        checker.error = refuse  # type: ignore[method-assign]
-        checker.parse_known_args(from_file)
-        argv = from_file + argv
-    return p.parse_args(argv)
+    checker.error = refuse  # type: ignore[method-assign]
+    checker.parse_known_args(from_file)
+    args = p.parse_args(from_file + argv)
+    for action in p._actions:
+        if action.required and getattr(alone, action.dest) is None:  # left to the file
+            setattr(alone, action.dest, getattr(args, action.dest))
+    _name_the_file(task, args, alone, path)
+    return args
+
+
+def _lenient_parser(task: Task, description: str) -> argparse.ArgumentParser:
+    """The task's parser with no flag required: the file need not hold what the command line gives, nor the
+    command line what the file gives."""
+    p = build_parser(task, description)
+    for action in p._actions:
+        action.required = False
+    return p
+
+
+def _name_the_file(task: Task, args: argparse.Namespace, alone: argparse.Namespace, path: Path) -> None:
+    """Some values are checked only together with others (a method's options, a method the model's family cannot
+    take), so not by the file's parse: when the run's settings refuse a value and the command line ``alone`` (with
+    the required flags it left to the file) passes, the file's value is the one refused, and is named so."""
+    try:
+        _check_settings(task, copy.copy(args))
+    except (InputError, ValueError) as err:
+        try:
+            _check_settings(task, alone)
+        except (InputError, ValueError):
+            return  # the command line's own value: refused as such by check()
+        raise InputError(f"--config {path}: {err}") from None
+
+
+def _check_settings(task: Task, args: argparse.Namespace) -> None:
+    task.settings(args)
+    task.qwt_configs(args)
 
 
 # -- checks ------------------------------------------------------------------------------------------------------
