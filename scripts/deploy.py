@@ -31,7 +31,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qwt  # noqa: E402
-from demo import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
 from qwt.cli import check_writable_dir, hold_output_dir, positive_int, run_cli  # noqa: E402
 from qwt.data.fashion_mnist import load_fashion_mnist, normalize  # noqa: E402
 from qwt.environment import environment as run_environment, kernels_note  # noqa: E402
@@ -39,6 +38,7 @@ from qwt.export import (calibrate_w8a8, export_onnx, exported_view, integer_node
                          resolve_weight_dtype, run, session)
 from qwt.export.w8a8 import WEIGHT_DTYPES  # noqa: E402
 from qwt.report import atomic_write, save_figure  # noqa: E402
+from qwt.tasks.fashion_mnist import cnn_input, disjoint_subsets, fit_linear_probe  # noqa: E402
 from qwt.utils import seed_everything  # noqa: E402
 
 
