@@ -185,11 +185,12 @@ def test_command_line_options_are_read_as_the_option_types():
 
 
 def test_the_classification_cli_records_typed_options_and_refuses_others(tmp_path, capsys):
-    from qwt.tasks.classification import build_parser, main
+    from qwt.tasks import protocol
+    from qwt.tasks.classification import Classification, main
     from qwt.tasks.cli import ptq_config
 
     base = ["--model", "deit_small", "--smoke", "--out", str(tmp_path / "out"), "--method", "gptq"]
-    args = build_parser("vit", "t").parse_args(
+    args = protocol.parse_args(Classification("vit"), "t",
         base + ["--method-option", "act_order=True", "--method-option", "group_size=32", "--method-option", "damp=0"])
     options = ptq_config(args, qwt.get_family("vit")).to_dict()["baseline_options"]
     assert options["act_order"] is True and options["group_size"] == 32 and options["damp"] == 0.0

@@ -18,7 +18,7 @@ from qwt.ptq import PTQConfig
 from qwt.ptq.baselines import GPTQ, RTN
 from qwt.quant.modules import quant_modules
 from qwt.quant.rtn import TokenQuantizer
-from qwt.tasks import classification
+from qwt.tasks import classification, protocol
 
 #: What each family runs without a method: RepQ-ViT on ViT/DeiT/Swin, percentile on CNNs, RTN on decoder LMs.
 EXPECTED = {"vit": "repq_vit", "swin": "repq_vit", "mmdet_swin": "repq_vit", "resnet": "percentile",
@@ -112,8 +112,9 @@ def test_a_family_default_it_cannot_run_is_refused_at_registration():
 ])
 def test_classification_records_name_only_a_non_default_method(task, model, method, suffix):
     argv = ["--model", model, "--smoke"] + (["--method", method] if method else [])
-    args = classification.build_parser(task, "").parse_args(argv)
-    assert classification.run_stem(args) == f"{model}_W4A4{suffix}_smoke"
+    cls = classification.Classification(task)
+    args = protocol.parse_args(cls, "", argv)
+    assert cls.stem(args) == f"{model}_W4A4{suffix}_smoke"
     from qwt.tasks.cli import ptq_config
 
     config = ptq_config(args, qwt.get_model_entry(model).family)

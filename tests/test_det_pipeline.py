@@ -135,33 +135,47 @@ def test_det_swin_smoke_end_to_end(tmp_path):
     rows = summary["rows"]
     assert summary["missing"] == [] and summary["environment"][0]["device"] == "cpu"
     assert summary["environment"][0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert summary["environment"][0]["mmdet"] == importlib.metadata.version("mmdet")  # the detector library's version
     models = {"mask_rcnn_swin_t-smoke", "cascade_mask_rcnn_swin_t-smoke"}
     assert {r["model"] for r in rows} == models
     for model in models:
-        mine = [(r["bits"], r["method"]) for r in rows if r["model"] == model]
-        assert sorted(mine) == sorted([("FP", "fp"), ("W4A4", "ptq"), ("W4A4", "ptq+qwt"), ("W6A6", "ptq"),
-                                       ("W6A6", "ptq+qwt")])
+        mine = [(r["bits"], r["stage"]) for r in rows if r["model"] == model]
+        assert sorted(mine) == sorted([("FP", "fp"), ("W4A4", "ptq"), ("W4A4", "qwt"), ("W6A6", "ptq"),
+                                       ("W6A6", "qwt")])
+    common = {"model", "bits", "baseline", "stage", "form", "box_ap", "mask_ap", "size_mb", "peak_memory_mb"}
     for r in rows:
-        assert set(r) == {"model", "bits", "method", "box_ap", "mask_ap", "calib_seconds"}
-        assert 0.0 <= r["box_ap"] <= 100.0 and 0.0 <= r["mask_ap"] <= 100.0 and math.isfinite(r["calib_seconds"])
-        if r["method"] == "ptq+qwt":
-            ptq = next(p for p in rows if (p["model"], p["bits"], p["method"]) == (r["model"], r["bits"], "ptq"))
-            assert r["calib_seconds"] > ptq["calib_seconds"] > 0.0  # QwT time counts on top of PTQ
+        extra = {"fp": set(), "ptq": {"ptq_seconds"}, "qwt": {"ptq_seconds", "qwt_seconds", "blocks_kept", "blocks"}}
+        assert set(r) == common | extra[r["stage"]]
+        assert 0.0 <= r["box_ap"] <= 100.0 and 0.0 <= r["mask_ap"] <= 100.0
+        assert r["baseline"] == (None if r["stage"] == "fp" else "repq_vit")
+        assert r["form"] == ("dense" if r["stage"] == "qwt" else None)
+        if r["stage"] == "qwt":
+            ptq = next(p for p in rows if (p["model"], p["bits"], p["stage"]) == (r["model"], r["bits"], "ptq"))
+            assert r["ptq_seconds"] == ptq["ptq_seconds"] > 0.0  # the baseline the QwT row was fitted on
+            assert math.isfinite(r["qwt_seconds"]) and r["qwt_seconds"] > 0.0
+            assert r["blocks"] == 8 and 0 < r["blocks_kept"] <= 8
+    record = json.loads((out / "cascade_mask_rcnn_swin_t-smoke_W4A4.json").read_text())
+    assert record["complete"] and record["data"]["mmdet"] == importlib.metadata.version("mmdet")  # detector library
     details = json.loads((out / "details" / "cascade_mask_rcnn_swin_t-smoke_W4A4.json").read_text())
-    assert [b["path"] for b in details["blocks"]] == [f"backbone.stages.{s}.blocks.{j}" for s in range(4)
-                                                      for j in range(2)]
-    assert any(b["applied"] for b in details["blocks"]) and details["qwt"]["fp16_eval"] is False
-    assert details["qwt"]["solver"] == "reference"  # the table's rows sit next to the paper: the authors' solver
+    blocks = details["blocks"]["W4A4 repq_vit dense"]
+    assert [b["path"] for b in blocks] == [f"backbone.stages.{s}.blocks.{j}" for s in range(4) for j in range(2)]
+    assert any(b["applied"] for b in blocks) and details["qwt"][0]["fp16_eval"] is False
+    assert details["qwt"][0]["solver"] == "reference"  # the table's rows sit next to the paper: the authors' solver
     table = (out / "table.md").read_text()
     assert table.count("| cascade_mask_rcnn_swin_t-smoke |") == 5 and "PTQ+QwT" in table
 
 
+def parse(*argv: str, description: str = "t"):
+    """Detection flags as QwT-det-RepQ-ViT/main.py parses them."""
+    from qwt.tasks import protocol
+    from qwt.tasks.detection.pipeline import Detection
+
+    return protocol.parse_args(Detection(), description, list(argv))
+
+
 def test_defaults_follow_the_authors_detection_code():
     from qwt.tasks.detection.configs import detector_config
-    from qwt.tasks.detection.pipeline import build_parser
 
-    args = build_parser("test").parse_args(["--model", "mask_rcnn_swin_t"])
+    args = parse("--model", "mask_rcnn_swin_t")
     assert args.log_floor is None  # their detection quantiser has no log floor
     for name in ("mask_rcnn_swin_t", "cascade_mask_rcnn_swin_t"):
         assert detector_config(name)["test_cfg"]["rpn"]["min_bbox_size"] == -1  # mmdet 2.x: no size filter
@@ -192,10 +206,11 @@ def test_no_detection_at_all_is_ap_zero_with_a_warning(coco):
 
 
 def test_subset_runs_are_labelled_and_inputs_checked_first(tmp_path):
-    from qwt.tasks.detection.pipeline import build_parser, run, run_label, run_stem
+    from qwt.tasks import protocol
+    from qwt.tasks.detection.pipeline import Detection, run_label
 
-    args = build_parser("t").parse_args(["--model", "mask_rcnn_swin_t", "--smoke", "--val-limit", "2"])
-    assert run_label(args) == "mask_rcnn_swin_t-smoke-val2" and run_stem(args).endswith("-val2_W4A4")
+    args = parse("--model", "mask_rcnn_swin_t", "--smoke", "--val-limit", "2")
+    assert run_label(args) == "mask_rcnn_swin_t-smoke-val2" and Detection().stem(args).endswith("-val2_W4A4")
     (tmp_path / "file").write_text("")
     result = _run(sys.executable, "QwT-det-RepQ-ViT/main.py", "--model", "mask_rcnn_swin_t", "--coco-root",
                   str(tmp_path), "--checkpoint", str(tmp_path))
@@ -204,7 +219,7 @@ def test_subset_runs_are_labelled_and_inputs_checked_first(tmp_path):
                            (["--start-block", "99"], "past the last block"),
                            (["--device", "cuda:7"], "--device cuda:7")):
         with pytest.raises(ValueError, match=message):
-            run(build_parser("t").parse_args(["--model", "mask_rcnn_swin_t", "--smoke", *flags]))
+            protocol.run(Detection(), parse("--model", "mask_rcnn_swin_t", "--smoke", *flags))
 
 
 def test_every_coco_split_is_checked_before_any_work(tmp_path):
@@ -233,23 +248,25 @@ def test_every_coco_split_is_checked_before_any_work(tmp_path):
     (["--world-size", "2"], "only applies to --comp-draw authors"),
 ])
 def test_the_compensation_draw_is_checked_before_the_first_evaluation(flags, message, monkeypatch):
+    from qwt.tasks import protocol
     from qwt.tasks.detection import pipeline
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("an evaluation ran before the input error")
 
     monkeypatch.setattr(pipeline, "evaluate", no_evaluation)
-    args = pipeline.build_parser("t").parse_args(["--model", "mask_rcnn_swin_t", "--smoke", "--workers", "0", *flags])
+    args = parse("--model", "mask_rcnn_swin_t", "--smoke", "--workers", "0", *flags)
     with pytest.raises(ValueError, match=message):
-        pipeline.run(args)
+        protocol.run(pipeline.Detection(), args)
 
 
 def test_help_lists_only_detection_flags_and_keeps_the_examples():
+    from qwt.tasks import protocol
     from qwt.tasks.cli import CNN_DEFAULTS
-    from qwt.tasks.detection.pipeline import build_parser
+    from qwt.tasks.detection.pipeline import Detection
 
     description = "first line\n\nexamples:\n  python main.py --model m \\\n      --smoke"
-    text = build_parser(description).format_help()
+    text = protocol.build_parser(Detection(), description).format_help()
     assert description in text  # not reflowed into one paragraph
     for flag in ("--conv-act-bits", "--kernel-size", "--channels-per-group", "--factor"):
         assert flag not in text  # CNN-only flags
@@ -257,5 +274,5 @@ def test_help_lists_only_detection_flags_and_keeps_the_examples():
     for group in ("detector and data:", "quantisation (PTQ):", "compensation (QwT):", "compensation images"):
         assert group in text
     assert "--comp-draw" in text and "--world-size" in text and "(default: repq_vit)" in text
-    args = build_parser("t").parse_args(["--model", "mask_rcnn_swin_t"])
+    args = parse("--model", "mask_rcnn_swin_t")
     assert {k: getattr(args, k) for k in CNN_DEFAULTS} == CNN_DEFAULTS  # configs built as before
