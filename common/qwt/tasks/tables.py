@@ -24,7 +24,8 @@ from typing import Any
 
 from ..cli import check_writable_dir, hold_output_dir, run_cli
 from ..errors import InputError
-from ..report import Row, _fmt, atomic_write, config_hash, read_record, results_chart, results_table
+from ..report import (Row, _fmt, atomic_write, baseline_label, config_hash, read_record, results_chart,
+                      results_table)
 from . import protocol
 
 #: How the paper's tables name each stage.
@@ -236,8 +237,8 @@ def assemble(folder: Path, runs: Sequence[tuple[str, str]], table: Table, absent
         if record.get("environment") not in environments:
             environments.append(record.get("environment"))
         for row in record["rows"]:
-            key = (row["model"], row["bits"], row.get("baseline"), row["stage"], row.get("form"))
-            if key not in seen:  # the FP row is evaluated once per model
+            key = (row["model"], row["bits"], baseline_label(row), row["stage"], row.get("form"))
+            if key not in seen:  # the FP row is evaluated once per model; a baseline's options tell rows apart
                 seen.add(key)
                 rows.append(row)
     if not rows:
