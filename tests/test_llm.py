@@ -13,12 +13,16 @@ import torch
 import transformers  # the language-model extra (requirements-llm.txt), installed by scripts/install.sh
 
 import qwt
+from qwt.cli import LOCK_FILE
 from qwt.compensation import BlockPlan, Step, fit_compensation
 from qwt.models.decoder_lm import build_from_config, config_dict, tiny_config
 from qwt.ptq.baselines import GPTQ, RTN, act_quantizer
 from qwt.quant.modules import QuantLinear, quant_state
 from qwt.quant.rtn import MinMaxWeightQuantizer, TokenQuantizer
-from qwt.tasks import llm
+from qwt.report import results_table
+from qwt.tasks import llm, protocol
+from qwt.tasks.llm import task as llm_task
+from qwt.tasks.memory import PeakMemory
 
 W4A8 = qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=8)
 
@@ -262,20 +266,57 @@ def test_perplexity_equals_a_plain_restatement():
 @pytest.mark.parametrize("tag,method,expected", [
     ("W4A8", "rtn", RTN(group_size=None, activations="token")),
     ("W3A16", "rtn", RTN()),
-    ("W4g128A6-static", "rtn", RTN(group_size=128, activations="tensor")),
-    ("W4g128A8", "gptq", GPTQ(group_size=128, activations="rtn")),
+    ("W4A8", "gptq", GPTQ(activations="rtn")),
 ])
 def test_bit_tags(tag, method, expected):
     config = llm.parse_bits(tag, method)
-    assert config.baseline == expected and config.tag == tag.split("-")[0].replace("g128", "")
-    assert llm.bits_label(config) == tag
+    assert config.baseline == expected and config.tag == tag
+    assert (config.w_bits, config.a_bits) == (int(tag[1]), int(tag[3:]))
+
+
+def _settings(*argv: str) -> list[qwt.PTQConfig]:
+    task = llm.LanguageModel()
+    return task.settings(protocol.parse_args(task, "", list(argv)))
+
+
+@pytest.mark.parametrize("argv,expected", [
+    # what the tags W4g128A6-static, W4g128A8 (gptq) and W4A8-static stood for, now the baseline's options
+    (["--bits", "W4A6", "--method-option", "group_size=128", "--method-option", "activations=tensor"],
+     qwt.PTQConfig(baseline=RTN(group_size=128, activations="tensor"), w_bits=4, a_bits=6)),
+    (["--bits", "W4A8", "--method", "gptq", "--method-option", "group_size=128"],
+     qwt.PTQConfig(baseline=GPTQ(group_size=128, activations="rtn"), w_bits=4, a_bits=8)),
+    (["--bits", "W4A8", "--method-option", "activations=tensor"],
+     qwt.PTQConfig(baseline=RTN(activations="tensor"), w_bits=4, a_bits=8)),
+])
+def test_method_options_give_the_configs_of_the_old_tag_suffixes(argv, expected):
+    assert _settings(*argv) == [expected]
+
+
+@pytest.mark.parametrize("tag", ["W4g128A8", "W4A8-static", "W4g128A6-static"])
+def test_old_tag_suffixes_are_refused_naming_the_method_options(tag):
+    with pytest.raises(qwt.errors.InputError, match=f"^--bits '{tag}': .*--method-option activations=tensor, "
+                                                    "--method-option group_size=128"):
+        _settings("--bits", tag)
 
 
 @pytest.mark.parametrize("tag,method", [("W4A9", "rtn"), ("W1A8", "rtn"), ("W4A16-static", "rtn"), ("4/8", "rtn"),
                                         ("W4A8x", "rtn"), ("W4g0A8", "rtn"), ("W4A8-static", "gptq")])
 def test_unknown_bits_are_refused(tag, method):
-    with pytest.raises(qwt.errors.InputError, match="--bits"):
+    with pytest.raises(qwt.errors.InputError, match="^--bits"):
         llm.parse_bits(tag, method)
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("gptq", {"activations": "tensor"}, "unknown PTQ method 'tensor'"),
+    ("rtn", {"group_size": 0}, "RTN group_size must be ≥ 1"),
+    ("repq_vit", None, "RepQ-ViT needs LayerNorm → Linear pairs"),
+])
+def test_a_bad_baseline_is_named_by_its_own_flags_not_by_bits(method, options, message):
+    """These used to read ``--bits W4A8: ...``, pointing at a bit setting that was fine."""
+    given = f"--method {method}" + "".join(f" --method-option {k}={v}" for k, v in (options or {}).items())
+    with pytest.raises(qwt.errors.InputError) as refused:
+        llm.parse_bits("W4A8", method, options)
+    assert str(refused.value).startswith(f"{given}: ") and message in str(refused.value)
 
 
 def _char_tokenizer():
@@ -311,6 +352,21 @@ def _main(argv, capsys):
     return code, [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
 
 
+def _record(out: Path, stem: str = "model") -> dict:
+    """The run's record ``OUT/<stem>.json`` (a local checkpoint folder's run is named for the folder)."""
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+def _rows(record: dict) -> list[tuple]:
+    return [(r["bits"], r["baseline"], r["stage"], r["form"]) for r in record["rows"]]
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` but the lock (it names the last run that held the folder)."""
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*"))
+            if f.is_file() and f.name != LOCK_FILE}
+
+
 def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, capsys):
     out, save = tmp_path / "out", tmp_path / "saved"
     code, err = _main(["--model", local_model / "model", "--calib-text", local_model / "calib.txt", "--eval-text",
@@ -318,29 +374,37 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
                        "--bits", "W4A8", "--out", out, "--save", save, "--continuation-tokens", 5,
                        "--no-progress"], capsys)
     assert code == 0, err
-    summary = json.loads((out / "summary.json").read_text())
-    assert [(r["bits"], r["method"]) for r in summary["rows"]] == [
-        ("FP", "fp"), ("W4A8", "rtn"), ("W4A8", "rtn+qwt"), ("W4A8", "rtn+qwt-channelwise")]
-    assert summary["data"]["calibration_windows"] == 16 and summary["data"]["source"] == "files"
-    assert set(summary["continuations"]) >= {"FP", "W4A8 RTN", "W4A8 RTN + QwT"}
-    assert "threads" in summary["environment"] and (out / "chart.png").is_file() and (out / "table.md").is_file()
-    blocks = json.loads((out / "blocks.json").read_text())["W4A8 rtn+qwt"]
+    record = _record(out)
+    assert record["complete"] and record["task"] == "llm"
+    assert _rows(record) == [("FP", None, "fp", None), ("W4A8", "rtn", "ptq", None), ("W4A8", "rtn", "qwt", "dense"),
+                             ("W4A8", "rtn", "qwt", "channelwise")]
+    data = record["data"]
+    assert data["calibration_windows"] == 16 and data["source"] == "files"
+    assert set(data["continuations"]) >= {"FP", "W4A8 rtn", "W4A8 rtn + QwT"}
+    assert "threads" in record["environment"] and (out / "model.png").is_file()
+    assert "Greedy continuation (5 tokens)" in (out / "model.md").read_text()
+    details = json.loads((out / "details" / "model.json").read_text())
+    blocks = details["blocks"]["W4A8 rtn dense"]
     assert len(blocks) == 2 and all("guard" in b["extra"] for b in blocks)
-    for row in summary["rows"][2:]:  # the model-level guard's decision, on held-out calibration windows
+    for row in record["rows"][2:]:  # the model-level guard's decision, on held-out calibration windows
         guard = row["output_guard"]
-        assert guard["heldout_windows"] == 4 and row["layers_kept"] <= guard["depth"] <= row["layers"]
+        assert guard["heldout_windows"] == 4 and row["blocks_kept"] <= guard["depth"] <= row["blocks"]
         assert guard["score"] == "perplexity"
         assert (guard["depth"] > 0) == (min(guard["heldout_score_by_depth"].values()) < guard["heldout_score"])
     loaded = qwt.load_quantized(save / "W4A8")
     assert qwt.family_of(loaded).name == "decoder_lm"
     channelwise = qwt.load_quantized(save / "W4A8-channelwise")  # both forms are saved
-    assert any(isinstance(m, qwt.compensation.ChannelAffine) for m in channelwise.modules()) or summary["rows"][3]["layers_kept"] == 0
-    assert all(r["baseline_options"] == {"group_size": None, "activations": "token"} for r in summary["rows"][1:])
+    assert any(isinstance(m, qwt.compensation.ChannelAffine) for m in channelwise.modules()) or \
+        record["rows"][3]["blocks_kept"] == 0
+    # rows name only options that differ from the baseline's defaults; the details hold every option
+    assert not any("baseline_options" in r for r in record["rows"])
+    assert [(c["baseline"], c["baseline_options"]) for c in details["ptq"]] == \
+        [("rtn", {"group_size": None, "activations": "token"})]
     code, err = _main(["--model", local_model / "model", "--calib-text", local_model / "calib.txt", "--eval-text",
                        local_model / "eval.txt", "--window", 32, "--calib-windows", 16, "--bits", "W4A8",
                        "--guard-fraction", 0, "--out", tmp_path / "unguarded", "--no-progress"], capsys)
-    rows = json.loads((tmp_path / "unguarded" / "summary.json").read_text())["rows"]
-    assert code == 0 and not any("output_guard" in r for r in rows) and rows[2]["layers_kept"] == 2
+    rows = _record(tmp_path / "unguarded")["rows"]
+    assert code == 0 and not any("output_guard" in r for r in rows) and rows[2]["blocks_kept"] == 2
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -349,15 +413,17 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
     (["--calib-text", "/nonexistent.txt", "--eval-text", "/nonexistent.txt"], "no such text file"),
     (["--guard-fraction", "1.5"], "--guard-fraction: must be in [0, 1)"),
     # each of these used to run and leave a row, a continuation or a saved model silently missing or doubled
-    (["--bits", "W4A8", "W3A16", "W4A8"], "--bits: W4A8 given more than once"),
-    (["--forms", "dense", "dense"], "--forms: dense given more than once"),
+    (["--bits", "W4A8", "W3A16", "W4A8"], "bit setting W4A8 rtn given more than once"),
+    (["--forms", "dense", "dense"], "QwT form dense given more than once"),
     (["--bits", "W3A16", "--continuation-bits", "W4A8"], "--continuation-bits W4A8: not one of this run's --bits"),
     (["--calib-windows", "2"], "--ptq-windows 4: PTQ calibrates on the first of the 2"),
     (["--wikitext2", "/tmp", "--calib-text", __file__, "--eval-text", __file__], "--wikitext2 and --calib-text"),
     (["--feature-device", "cuda:99"], "--feature-device cuda:99"),
     (["--method", "gptq", "--method-option", "act_order=no"], "option act_order=no: expected True or False"),
-    (["--method", "gptq", "--bits", "W4A8-static"], "-static means RTN's per-tensor inputs"),
-    (["--bits", "W4g64A8", "--method-option", "group_size=32"], "sets group_size=64, --method-option group_size=32"),
+    # the bit tag's suffixes are gone: their settings are the baseline's options (their other refusals: above)
+    (["--method", "gptq", "--method-option", "activations=tensor"],
+     "--method gptq --method-option activations=tensor: unknown PTQ method 'tensor'"),
+    (["--bits", "W4g64A8", "--method-option", "group_size=32"], "--method-option group_size=128"),
     (["--method", "repq_vit"], "RepQ-ViT needs LayerNorm → Linear pairs"),
 ])
 def test_refusals_before_any_compute(argv, message, tmp_path, capsys):
@@ -462,10 +528,11 @@ def test_two_gloo_ranks_run_the_task_as_one_process(local_model, tmp_path):
     argv = [str(a) for a in common + ["--batch-size", 2, "--out", tmp_path / "two"]]
     mp.spawn(_two_rank_task, args=(2, port, argv), nprocs=2, join=True)
     assert llm.main("test", [str(a) for a in common + ["--batch-size", 4, "--out", tmp_path / "one"]]) == 0
-    two, one = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("two", "one"))
-    assert two["world_size"] == 2 and one["world_size"] == 1
+    two, one = (_record(tmp_path / d) for d in ("two", "one"))
+    assert two["data"]["world_size"] == 2 and one["data"]["world_size"] == 1
     for a, b in zip(two["rows"], one["rows"], strict=True):
-        assert (a["bits"], a["method"], a.get("layers_kept")) == (b["bits"], b["method"], b.get("layers_kept"))
+        assert (a["bits"], a["stage"], a["form"], a.get("blocks_kept")) == \
+            (b["bits"], b["stage"], b["form"], b.get("blocks_kept"))
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
         if "output_guard" in b:
             ga, gb = a["output_guard"], b["output_guard"]
@@ -479,9 +546,13 @@ def test_smoke_script_runs_on_smollm2_tokenizer_and_the_austen_corpus(tmp_path):
     done = subprocess.run(["bash", str(root / "scripts" / "llm.sh"), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    for stem in ("tiny-random-llama", "tiny-random-llama-rtn-activations=tensor"):  # the table's two runs
+        data = _record(tmp_path, stem)["data"]
+        assert data["source"] == "janeaustenr" and data["evaluation_windows"] == 8
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["data"]["source"] == "janeaustenr" and summary["data"]["evaluation_windows"] == 8
-    assert len(summary["rows"]) == 7 and all(math.isfinite(r["perplexity"]) for r in summary["rows"])
+    # FP, then per setting PTQ and two QwT forms: W4A8 and W3A16 (per-token inputs), W4A8 (static per-tensor)
+    assert summary["missing"] == [] and len(summary["rows"]) == 10
+    assert all(math.isfinite(r["perplexity"]) for r in summary["rows"])
 
 
 def test_hidden_states_on_disk_give_the_same_bits(tmp_path, monkeypatch):
@@ -658,9 +729,11 @@ def test_task_runs_each_family_from_a_checkpoint_folder(model_type, local_model,
                        "--bits", "W4A8", "--guard-fraction", 0, "--continuation-tokens", 1, "--out", tmp_path / "out",
                        "--no-progress"], capsys)
     assert code == 0, err
-    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["fp", "rtn", "rtn+qwt", "rtn+qwt-channelwise"]
-    assert all(math.isfinite(r["perplexity"]) for r in rows) and rows[2]["layers_kept"] == 2
+    record = _record(tmp_path / "out", model_type)  # named for the checkpoint folder
+    rows = record["rows"]
+    assert _rows(record) == [("FP", None, "fp", None), ("W4A8", "rtn", "ptq", None),
+                             ("W4A8", "rtn", "qwt", "dense"), ("W4A8", "rtn", "qwt", "channelwise")]
+    assert all(math.isfinite(r["perplexity"]) for r in rows) and rows[2]["blocks_kept"] == 2
 
 
 # -- the runner's labels, records and refusals -------------------------------------------------------------------
@@ -675,11 +748,15 @@ def test_a_second_run_on_one_out_is_refused_and_leaves_the_first_results_as_they
     out = tmp_path / "out"
     code, err = _main(_small_run(local_model, out, "--forms", "dense"), capsys)
     assert code == 0, err
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
-    assert {"summary.json", "table.md", "chart.png", "blocks.json"} <= set(before)
+    before = _files(out)
+    assert {"model.json", "model.md", "model.png", "details/model.json"} <= set(before)
     code, err = _main(_small_run(local_model, out, "--bits", "W3A16"), capsys)
-    assert code == 2 and len(err) == 1 and "already holds the results of another run" in err[0], err
-    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert code == 2 and len(err) == 1 and "already holds a complete record of model" in err[0], err
+    assert _files(out) == before
+    capsys.readouterr()  # the same run again: its complete record is there, nothing is run or written
+    assert llm.main("test", [str(a) for a in _small_run(local_model, out, "--forms", "dense")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert _files(out) == before
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -707,9 +784,10 @@ def test_a_valid_config_file_runs_and_the_command_line_wins(local_model, tmp_pat
                                   "no_progress": True, "eval_windows": None}))
     code, err = _main(["--config", config] + _small_run(local_model, tmp_path / "out"), capsys)
     assert code == 0, err
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [(r["bits"], r["method"]) for r in summary["rows"]] == [("FP", "fp"), ("W4A8", "rtn"), ("W4A8", "rtn+qwt")]
-    assert summary["data"]["window"] == 32 and summary["settings"]["forms"] == ["dense"]
+    record = _record(tmp_path / "out")
+    assert _rows(record) == [("FP", None, "fp", None), ("W4A8", "rtn", "ptq", None), ("W4A8", "rtn", "qwt", "dense")]
+    details = json.loads((tmp_path / "out" / "details" / "model.json").read_text())
+    assert record["data"]["window"] == 32 and [f["compensation"] for f in details["qwt"]] == ["dense"]
 
 
 def test_seconds_are_split_into_ptq_and_qwt_and_the_first_form_gets_the_continuation(local_model, tmp_path, capsys,
@@ -721,15 +799,15 @@ def test_seconds_are_split_into_ptq_and_qwt_and_the_first_form_gets_the_continua
         time.sleep(3)
         return qwt.quantize(*args, **kwargs)
 
-    monkeypatch.setattr(llm, "quantize", slow_quantize)
+    monkeypatch.setattr(llm_task, "quantize", slow_quantize)
     code, err = _main(_small_run(local_model, tmp_path / "out", "--forms", "channelwise"), capsys)
     assert code == 0, err
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    fp, base, comp = summary["rows"]
+    record = _record(tmp_path / "out")
+    fp, base, comp = record["rows"]
     assert "ptq_seconds" not in fp and "qwt_seconds" not in base and base["ptq_seconds"] >= 3
     assert comp["ptq_seconds"] == base["ptq_seconds"] and 0 < comp["qwt_seconds"] < 3
-    assert "| PTQ s | QwT s |" in (tmp_path / "out" / "table.md").read_text()
-    assert set(summary["continuations"]) >= {"W4A8 RTN", "W4A8 RTN + QwT channel-wise"}
+    assert "| PTQ s | QwT s |" in (tmp_path / "out" / "model.md").read_text()
+    assert set(record["data"]["continuations"]) >= {"W4A8 rtn", "W4A8 rtn + QwT channel-wise"}
 
 
 def test_peak_memory_is_each_rows_own():
@@ -738,7 +816,7 @@ def test_peak_memory_is_each_rows_own():
     from qwt.allocator import retain_freed_memory
 
     retain_freed_memory()
-    memory = llm.PeakMemory("cpu")
+    memory = PeakMemory("cpu")
     if not memory.per_row:
         pytest.skip("this platform's peak resident memory cannot be reset (such tables say 'running max')")
     memory.reset()
@@ -754,12 +832,15 @@ def test_peak_memory_is_each_rows_own():
 def test_a_running_maximum_is_labelled_as_one(local_model, tmp_path, capsys):
     code, err = _main(_small_run(local_model, tmp_path / "out", "--forms", "dense"), capsys)
     assert code == 0, err
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["peak_memory"] in ("per row", "running max")
-    summary["peak_memory"] = "running max"
-    assert "| peak MB (running max) |" in llm.markdown(summary)
-    summary["peak_memory"] = "per row"
-    assert "| peak MB |" in llm.markdown(summary)
+    record = _record(tmp_path / "out")
+    assert record["peak_memory"] in ("per row", "running max")
+    peak = "| peak MB (running max) |" if record["peak_memory"] == "running max" else "| peak MB |"
+    assert peak in (tmp_path / "out" / "model.md").read_text()
+    columns = llm.LanguageModel.columns
+    record["peak_memory"] = "running max"
+    assert "| peak MB (running max) |" in results_table(record["rows"], columns, "t", record)
+    record["peak_memory"] = "per row"
+    assert "| peak MB |" in results_table(record["rows"], columns, "t", record)
 
 
 def _tiny_mixtral(vocab_size: int = 128):
@@ -797,16 +878,16 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_the_fp_eval
                                                                                          capsys, monkeypatch):
     """Before, ``--bits W4g48A8`` on a model of width 64 evaluated the FP model (minutes on a real one) and only
     then failed, when RTN first calibrated a weight, with a message naming neither layer nor flag."""
-    monkeypatch.setattr(llm, "score_windows", lambda *a, **k: pytest.fail("the FP model was evaluated first"))
-    code, err = _main(_small_run(local_model, tmp_path / "out", "--bits", "W4g48A8"), capsys)
+    monkeypatch.setattr(llm_task, "score_windows", lambda *a, **k: pytest.fail("the FP model was evaluated first"))
+    code, err = _main(_small_run(local_model, tmp_path / "out", "--method-option", "group_size=48"), capsys)
     assert code == 2 and len(err) == 1, err
     assert "group size 48 does not divide the 64 input columns of model.layers.0.self_attn.q_proj" in err[0]
     assert not (tmp_path / "out").exists()
     with pytest.raises(qwt.errors.InputError, match="group size 48 does not divide"):
-        qwt.quantize(_lm("gpt2"), _ids(2), llm.parse_bits("W4g48A8"))
+        qwt.quantize(_lm("gpt2"), _ids(2), llm.parse_bits("W4A8", "rtn", {"group_size": 48}))
 
 
 def test_the_smoke_model_follows_the_seed():
     tokenizer = _char_tokenizer()
-    a, b, c = (llm._tiny_random_lm(tokenizer, seed).state_dict() for seed in (0, 0, 1))
+    a, b, c = (llm_task._tiny_random_lm(tokenizer, seed).state_dict() for seed in (0, 0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)

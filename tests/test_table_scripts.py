@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from qwt.cli import LOCK_FILE
+from qwt.tasks.tables import Table, assemble
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,20 +25,28 @@ def test_smoke_table(script, models, bits, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["rows"]
     assert summary["missing"] == [] and summary["environment"][0]["threads"] >= 1
-    got = {(r["model"], r["bits"], r["method"]) for r in rows}
+    got = {(r["model"], r["bits"], r["stage"]) for r in rows}
     for model in models:
         assert (f"{model}-smoke", "FP", "fp") in got
         for b in bits:
-            assert {(f"{model}-smoke", b, "ptq"), (f"{model}-smoke", b, "ptq+qwt")} <= got
-    assert all("size_mb" in r for r in rows if r["method"] != "fp")
+            assert {(f"{model}-smoke", b, "ptq"), (f"{model}-smoke", b, "qwt")} <= got
+    assert all("size_mb" in r and r["baseline"] for r in rows if r["stage"] != "fp")
     for name in ("table.md", "chart.png"):
         assert (out / name).stat().st_size > 0
     assert "Paper numbers:" in (out / "table.md").read_text()
 
 
+def _files(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` but the lock (it names the last run that held the folder)."""
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*"))
+            if f.is_file() and f.name != LOCK_FILE}
+
+
 def test_llm_smoke_table(tmp_path):
-    """QwT-llm's table is one run of its main.py: --smoke takes the description's smoke flags (a tiny random Llama)
-    and the user's flags after them (here two short text files and one setting, to stay fast)."""
+    """QwT-llm's table is two runs of its main.py (per-token inputs; static per-tensor inputs, an RTN option):
+    --smoke takes the description's smoke flags (a tiny random Llama) and the user's flags after them (here two
+    short text files, one setting and one form, to stay fast). A second identical call finds both records
+    complete and runs nothing; the models × bits assembler has nothing to assemble for a list of runs."""
     text = "It was a truth universally acknowledged, that a single man in possession of a good fortune. " * 200
     (tmp_path / "calib.txt").write_text(text)
     (tmp_path / "eval.txt").write_text(text[::-1])
@@ -50,15 +61,51 @@ def test_llm_smoke_table(tmp_path):
              str(tmp_path / "calib.txt"), "--eval-text", str(tmp_path / "eval.txt")]
     done = table(*flags)
     assert done.returncode == 0, done.stderr[-2000:]
+    stems = ["tiny-random-llama", "tiny-random-llama-rtn-activations=tensor"]
+    for stem in stems:
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert record["complete"] and record["rows"][0]["model"] == "tiny random Llama (smoke)"
+        assert record["data"]["source"] == "files" and record["data"]["window"] == 64
+        assert record["data"]["calibration_windows"] == 16 and (out / f"{stem}.md").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"] == "tiny random Llama (smoke)" and summary["data"]["source"] == "files"
-    assert summary["data"]["window"] == 64 and summary["data"]["calibration_windows"] == 16
-    assert [(r["bits"], r["method"]) for r in summary["rows"]] == [("FP", "fp"), ("W4A8", "rtn"), ("W4A8", "rtn+qwt")]
-    assert (out / "table.md").stat().st_size > 0 and (out / "chart.png").stat().st_size > 0
+    static = {"activations": "tensor"}
+    assert [(r["bits"], r["baseline"], r.get("baseline_options"), r["stage"], r["form"]) for r in summary["rows"]] == [
+        ("FP", None, None, "fp", None), ("W4A8", "rtn", None, "ptq", None), ("W4A8", "rtn", None, "qwt", "dense"),
+        ("W4A8", "rtn", static, "ptq", None), ("W4A8", "rtn", static, "qwt", "dense")]
+    assert summary["missing"] == [] and (out / "chart.png").stat().st_size > 0
+    assert "| W4A8 | rtn (activations=tensor) | PTQ + QwT |" in (out / "table.md").read_text()
+    before = _files(out)
     again = table(*flags)
-    assert again.returncode == 2 and "already holds the results of another run" in again.stderr
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [line for line in again.stdout.splitlines() if line.startswith("= ")] == \
+        [f"= {stem}: complete record with this configuration, skipped" for stem in stems]
+    assert not any(line.startswith("+ ") for line in again.stdout.splitlines())  # no run started
+    assert _files(out) == before
     refused = table("--checkpoints", str(tmp_path))
     assert refused.returncode == 2 and "--checkpoints" in refused.stderr
     assembled = subprocess.run(["python3", str(ROOT / "scripts" / "assemble_table.py"), str(ROOT / "QwT-llm"),
                                 str(out)], env=env, capture_output=True, text=True)
     assert assembled.returncode == 2 and "nothing to assemble" in assembled.stderr
+    assert len(assembled.stderr.strip().splitlines()) == 1, assembled.stderr
+
+
+def _row(baseline_options: dict | None, stage: str, form: str | None, perplexity: float) -> dict:
+    row = {"model": "m", "bits": "W4A8" if stage != "fp" else "FP", "baseline": None if stage == "fp" else "rtn",
+           "stage": stage, "form": form, "perplexity": perplexity, "agreement": 90.0}
+    return row if baseline_options is None else {**row, "baseline_options": baseline_options}
+
+
+def test_assembly_keeps_rows_that_differ_only_in_the_baselines_options(tmp_path, capsys):
+    """The LM table's second run is W4A8 RTN again, with static per-tensor inputs: its rows used to be taken for
+    repeats of the first run's (the FP row is evaluated once per model) and dropped from summary.json and
+    table.md. An FP row given by both runs is still kept once."""
+    static = {"activations": "tensor"}
+    records = {"a": [_row(None, "fp", None, 10.0), _row(None, "ptq", None, 12.0), _row(None, "qwt", "dense", 11.0)],
+               "b": [_row(None, "fp", None, 10.0), _row(static, "ptq", None, 14.0), _row(static, "qwt", "dense", 13.0)]}
+    for stem, rows in records.items():
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"complete": True, "config_hash": stem,
+                                                           "environment": {"threads": 1}, "rows": rows}))
+    assert assemble(tmp_path, [("a", "a"), ("b", "b")], Table.load(ROOT / "QwT-llm")) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["perplexity"] for r in summary["rows"]] == [10.0, 12.0, 11.0, 14.0, 13.0]
+    assert "| W4A8 | rtn (activations=tensor) | PTQ + QwT | 13.00 |" in (tmp_path / "table.md").read_text()

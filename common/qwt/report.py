@@ -228,8 +228,8 @@ def collect_records(folder: Path, runs: Sequence[tuple[str, str]]) -> tuple[list
             continue
         records.append(record)
         for row in record["rows"]:
-            key = (row["model"], row["bits"], row.get("baseline"), row["stage"], row.get("form"))
-            if key not in seen:
+            key = (row["model"], row["bits"], baseline_label(row), row["stage"], row.get("form"))
+            if key not in seen:  # the FP row is evaluated once per model; a baseline's options tell rows apart
                 seen.add(key)
                 rows.append(row)
     return rows, records, missing

@@ -54,11 +54,19 @@ def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dic
         raise InputError(f"--bits {tag!r}: expected W<bits>A<bits>, e.g. W4A8, W3A16 (activation granularity and "
                          "weight groups are baseline options: --method-option activations=tensor, "
                          "--method-option group_size=128)")
+    given = f"--method {method}" + "".join(f" --method-option {k}={v}" for k, v in (options or {}).items())
+    try:  # a bad option is the baseline's problem, not the bit setting's: each is named by its own flags
+        baseline = make_baseline(method, options)
+    except ValueError as err:
+        raise InputError(f"{given}: {err}") from None
     try:
-        return PTQConfig(baseline=make_baseline(method, options), w_bits=int(m[1]),
-                         a_bits=int(m[2])).for_family(DECODER_LM)
+        config = PTQConfig(baseline=baseline, w_bits=int(m[1]), a_bits=int(m[2]))
     except ValueError as err:
         raise InputError(f"--bits {tag}: {err}") from None
+    try:
+        return config.for_family(DECODER_LM)
+    except ValueError as err:
+        raise InputError(f"{given}: {err}") from None
 
 
 class LanguageModel(protocol.Task):
