@@ -204,10 +204,11 @@ def test_the_lm_task_refuses_save_for_a_model_it_could_not_save_before_any_compu
     # Without the early check, a run on a model type a save may not declare would be refused at its very end.
     from qwt.models.decoder_lm import build_from_config, tiny_config
     from qwt.tasks import llm
+    from qwt.tasks.llm import task
 
     qwen3 = build_from_config(config={**tiny_config("qwen2"), "model_type": "qwen3"})
-    monkeypatch.setattr(llm, "load_causal_lm", lambda model, device: (qwen3, None, "tiny qwen3"))
-    monkeypatch.setattr(llm, "load_windows", lambda *args: pytest.fail("the run went on to read its data"))
+    monkeypatch.setattr(task, "load_causal_lm", lambda model, device: (qwen3, None, "tiny qwen3"))
+    monkeypatch.setattr(task, "load_windows", lambda *args: pytest.fail("the run went on to read its data"))
     (tmp_path / "text.txt").write_text("some text\n" * 50)
     argv = ["--model", tmp_path, "--calib-text", tmp_path / "text.txt", "--eval-text", tmp_path / "text.txt",
             "--bits", "W4A8", "--out", tmp_path / "out", "--save", tmp_path / "saved", "--no-progress"]
