@@ -128,7 +128,9 @@ def results_chart(rows: Sequence[Row], column: Column, path: Path, title: str) -
         fp = next((r.get(column.key) for r in rows if r["model"] == model and r["stage"] == "fp"), None)
         if fp is not None:
             ax.hlines(fp, i - 0.4, i + 0.4, colors="black", linestyles="dashed", label="FP" if i == 0 else None)
-    ax.set_xticks(range(len(groups)), [f"{m}\n{b} {s}".strip() for m, b, s in groups], fontsize=7)
+    one_model = len({m for m, _, _ in groups}) == 1  # then the title names it, and the ticks need not
+    ax.set_xticks(range(len(groups)), [(b if one_model else f"{m}\n{b}") + (f"\n{s}" if s else "")
+                                       for m, b, s in groups], fontsize=7)
     ax.set_ylabel(column.label + (" (log scale, lower is better)" if column.lower_is_better else ""))
     if column.lower_is_better:
         ax.set_yscale("log")
