@@ -107,38 +107,49 @@ def results_table(rows: Sequence[Row], columns: Sequence[Column], title: str, re
 
 
 def results_chart(rows: Sequence[Row], column: Column, path: Path, title: str) -> None:
-    """Bars of ``column`` per setting (model, bits, baseline), one per stage; the FP value dashed over each."""
+    """Bars of ``column`` per setting (bits, baseline), one per stage, a panel per model; the model's FP value
+    dashed over each setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys(_setting(r) for r in rows if r["stage"] != "fp"))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    groups = {m: list(dict.fromkeys(_setting(r) for r in rows if r["model"] == m and r["stage"] != "fp"))
+              for m in models}
     stages = list(dict.fromkeys(stage_label(r) for r in rows if r["stage"] != "fp"))
+    sizes = [max(1, len(groups[m])) for m in models]
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.0, 1.3 * sum(sizes) + 1.5 * len(models)), 4.4),
+                             width_ratios=sizes, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        _chart_panel(ax, rows, groups[model], stages, column)
+        ax.set_title(model, fontsize=8)
+    axes[0][0].set_ylabel(column.label + (" (log scale, lower is better)" if column.lower_is_better else ""))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(stages) + 1, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def _chart_panel(ax: Any, rows: Sequence[Row], groups: list[tuple[str, str, str]], stages: list[str],
+                 column: Column) -> None:
     colors = ["#9aa5b1", "#2f7ed8", "#8bbc21", "#f28f43"]
     width = 0.8 / max(1, len(stages))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.2))
     for k, stage in enumerate(stages):
         values = [next((r.get(column.key) or 0.0 for r in rows if _setting(r) == g and stage_label(r) == stage), 0.0)
                   for g in groups]
         xs = [i + (k - (len(stages) - 1) / 2) * width for i in range(len(groups))]
         bars = ax.bar(xs, values, width, label=stage, color=colors[k % len(colors)])
         ax.bar_label(bars, fmt=f"%.{min(column.digits, 1)}f", fontsize=7)
-    for i, (model, _, _) in enumerate(groups):
-        fp = next((r.get(column.key) for r in rows if r["model"] == model and r["stage"] == "fp"), None)
-        if fp is not None:
-            ax.hlines(fp, i - 0.4, i + 0.4, colors="black", linestyles="dashed", label="FP" if i == 0 else None)
-    one_model = len({m for m, _, _ in groups}) == 1  # then the title names it, and the ticks need not
-    ax.set_xticks(range(len(groups)), [(b if one_model else f"{m}\n{b}") + (f"\n{s}" if s else "")
-                                       for m, b, s in groups], fontsize=7)
-    ax.set_ylabel(column.label + (" (log scale, lower is better)" if column.lower_is_better else ""))
+    fp = next((r.get(column.key) for r in rows if groups and r["model"] == groups[0][0] and r["stage"] == "fp"), None)
+    if fp is not None:
+        ax.axhline(fp, color="black", linestyle="dashed", linewidth=1, label="FP")
+    ax.set_xticks(range(len(groups)), [b + (f"\n{s}".replace(" (", "\n(") if s else "") for _, b, s in groups],
+                  fontsize=7)
     if column.lower_is_better:
         ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(stages) + 1, fontsize=8, frameon=False)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
 
 
 @contextmanager
