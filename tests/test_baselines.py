@@ -213,3 +213,19 @@ def test_rtn_quantizes_a_model_with_conv_weights_and_reloads_it_bit_identical(tm
     saved = qwt.save_quantized(model, tmp_path / "rtn", "vit_fmnist", config)
     with torch.no_grad():
         assert torch.equal(qwt.load_quantized(saved)(images), expected)
+
+
+def test_an_activation_only_option_is_refused_where_activations_stay_in_float():
+    """RTN's ``activations`` shapes only activation quantisers: with A16 it would do nothing and still be recorded
+    as if it had run; the default value, and any value with quantised activations, are taken."""
+    from qwt.errors import InputError
+    from qwt.tasks.llm import parse_bits
+
+    static = make_baseline("rtn", {"activations": "tensor"})
+    with pytest.raises(ValueError, match="activations=tensor shapes the activation quantisers") as refusal:
+        qwt.PTQConfig(baseline=static, w_bits=3, a_bits=16)
+    assert "\n" not in str(refusal.value)
+    assert qwt.PTQConfig(baseline=static, w_bits=4, a_bits=8).tag == "W4A8"
+    assert qwt.PTQConfig(baseline="rtn", w_bits=3, a_bits=16).tag == "W3A16"
+    with pytest.raises(InputError, match="--bits W3A16: rtn option activations=tensor shapes"):
+        parse_bits("W3A16", "rtn", {"activations": "tensor"})
