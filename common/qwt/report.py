@@ -226,6 +226,11 @@ def read_record(path: Path) -> dict[str, Any] | None:
     return record
 
 
+def record_matches(record: dict[str, Any] | None, config: str, key: dict[str, Any]) -> bool:
+    """Whether a complete record (:func:`read_record`) is of the run ``key`` made with configuration ``config``."""
+    return record is not None and record.get("config_hash") == config and record.get("run") == key
+
+
 def collect_records(folder: Path, runs: Sequence[tuple[str, str]]) -> tuple[list[Row], list[dict], list[str]]:
     """Rows of the complete records ``folder/<stem>.json`` of each (stem, configuration hash) in ``runs``;
     returns (rows, the records, missing stems). A row several records hold (the FP row of a model, evaluated with

@@ -168,8 +168,7 @@ class PTQConfig:
 def _refuse_activation_options(baseline: Baseline) -> None:
     """With ``a_bits=16`` nothing is quantised that the baseline's activation-only options shape: one set away from
     its default would be recorded as if it had run."""
-    given = {f.name: getattr(baseline, f.name) for f in fields(baseline)
-             if f.name in baseline.activation_options and getattr(baseline, f.name) != f.default}
+    given = {k: v for k, v in baseline.chosen_options().items() if k in baseline.activation_options}
     if given:
         options = ", ".join(f"{k}={v}" for k, v in given.items())
         raise ValueError(f"{baseline.name} option {options} shapes the activation quantisers, and a_bits="

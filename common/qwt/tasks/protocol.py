@@ -31,7 +31,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
@@ -47,10 +47,9 @@ from ..environment import environment
 from ..family import Family
 from ..errors import InputError
 from ..ptq import PTQConfig
-from ..ptq.baselines import Baseline
 from ..ptq.config import bit_tag
-from ..report import (Column, Row, atomic_write, baseline_label, config_hash, file_sha256, read_record, results_chart,
-                      results_table)
+from ..report import (Column, Row, atomic_write, baseline_label, config_hash, file_sha256, read_record,
+                      record_matches, results_chart, results_table)
 from ..serialization import check_save_target, save_quantized
 from ..size import model_size_mb
 from ..utils import PhaseTimer, seed_everything
@@ -106,17 +105,6 @@ class Session(ABC):
     def notes(self) -> str:
         """Markdown under the table (e.g. sample continuations)."""
         return ""
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One PTQ configuration of a run (resolved for the task's family)."""
-
-    config: PTQConfig
-
-    @property
-    def bits(self) -> str:
-        return self.config.tag
 
 
 class Task(ABC):
@@ -303,6 +291,11 @@ class Plan:
     settings: list[PTQConfig]
     forms: list[QwTConfig]
 
+    @property
+    def only(self) -> bool:
+        """One setting and one form: a ``--save`` goes to SAVE itself, not a sub-folder."""
+        return len(self.settings) * len(self.forms) == 1
+
 
 def check(task: Task, args: argparse.Namespace) -> Plan:
     """Every check that needs no model, the task's own included; refuses repeated settings or forms (a second row
@@ -316,9 +309,10 @@ def check(task: Task, args: argparse.Namespace) -> Plan:
             check_device(form.feature_device, "--feature-device")
     check_writable_dir(args.out, "--out")
     task.check(args)
+    plan = Plan(settings, forms)
     if getattr(args, "save", None) is not None:
-        _check_save(task, args, settings, forms)
-    return Plan(settings, forms)
+        _check_save(task, args, plan)
+    return plan
 
 
 def _refuse_repeats(what: str, values: list[str]) -> None:
@@ -327,26 +321,25 @@ def _refuse_repeats(what: str, values: list[str]) -> None:
         raise InputError(f"{what} {', '.join(repeated)} given more than once; give each once")
 
 
-def _check_save(task: Task, args: argparse.Namespace, settings: list[PTQConfig], forms: list[QwTConfig]) -> None:
+def _check_save(task: Task, args: argparse.Namespace, plan: Plan) -> None:
     save = check_writable_dir(args.save, "--save")
     out = Path(os.path.abspath(args.out))
     if Path(os.path.abspath(save)) in (out, *out.parents):
         raise InputError(f"--save {args.save} would hold the run's records (--out {args.out}), and a save "
                          "replaces only a folder holding a previous save; pass a --save outside --out")
-    only = len(settings) * len(forms) == 1
-    for config in settings:
-        for form in forms:
-            check_save_target(save / task.save_name(args, config, form.compensation, only))
+    for config in plan.settings:
+        for form in plan.forms:
+            check_save_target(save / task.save_name(args, config, form.compensation, plan.only))
 
 
-def _resume_or_refuse(task: Task, args: argparse.Namespace, stem: str) -> bool:
-    """True when ``OUT/<stem>.json`` is a complete record of this very run and configuration (nothing to do);
-    refuses a complete record of another configuration (it would be replaced). An incomplete record is the
-    protocol's own unfinished write and is run again."""
+def _resume_or_refuse(args: argparse.Namespace, stem: str, config: str, key: dict[str, Any]) -> bool:
+    """True when ``OUT/<stem>.json`` is a complete record of this very run (``key``) and configuration (nothing
+    to do); refuses a complete record of another configuration (it would be replaced). An incomplete record is
+    the protocol's own unfinished write and is run again."""
     record = read_record(Path(args.out) / f"{stem}.json")
     if record is None:
         return False
-    if record.get("config_hash") == config_hash(args) and record.get("run") == task.run_key(args):
+    if record_matches(record, config, key):
         print(f"= {args.out}/{stem}.json: a complete record of this run and configuration is there; nothing to do "
               "(pass another --out to run it again)", flush=True)
         return True
@@ -364,17 +357,17 @@ def main(task: Task, description: str, argv: Sequence[str] | None = None) -> int
 def run(task: Task, args: argparse.Namespace) -> int:
     """Check, hold --out, run (or skip a finished run), write; under torchrun only rank 0 writes."""
     plan = check(task, args)
-    stem = task.stem(args)
+    stem, config, key = task.stem(args), config_hash(args), task.run_key(args)
     writer = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK before the process group exists
     with hold_output_dir(args.out, "--out") if writer else contextlib.nullcontext():
-        if _resume_or_refuse(task, args, stem):
+        if _resume_or_refuse(args, stem, config, key):
             return 0
         rank, world = init_distributed(args.device)
         try:
             seed_everything(args.seed)
             memory = PeakMemory(args.device)  # the FP row's peak: loading and evaluating the FP model
             with task.open(args, rank, world) as session:
-                Run(task, args, session, plan, stem, writer, memory).go()
+                Run(task, args, session, plan, stem, config, key, writer, memory).go()
         finally:
             if world > 1:
                 dist.destroy_process_group()
@@ -390,6 +383,8 @@ class Run:
     session: Session
     plan: Plan
     stem: str
+    config: str  # the configuration hash and the run key, as the record states them
+    key: dict[str, Any]
     writer: bool
     memory: PeakMemory
     rows: list[Row] = field(default_factory=list)
@@ -449,9 +444,8 @@ class Run:
         self.add(row)
         s.after_row(row, model, first)
         if getattr(self.args, "save", None) is not None and self.writer:
-            only = len(self.plan.settings) * len(self.plan.forms) == 1
-            s.save(model, Path(self.args.save) / self.task.save_name(self.args, config, form.compensation, only),
-                   config, row)
+            name = self.task.save_name(self.args, config, form.compensation, self.plan.only)
+            s.save(model, Path(self.args.save) / name, config, row)
         if first:
             self.refined(config, model, row)
 
@@ -471,8 +465,8 @@ class Run:
         baseline = None if config is None else config.resolved_baseline()
         row: Row = {"model": self.session.label, "bits": bits, "baseline": None if baseline is None else baseline.name,
                     "stage": stage, "form": form, **metrics}
-        if baseline is not None and chosen_options(baseline):
-            row["baseline_options"] = chosen_options(baseline)
+        if baseline is not None and baseline.chosen_options():
+            row["baseline_options"] = baseline.chosen_options()
         return {**row, **extra, "size_mb": model_size_mb(model), "peak_memory_mb": self.memory.read_mb()}
 
     def add(self, row: Row) -> None:
@@ -488,8 +482,8 @@ class Run:
         if not self.writer:
             return
         out, args = Path(self.args.out), self.args
-        record = {"complete": complete, "task": self.task.name, "config_hash": config_hash(args),
-                  "run": self.task.run_key(args), "environment": self.environment, "data": self.session.data,
+        record = {"complete": complete, "task": self.task.name, "config_hash": self.config,
+                  "run": self.key, "environment": self.environment, "data": self.session.data,
                   "peak_memory": "per row" if self.memory.per_row else "running max",
                   "columns": [asdict(c) for c in self.task.columns], "rows": self.rows}
         details = {"blocks": self.blocks, "ptq": [c.to_dict() for c in self.plan.settings],
@@ -533,13 +527,7 @@ def record_notes(records: Iterable[dict[str, Any]]) -> str:
 def setting_name(config: PTQConfig) -> str:
     """``W4A4 gptq`` / ``W4A8 rtn (activations=tensor)``: the bits and the baseline as the rows name them."""
     baseline = config.resolved_baseline()
-    return f"{config.tag} {baseline_label({'baseline': baseline.name, 'baseline_options': chosen_options(baseline)})}"
-
-
-def chosen_options(baseline: Baseline) -> dict[str, Any]:
-    """The options of ``baseline`` that differ from its defaults (a row names what sets it apart; the saved
-    model and the details record every option)."""
-    return {f.name: getattr(baseline, f.name) for f in fields(baseline) if getattr(baseline, f.name) != f.default}
+    return f"{config.tag} {baseline_label({'baseline': baseline.name, 'baseline_options': baseline.chosen_options()})}"
 
 
 def _plain(value: Any) -> Any:

@@ -24,7 +24,8 @@ from typing import Any
 
 from ..cli import check_writable_dir, hold_output_dir, run_cli
 from ..errors import InputError
-from ..report import Row, _fmt, atomic_write, collect_records, config_hash, read_record, results_chart, results_table
+from ..report import (Row, _fmt, atomic_write, collect_records, config_hash, read_record, record_matches,
+                      results_chart, results_table)
 from . import protocol
 
 #: How the paper's tables name each stage.
@@ -165,8 +166,7 @@ class PlannedRun:
     key: dict[str, Any]
 
     def done(self, out: Path) -> bool:
-        record = read_record(out / f"{self.stem}.json")
-        return record is not None and record.get("config_hash") == self.config and record.get("run") == self.key
+        return record_matches(read_record(out / f"{self.stem}.json"), self.config, self.key)
 
 
 def plan(table: Table, lists: list[list[str]]) -> list[PlannedRun]:

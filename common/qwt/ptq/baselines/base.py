@@ -92,6 +92,11 @@ class Baseline:
         """The baseline's settings as saved with a model (empty for a baseline without options)."""
         return asdict(self)
 
+    def chosen_options(self) -> dict[str, Any]:
+        """The options set away from their defaults: what tells this baseline apart in a row's name (GPTQ's
+        resolved activation partner included); :meth:`options` has them all."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
 
 def parse_options(method: str | type[Baseline], pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """Typed options of the baseline ``method`` (a registered name or class) from command-line ``NAME=VALUE``

@@ -27,7 +27,8 @@ class RepQViT(Baseline):
     def check_family(self, family: Family) -> None:
         if not family.norm_linear_pairs:
             raise ValueError(f"RepQ-ViT needs LayerNorm → Linear pairs, which the {family.name} family does not "
-                             f"name (Family.norm_linear_pairs); use its default baseline, {family.default_baseline!r}, or 'gptq'")
+                             f"name (Family.norm_linear_pairs); use its default baseline, {family.default_baseline!r}, "
+                             "or 'gptq'")
 
     def post_norm_quantizer(self, bits: int) -> Quantizer:
         return act_quantizer(bits, per_channel=True)
