@@ -500,22 +500,29 @@ class Run:
 
 
 def combine(out: Path, stems: Sequence[str], columns: Sequence[Column], title: str) -> str:
-    """Put the complete records ``OUT/<stem>.json`` of several runs together: ``table.md``, ``summary.json`` (the
-    rows, each run's machine and data) and ``chart.png``; returns the markdown. ``title`` may name the machine's
-    fields (``{cpu_capability}``)."""
+    """Put the complete records ``OUT/<stem>.json`` of several runs together (:func:`write_tables`); ``title`` may
+    name the machine's fields (``{cpu_capability}``). Returns the markdown."""
     records = {stem: read_record(Path(out) / f"{stem}.json") for stem in stems}
     missing = [stem for stem, record in records.items() if record is None]
     if missing:
         raise InputError(f"{out}: no complete record of {', '.join(missing)}; run it first")
-    environment = next(iter(records.values()))["environment"]
-    title = title.format(**environment)
-    rows = [row for record in records.values() for row in record["rows"]]
-    text = results_table(rows, columns, title, {"environment": environment}) + record_notes(records.values())
     summary = {"environment": {stem: r["environment"] for stem, r in records.items()},
-               "data": {stem: r["data"] for stem, r in records.items()}, "rows": rows}
-    atomic_write(Path(out) / "summary.json", json.dumps(summary, indent=1) + "\n")
-    atomic_write(Path(out) / "table.md", text)
-    results_chart(rows, columns[0], Path(out) / "chart.png", title)
+               "data": {stem: r["data"] for stem, r in records.items()}}
+    rows = [row for record in records.values() for row in record["rows"]]
+    title = title.format(**next(iter(records.values()))["environment"])
+    return write_tables(Path(out), rows, list(records.values()), columns, title, summary)
+
+
+def write_tables(folder: Path, rows: list[Row], records: Sequence[dict[str, Any]], columns: Sequence[Column],
+                 title: str, summary: dict[str, Any], comparison: str = "", footer: str = "") -> str:
+    """Several runs' rows as one table: ``table.md`` (the title, a ``comparison`` with published numbers where
+    there is one, a table per model on the first record's machine, each record's notes, a ``footer``),
+    ``summary.json`` (``summary`` and the rows) and ``chart.png``. Returns the markdown."""
+    head, _, body = results_table(rows, columns, title, {"environment": records[0]["environment"]}).partition("\n\n")
+    text = f"{head}\n\n" + (f"{comparison}\n" if comparison else "") + body + record_notes(records) + footer
+    atomic_write(folder / "summary.json", json.dumps({**summary, "rows": rows}, indent=2) + "\n")
+    atomic_write(folder / "table.md", text)
+    results_chart(rows, columns[0], folder / "chart.png", title)
     return text
 
 

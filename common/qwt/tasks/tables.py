@@ -24,8 +24,7 @@ from typing import Any
 
 from ..cli import check_writable_dir, hold_output_dir, run_cli
 from ..errors import InputError
-from ..report import (Row, _fmt, atomic_write, collect_records, config_hash, read_record, record_matches,
-                      results_chart, results_table)
+from ..report import Row, _fmt, collect_records, config_hash, read_record, record_matches
 from . import protocol
 
 #: How the paper's tables name each stage.
@@ -196,7 +195,7 @@ def _reproduce(folder: Path, args: argparse.Namespace, extra: list[str]) -> int:
         return assemble(out, [(r.stem, r.config) for r in runs], table)
 
 
-def comparison(rows: Sequence[Row], paper: dict[str, Any], metrics: Sequence[Metric]) -> str:
+def comparison_table(rows: Sequence[Row], paper: dict[str, Any], metrics: Sequence[Metric]) -> str:
     """Markdown: for every (model, bits, stage) either side has, each metric ours | paper | difference. Ours are
     the dense QwT rows (the paper's form)."""
     ours = {(r["model"], r["bits"], PAPER_METHODS[r["stage"]]): r for r in rows if r.get("form") in (None, "dense")}
@@ -238,17 +237,13 @@ def assemble(folder: Path, runs: Sequence[tuple[str, str]], table: Table, absent
     for r in rows:
         if not keys <= set(r) or r["stage"] not in PAPER_METHODS:
             raise InputError(f"malformed result row in {folder}: {r} (needs {sorted(keys)})")
-    text = results_table(rows, task.columns, table.title, {"environment": environments[0]}) + \
-        protocol.record_notes(records)
+    comparison = ""
     if table.metrics and table.paper.is_file():
-        text = f"## {table.title}\n\n" + comparison(rows, json.loads(table.paper.read_text()), table.metrics) + \
-            "\n" + text.partition("\n\n")[2]
-    if missing:
-        text += f"\nMissing runs (no complete record of the table's configuration): {', '.join(missing)}\n"
-    summary = {"environment": environments, "missing": missing, "rows": rows}
-    atomic_write(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write(folder / "table.md", text)
-    results_chart(rows, task.columns[0], folder / "chart.png", table.title)
+        comparison = comparison_table(rows, json.loads(table.paper.read_text()), table.metrics)
+    footer = f"\nMissing runs (no complete record of the table's configuration): {', '.join(missing)}\n" \
+        if missing else ""
+    text = protocol.write_tables(folder, rows, records, task.columns, table.title,
+                                 {"environment": environments, "missing": missing}, comparison, footer)
     print(text)
     if missing:
         print(f"missing runs (no complete record of the table's configuration): {', '.join(missing)}",
