@@ -74,14 +74,9 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
     g = p.add_argument_group("quantisation (PTQ)")
     g.add_argument("--w-bits", type=int, default=4, help="weight bits")
     g.add_argument("--a-bits", type=int, default=4, help="activation bits (16: weights only)")
-    g.add_argument("--method", choices=list_baselines(), default=None,
-                   help="PTQ baseline (default: the model family's, repq_vit for ViT/DeiT/Swin, percentile "
-                        "for CNNs); gptq: GPTQ-rounded weights with that default baseline's activations")
-    g.add_argument("--method-option", type=method_option, action="append",
-                   default=[], metavar="NAME=VALUE",
-                   help="an option of the PTQ method, read as the option's type (true/false, an integer, a "
-                        "number, none where allowed, or text; repeatable), e.g. for gptq: act_order=true, "
-                        "group_size=128, damp=0.01, symmetric=true, activations=percentile")
+    add_baseline_flags(g, None, "PTQ baseline (default: the model family's, repq_vit for ViT/DeiT/Swin, percentile "
+                                "for CNNs); gptq: GPTQ-rounded weights with that default baseline's activations",
+                       "for gptq: act_order=true, group_size=128, damp=0.01, symmetric=true, activations=percentile")
     g.add_argument("--layer-map", choices=["qwt", "repq_vit"], default=defaults.layer_map,
                    help="qwt: patch-embed and classifier W8A8 (the QwT authors' classification code); "
                         "repq_vit: RepQ-ViT's original map")
@@ -118,6 +113,15 @@ def add_quant_flags(p: argparse.ArgumentParser, defaults: FlagDefaults) -> None:
                    help="where block features wait between blocks (default: the model's device): cpu keeps GPU "
                         "memory flat in the number of compensation images, disk keeps process memory flat "
                         "(temporary files); the result is the same")
+
+
+def add_baseline_flags(g: argparse._ArgumentGroup, default: str | None, method_help: str, examples: str) -> None:
+    """``--method`` (every registered baseline) and ``--method-option NAME=VALUE`` (read against the chosen
+    baseline's typed options by :func:`chosen_method`), as every task offers them."""
+    g.add_argument("--method", choices=list_baselines(), default=default, help=method_help)
+    g.add_argument("--method-option", type=method_option, action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the PTQ baseline, read as the option's type (true/false, an integer, a "
+                        f"number, none where allowed, or text; repeatable), e.g. {examples}")
 
 
 def chosen_method(args: argparse.Namespace, family: Family) -> tuple[str, dict[str, Any]]:

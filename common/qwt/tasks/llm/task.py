@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,17 +28,17 @@ from ...compensation import QwTConfig, heldout_inputs
 from ...errors import InputError
 from ...models.decoder_lm import DECODER_LM, build_from_config, config_dict, tiny_config
 from ...models.lm_loading import SMOLLM2_GGUF, load_causal_lm, load_tokenizer, smollm2_dir
-from ...ptq import PTQConfig, list_baselines
+from ...ptq import PTQConfig
+from ...ptq.config import parse_bit_tag
 from ...ptq.baselines import make_baseline
 from ...report import Column, Row, file_sha256
 from ...serialization import saved_build_problems
 from ...utils import PhaseTimer
 from .. import protocol
-from ..cli import chosen_method, method_option, method_suffix
+from ..cli import add_baseline_flags, chosen_method, method_suffix
 from .scoring import Scores, agreement, all_sum, greedy_continuation, perplexity, score_windows
 from .text import check_text, load_windows
 
-_TAG = re.compile(r"^W(\d+)A(\d+)$")
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
 #: The weight files whose bytes name a checkpoint folder in the run's record.
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
@@ -49,18 +48,19 @@ def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dic
                ) -> PTQConfig:
     """``W4A8`` / ``W3A16`` (A16: weights only) with the registered baseline ``method`` and its typed
     ``options``, resolved for the decoder-LM family (GPTQ's activations: those of the family's default)."""
-    m = _TAG.match(tag)
-    if m is None:
+    try:
+        w_bits, a_bits = parse_bit_tag(tag)
+    except ValueError:
         raise InputError(f"--bits {tag!r}: expected W<bits>A<bits>, e.g. W4A8, W3A16 (activation granularity and "
                          "weight groups are baseline options: --method-option activations=tensor, "
-                         "--method-option group_size=128)")
+                         "--method-option group_size=128)") from None
     given = f"--method {method}" + "".join(f" --method-option {k}={v}" for k, v in (options or {}).items())
     try:  # a bad option is the baseline's problem, not the bit setting's: each is named by its own flags
         baseline = make_baseline(method, options)
     except ValueError as err:
         raise InputError(f"{given}: {err}") from None
     try:
-        config = PTQConfig(baseline=baseline, w_bits=int(m[1]), a_bits=int(m[2]))
+        config = PTQConfig(baseline=baseline, w_bits=w_bits, a_bits=a_bits)
     except ValueError as err:
         raise InputError(f"--bits {tag}: {err}") from None
     try:
@@ -84,12 +84,10 @@ class LanguageModel(protocol.Task):
         g = p.add_argument_group("quantisation (PTQ)")
         g.add_argument("--bits", nargs="+", default=["W4A8", "W3A16"],
                        help="settings W<w>A<a>; A16 = weights only")
-        g.add_argument("--method", choices=list_baselines(), default=DECODER_LM.default_baseline,
-                       help="PTQ baseline: rtn (min-max round to nearest, per-token dynamic inputs; the decoder-LM "
-                            "family's default), gptq (GPTQ weights with rtn's inputs), or any registered one")
-        g.add_argument("--method-option", type=method_option, action="append", default=[], metavar="NAME=VALUE",
-                       help="an option of the PTQ baseline, read as the option's type (repeatable), e.g. rtn: "
-                            "activations=tensor (static per-tensor inputs), group_size=128; gptq: act_order=true")
+        add_baseline_flags(g, DECODER_LM.default_baseline,
+                           "PTQ baseline: rtn (min-max round to nearest, per-token dynamic inputs; the decoder-LM "
+                           "family's default), gptq (GPTQ weights with rtn's inputs), or any registered one",
+                           "rtn: activations=tensor (static per-tensor inputs), group_size=128; gptq: act_order=true")
         g = p.add_argument_group("text")
         g.add_argument("--calib-text", type=Path, nargs="+", help="your calibration text file(s) (UTF-8)")
         g.add_argument("--eval-text", type=Path, nargs="+", help="your evaluation text file(s) (UTF-8)")
