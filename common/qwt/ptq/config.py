@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,6 +17,7 @@ if TYPE_CHECKING:  # the family module imports this one
 LayerMap = Literal["qwt", "repq_vit"]
 #: ``a_bits`` value that leaves every activation in float: weights-only quantisation (W4A16, W3A16).
 FLOAT_ACTIVATIONS = 16
+_BIT_TAG = re.compile(r"^W(\d+)A(\d+)$")
 #: The previous release's names of the baseline keys (``method``): still read from saved models and records.
 _OLD_KEYS = {"method": "baseline", "method_options": "baseline_options"}
 #: Tells a ``method=`` left out from ``method=None`` (the family's default, as ``baseline=None``).
@@ -28,6 +30,15 @@ def bit_tag(w_bits: int, a_bits: int, conv_act_bits: int | None = None) -> str:
     if conv_act_bits is not None and conv_act_bits != a_bits:
         tag += f"-convA{conv_act_bits}"
     return tag
+
+
+def parse_bit_tag(tag: str) -> tuple[int, int]:
+    """``(w_bits, a_bits)`` of a ``W4A8`` tag (:func:`bit_tag`'s form without a conv width); the widths are
+    checked where they are used (:class:`PTQConfig`)."""
+    match = _BIT_TAG.match(tag)
+    if match is None:
+        raise ValueError(f"expected W<bits>A<bits>, e.g. W4A8 or W3A16 (A16: weights only), got {tag!r}")
+    return int(match[1]), int(match[2])
 
 
 def _accept_old_method_keyword(cls: type[PTQConfig]) -> type[PTQConfig]:

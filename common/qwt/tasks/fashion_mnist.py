@@ -31,6 +31,7 @@ from ..evaluate import tensor_batches, top1_accuracy
 from ..models import create_model, get_model_entry
 from ..models.efficientnet import PIXEL_MEAN, PIXEL_SCALE
 from ..ptq import PTQConfig
+from ..ptq.config import parse_bit_tag
 from ..report import Column
 from . import protocol
 
@@ -45,8 +46,8 @@ COMP_BATCH = 32
 def bits_config(tag: str, method: str | None) -> PTQConfig:
     """``W4A4`` → a PTQ config (``method`` None: the model family's default baseline)."""
     try:
-        w, a = tag.upper().removeprefix("W").split("A")
-        return PTQConfig(baseline=method, w_bits=int(w), a_bits=int(a))
+        w, a = parse_bit_tag(tag.upper())
+        return PTQConfig(baseline=method, w_bits=w, a_bits=a)
     except ValueError as err:
         raise InputError(f"bad bit setting {tag!r}: expected like W4A4 with bits in 2..8 (A16: weights only) "
                          f"({err})") from None
