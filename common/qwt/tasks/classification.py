@@ -25,7 +25,6 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from ..cli import positive_int
 from ..compensation import QwTConfig
-from ..compensation.blockwise import check_qwt_config, compensated_blocks
 from ..data.imagenet import QwTLoaders, SeededSubset, make_loaders
 from ..data.synthetic import write_class_folders
 from ..errors import InputError
@@ -83,10 +82,8 @@ class Classification(protocol.Task):
         return [ptq_config(args, get_model_entry(args.model).family)]
 
     def qwt_configs(self, args: argparse.Namespace) -> list[QwTConfig]:
-        config = qwt_config(args)
-        check_qwt_config(config)
         star_config(args)  # refused now, not after the run
-        return [config]
+        return [qwt_config(args)]
 
     def check(self, args: argparse.Namespace) -> None:
         if args.checkpoint is not None:
@@ -153,7 +150,6 @@ class ClassificationSession(protocol.Session):
         self.fp_model = self.entry.build(pretrained=True, checkpoint=args.checkpoint, smoke=args.smoke,
                                          num_classes=classes if args.smoke else 1000).to(args.device)
         self.family = self.entry.family
-        check_qwt_config(qwt_config(args), compensated_blocks(self.family.plan(self.fp_model)))
         self.calib = loaders.calib.to(args.device)
 
     @property

@@ -42,6 +42,7 @@ from torch import nn
 from ..api import apply_qwt, quantize
 from ..cli import check_device, check_writable_dir, hold_output_dir, run_cli
 from ..compensation import BlockReport, QwTConfig, model_guard
+from ..compensation.blockwise import check_qwt_config, compensated_blocks
 from ..compensation.features import DISK
 from ..environment import environment
 from ..family import Family
@@ -396,6 +397,9 @@ class Run:
         s = self.session
         for config in self.plan.settings:  # e.g. mixture-of-experts weights a row's label would not cover
             s.family.layer_rule(s.fp_model, config)
+        blocks = compensated_blocks(s.family.plan(s.fp_model))
+        for form in self.plan.forms:  # e.g. a --start-block past the model's last block
+            check_qwt_config(form, blocks)
         if not self.args.skip_fp:
             self.add(self.row("FP", None, "fp", None, s.evaluate(s.fp_model, "FP"), s.fp_model))
             s.after_row(self.rows[-1], s.fp_model, True)

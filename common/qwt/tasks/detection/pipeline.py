@@ -20,7 +20,6 @@ from torch import nn
 from ...api import apply_qwt, quantize
 from ...cli import positive_int
 from ...compensation import BlockReport, QwTConfig
-from ...compensation.blockwise import check_qwt_config, compensated_blocks
 from ...errors import InputError
 from ...models.checkpoint import check_checkpoint
 from ...ptq import PTQConfig
@@ -76,9 +75,7 @@ class Detection(protocol.Task):
         return [ptq_config(args, MMDET_SWIN)]
 
     def qwt_configs(self, args: argparse.Namespace) -> list[QwTConfig]:
-        config = qwt_config(args)
-        check_qwt_config(config)
-        return [config]
+        return [qwt_config(args)]
 
     def check(self, args: argparse.Namespace) -> None:
         """Flags, checkpoint and every COCO split the run reads, before the first evaluation."""
@@ -130,7 +127,6 @@ class DetectionSession(protocol.Session):
         model = build_detector(args.model, smoke=args.smoke, num_classes=len(self.classes) if self.classes else 80)
         layout = load_detector_weights(model, args.checkpoint) if args.checkpoint else "random-init"
         self.fp_model = model.to(args.device)
-        check_qwt_config(qwt_config(args), compensated_blocks(mmdet_swin_plan(model, (COMP_SIZE, COMP_SIZE))))
         val_set = coco_dataset(self.root, "val2017", SMOKE_TEST_SCALE if args.smoke else TEST_SCALE,
                                classes=self.classes, limit=args.val_limit)
         self.val = loader(val_set, 1, args.workers)
