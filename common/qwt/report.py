@@ -28,12 +28,20 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """A metric column of a task's table: its key in the rows, its label, its digits, and which way is better."""
+    """A metric column of a task's table: its key in the rows, its label, its digits, and which way is better.
+    ``interval``: rows may carry ``<key>_interval`` = [low, high], a 95 % interval shown beside the value."""
 
     key: str
     label: str
     digits: int = 2
     lower_is_better: bool = False
+    interval: bool = False
+
+    def cell(self, row: Row) -> str:
+        """The value, and its interval where the row has one: ``38.72 [37.95, 39.51]``."""
+        text = _fmt(row.get(self.key), self.digits)
+        bounds = row.get(f"{self.key}_interval") if self.interval else None
+        return text + (f" [{_fmt(bounds[0], self.digits)}, {_fmt(bounds[1], self.digits)}]" if bounds else "")
 
 
 #: How each stage reads in tables and charts.
@@ -98,7 +106,7 @@ def results_table(rows: Sequence[Row], columns: Sequence[Column], title: str, re
         for r in (r for r in rows if r["model"] == model):
             delta, closed = _gap(r, rows, head)
             cells = [r["bits"], baseline_label(r) or "–", stage_label(r),
-                     *(_fmt(r.get(c.key), c.digits) for c in columns), delta, closed, _kept(r),
+                     *(c.cell(r) for c in columns), delta, closed, _kept(r),
                      _fmt(r.get("ptq_seconds"), 1), _fmt(r.get("qwt_seconds"), 1),
                      _fmt(r.get("peak_memory_mb"), 0), _fmt(r.get("size_mb"), 3)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -133,6 +141,15 @@ def results_chart(rows: Sequence[Row], column: Column, path: Path, title: str) -
     plt.close(fig)
 
 
+def _error_bars(rows: list[Row], values: list[float], column: Column) -> list[list[float]] | None:
+    """Asymmetric error bars (below, above) from the rows' 95 % intervals; None when no row has one."""
+    bounds = [r.get(f"{column.key}_interval") if column.interval else None for r in rows]
+    if not any(bounds):
+        return None
+    return [[v - b[0] if b else 0.0 for v, b in zip(values, bounds)],
+            [b[1] - v if b else 0.0 for v, b in zip(values, bounds)]]
+
+
 def _chart_panel(ax: Any, rows: Sequence[Row], groups: list[tuple[str, str, str]], stages: list[str],
                  column: Column) -> None:
     colors = ["#9aa5b1", "#2f7ed8", "#8bbc21", "#f28f43"]
@@ -141,7 +158,9 @@ def _chart_panel(ax: Any, rows: Sequence[Row], groups: list[tuple[str, str, str]
         values = [next((r.get(column.key) or 0.0 for r in rows if _setting(r) == g and stage_label(r) == stage), 0.0)
                   for g in groups]
         xs = [i + (k - (len(stages) - 1) / 2) * width for i in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=stage, color=colors[k % len(colors)])
+        bars = ax.bar(xs, values, width, label=stage, color=colors[k % len(colors)], yerr=_error_bars(
+            [next((r for r in rows if _setting(r) == g and stage_label(r) == stage), {}) for g in groups], values,
+            column), capsize=2, error_kw={"linewidth": 0.8})
         ax.bar_label(bars, fmt=f"%.{min(column.digits, 1)}f", fontsize=7)
     fp = next((r.get(column.key) for r in rows if groups and r["model"] == groups[0][0] and r["stage"] == "fp"), None)
     if fp is not None:

@@ -1,7 +1,12 @@
 """QwT's block-wise procedure: fit and attach one compensation per block, in order (docs/algorithm.md#qwt).
 
 For block i with input X_i on the already-compensated quantised path, the target is FP-block(X_i) −
-quantised-block(X_i); the fit is closed form; R² ≤ threshold or i < start_block leaves a zero compensation.
+quantised-block(X_i) (the authors'); the fit is closed form; R² ≤ threshold or i < start_block leaves a zero
+compensation. With ``QwTConfig.propagation`` α > 0 the FP model's own hidden states X_i^fp are carried beside the
+quantised ones (a second feature store), and the target becomes α·FP-block(X_i^fp) + (1 − α)·FP-block(X_i) −
+quantised-block(X_i): block i then also corrects the error that reached its input, which the authors' target
+never sees (docs/llm_compensation.md). On sequence features (a language model's windows) each block reports the
+share of its target energy held by attention-sink rows, and ``exclude_sinks`` leaves those rows out of the fit.
 X_{i+1} is the compensated quantised output, computed as the authors do: with the FP32 compensation in their
 summation order (the FP16 product is for evaluation only). Each block runs twice per batch (FP and quantised):
 the quantised output is kept and the compensation added once solved, instead of a third forward.
@@ -29,6 +34,8 @@ from .channelwise import ChannelAffine, channelwise_block_fit
 from .features import DISK, FeatureStore, FeatureStores
 from .guard import HeldOutGuard, compensation_batches, heldout_batches
 from .modules import Compensated, ConvCompensated, LinearCompensated
+from .sinks import DEFAULT_NORM_MULTIPLE, SinkEnergy, sink_mask
+from .targets import fit_rows, propagated_target
 from .solver import (SOLVER_MODES, FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError,
                      SolverMode)
 
@@ -71,6 +78,8 @@ class BlockPlan:
     form: Form
     #: refuses inputs the stem does not take (images by default; token ids for language models)
     check_inputs: InputCheck = check_images
+    #: features are windows of tokens (batch, tokens, channels) that may hold attention sinks (qwt.compensation.sinks)
+    sequence: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,15 @@ class QwTConfig:
     #: held-out guard (not in the paper): this fraction of the compensation batches is held out of each block's
     #: fit, and the compensation is kept only if it lowers the block's error on them; 0 turns it off (default).
     guard_fraction: float = 0.0
+    #: α of the error-propagating target α·FP-block(x_fp) + (1 − α)·FP-block(x_q) − block_q(x_q), x_fp the FP
+    #: model's own input to the block; 0 is the authors' target (no FP stream is kept)
+    propagation: float = 0.0
+    #: added to the ridge: this fraction of the mean diagonal of XᵀX (scale-free; streaming solvers only)
+    relative_ridge: float = 0.0
+    #: sequence features only: leave attention-sink rows (position 0, and inputs whose norm exceeds
+    #: ``sink_norm_multiple`` × the window's median) out of the fit and the held-out guard's error
+    exclude_sinks: bool = False
+    sink_norm_multiple: float = DEFAULT_NORM_MULTIPLE
 
     def __post_init__(self) -> None:
         # Settings that would make QwT silently do nothing or something undefined are refused here; a start
@@ -113,6 +131,16 @@ class QwTConfig:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVER_MODES)}")
         if not (math.isfinite(self.guard_fraction) and 0 <= self.guard_fraction < 1):
             raise ValueError(f"guard_fraction must be in [0, 1) (0: no held-out guard), got {self.guard_fraction}")
+        if not (math.isfinite(self.propagation) and 0 <= self.propagation <= 1):
+            raise ValueError(f"propagation (α of the error-propagating target) must be in [0, 1], got {self.propagation}")
+        if not (math.isfinite(self.relative_ridge) and self.relative_ridge >= 0):
+            raise ValueError(f"relative_ridge must be ≥ 0, got {self.relative_ridge}")
+        if self.relative_ridge and self.solver == "reference":
+            raise ValueError("relative_ridge needs a streaming solver: the reference solver reproduces the authors' "
+                             "absolute ridge only")
+        if not (math.isfinite(self.sink_norm_multiple) and self.sink_norm_multiple > 1):
+            raise ValueError(f"sink_norm_multiple must be > 1 (a multiple of the window's median norm), "
+                             f"got {self.sink_norm_multiple}")
         if self.start_block < 0:
             raise ValueError(f"start_block must be ≥ 0, got {self.start_block}")
         if self.compensation not in ("dense", "channelwise"):
@@ -195,10 +223,11 @@ def infer_stride(in_size: int, out_size: int) -> int:
 def _fitter(form: Form, x: torch.Tensor, y: torch.Tensor, config: QwTConfig):
     ridge = config.ridge_for(form)
     if form == "linear":
-        return LinearLeastSquares(ridge=ridge, mode=config.solver), {}
+        return LinearLeastSquares(ridge, config.solver, config.relative_ridge), {}
     stride = infer_stride(x.shape[-1], y.shape[-1])
     groups = conv_groups(x.shape[1], y.shape[1], config.channels_per_group)
-    fit = GroupedConvLeastSquares(x.shape[1], y.shape[1], config.kernel_size, stride, groups, ridge, config.solver)
+    fit = GroupedConvLeastSquares(x.shape[1], y.shape[1], config.kernel_size, stride, groups, ridge, config.solver,
+                                  config.relative_ridge)
     return fit, {"stride": stride, "groups": groups, "kernel_size": config.kernel_size}
 
 
@@ -228,13 +257,28 @@ def _solve(fit: LinearLeastSquares | GroupedConvLeastSquares, name: str,
     return fit.zero_result(), reason
 
 
-#: Fits one block's compensation and attaches it in place: (model, step, features, block index, device, held-out
-#: batches) → (R², applied, report extras). ``features`` holds the block's input batches where they wait between
-#: blocks (:class:`FeatureStore`); each batch is fetched to ``device`` when used, and the fit replaces batch k by
-#: the next step's input as soon as batch k is done, so at most two copies exist. The held-out batches (the
-#: guard's, :func:`qwt.compensation.guard.heldout_batches`) are left out of the fit and only judge it
-#: (:class:`qwt.compensation.guard.HeldOutGuard`). One per compensation form.
-BlockFit = Callable[[nn.Module, Step, FeatureStore, int, torch.device, frozenset[int]], tuple[float, bool, dict]]
+@dataclass
+class BlockInputs:
+    """What a block's fit reads. ``feats`` holds the block's input batches on the quantised path where they wait
+    between blocks (:class:`FeatureStore`), ``fp_feats`` the FP model's own (only with ``propagation`` > 0); each
+    batch is fetched to ``device`` when used, and the fit replaces batch k by the next step's input as soon as
+    batch k is done, so at most two copies exist. The ``heldout`` batches (the guard's,
+    :func:`qwt.compensation.guard.heldout_batches`) are left out of the fit and only judge it
+    (:class:`qwt.compensation.guard.HeldOutGuard`). ``sequence``: the features are token windows (sink rows)."""
+
+    feats: FeatureStore
+    fp_feats: FeatureStore | None
+    device: torch.device
+    heldout: frozenset[int]
+    sequence: bool
+
+    def fp_stream(self, k: int) -> torch.Tensor | None:
+        return None if self.fp_feats is None else self.fp_feats.get(k, self.device)
+
+
+#: Fits one block's compensation and attaches it in place: (model, step, inputs, block index) → (R², applied,
+#: report extras). One per compensation form.
+BlockFit = Callable[[nn.Module, Step, BlockInputs, int], tuple[float, bool, dict]]
 #: (model, block path) → the last layer of each residual branch of that block (see :class:`qwt.Family`).
 ResidualBranches = Callable[[nn.Module, str], list[str]]
 
@@ -242,25 +286,34 @@ ResidualBranches = Callable[[nn.Module, str], list[str]]
 def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
     """The authors' form: ``out = block_q(x) + W x + b`` beside the block, fitted on FP-block(x) − block_q(x)."""
 
-    def fit_block(model: nn.Module, step: Step, feats: FeatureStore, index: int, device: torch.device,
-                  heldout: frozenset[int]):
-        module = model.get_submodule(step.path)
+    def fit_block(model: nn.Module, step: Step, inputs: BlockInputs, index: int):
+        module, feats, device = model.get_submodule(step.path), inputs.feats, inputs.device
         outputs, fit, guard, meta = feats.sibling(), None, None, {}
+        energy = SinkEnergy(config.sink_norm_multiple) if inputs.sequence else None
         for k in range(len(feats)):
-            x = feats.get(k, device)
+            x, x_fp = feats.get(k, device), inputs.fp_stream(k)
             with quant_state(module, weight=False, act=False):
                 y_fp = step.run(module, x)
+                y_stream = None if x_fp is None else step.run(module, x_fp)
             y_q = step.run(module, x)
             if fit is None:
                 fit, meta = _fitter(form, x, y_q, config)
                 # the guard's rows: FP64 statistics whatever the solver
-                guard = HeldOutGuard(heldout, _fitter(form, x, y_q, replace(config, solver="streaming"))[0])
+                guard = HeldOutGuard(inputs.heldout, _fitter(form, x, y_q, replace(config, solver="streaming"))[0])
+            y_fp = propagated_target(y_fp, y_stream, config.propagation)
             shared = y_fp.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
             target = y_fp - y_q if shared else y_fp.sub_(y_q)  # in the FP output's buffer unless that is x
-            guard.route(k, fit).update(x, target)
+            sinks = None if energy is None else sink_mask(x, config.sink_norm_multiple)
+            if energy is not None:
+                energy.add(target, sinks)
+            guard.route(k, fit).update(*fit_rows(sinks if config.exclude_sinks else None, x, target))
             outputs.put(k, y_q)
-        del x, y_fp, y_q, target
+            if y_stream is not None:
+                inputs.fp_feats.put(k, y_stream)
+        del x, x_fp, y_fp, y_stream, y_q, target
         fit.reduce()
+        if energy is not None:
+            meta["sinks"] = energy.report()
         result, reason = _solve(fit, step.path, config.skip_degenerate)
         if reason is not None:
             meta = {**meta, "skipped": reason}
@@ -307,36 +360,61 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
     :func:`qwt.apply_qwt`, which takes the plan and the residual branches from the model's family.
     """
     check_qwt_config(config, compensated_blocks(plan))
+    if config.exclude_sinks and not plan.sequence:
+        raise ValueError("exclude_sinks needs token-sequence features (a language model's plan); this plan's "
+                         "features have no attention-sink rows")
     if config.compensation == "channelwise":
         if residual_branches is None:
             raise ValueError("channel-wise compensation needs residual_branches: which layer ends each residual "
                              "branch of a block (qwt.apply_qwt takes it from the model's family)")
-        fit_block = channelwise_block_fit(residual_branches, config.r2_threshold, config.start_block)
+        fit_block = channelwise_block_fit(residual_branches, config)
     else:
         fit_block = dense_block_fit(plan.form, config)
     model.eval()
     set_quant_state(model, weight=True, act=True)
     with FeatureStores(config.feature_device) as stores:
-        feats, device = stores.new(), None
-        for k, batch in enumerate(compensation_batches(images, batch_size)):
-            if isinstance(batch, torch.Tensor):
-                plan.check_inputs(batch, "compensation inputs")
-            x = plan.stem(batch)
-            if device is None:
-                device = x.device
-            feats.put(k, x)
-        if device is None:
-            raise ValueError("no compensation images: pass at least one batch")
-        heldout = heldout_batches(len(feats), config.guard_fraction)
-        reports, index = BlockReports(heldout=heldout), 0
+        feats = stores.new()
+        fp_feats = stores.new() if config.propagation else None
+        device = _stems(model, plan, compensation_batches(images, batch_size), feats, fp_feats)
+        inputs = BlockInputs(feats, fp_feats, device, heldout_batches(len(feats), config.guard_fraction),
+                             plan.sequence)
+        reports, index = BlockReports(heldout=inputs.heldout), 0
         for step in tqdm(plan.steps, desc="QwT blocks", disable=not progress, leave=False):
             if not step.compensate:
-                module = model.get_submodule(step.path)
-                for k in range(len(feats)):
-                    feats.put(k, step.run(module, feats.get(k, device)))
+                _transition(model, step, inputs)
                 continue
             start = time.perf_counter()
-            r2, applied, meta = fit_block(model, step, feats, index, device, heldout)
+            r2, applied, meta = fit_block(model, step, inputs, index)
             reports.append(BlockReport(index, step.path, r2, applied, time.perf_counter() - start, meta))
             index += 1
     return reports
+
+
+def _stems(model: nn.Module, plan: BlockPlan, batches: Iterable, feats: FeatureStore,
+           fp_feats: FeatureStore | None) -> torch.device:
+    """Fill ``feats`` with the first block's input of every batch on the quantised path, and ``fp_feats`` (when
+    kept) with the FP model's; returns the device the features are computed on."""
+    device = None
+    for k, batch in enumerate(batches):
+        if isinstance(batch, torch.Tensor):
+            plan.check_inputs(batch, "compensation inputs")
+        x = plan.stem(batch)
+        if device is None:
+            device = x.device
+        feats.put(k, x)
+        if fp_feats is not None:
+            with quant_state(model, weight=False, act=False):
+                fp_feats.put(k, plan.stem(batch))
+    if device is None:
+        raise ValueError("no compensation images: pass at least one batch")
+    return device
+
+
+def _transition(model: nn.Module, step: Step, inputs: BlockInputs) -> None:
+    """Run an uncompensated step (e.g. patch merging) on every batch: quantised, and in FP on the FP stream."""
+    module = model.get_submodule(step.path)
+    for k in range(len(inputs.feats)):
+        inputs.feats.put(k, step.run(module, inputs.feats.get(k, inputs.device)))
+        if inputs.fp_feats is not None:
+            with quant_state(module, weight=False, act=False):
+                inputs.fp_feats.put(k, step.run(module, inputs.fp_stream(k)))

@@ -10,13 +10,19 @@ equations need only five running sums (FP64). A final quantised pass gives the n
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..quant.modules import QuantModule, quant_state, swap_module
-from .features import FeatureStore
 from .guard import HeldOutGuard
+from .sinks import SinkEnergy, sink_mask
+from .targets import fit_rows, propagated_target
+
+if TYPE_CHECKING:
+    from .blockwise import BlockInputs, QwTConfig, Step
+    from .features import FeatureStore
 
 
 class ChannelAffine(nn.Module):
@@ -44,8 +50,9 @@ class _AffineFit:
         self.sums: torch.Tensor | None = None  # (6, C): n, Σq, Σf, Σq², Σqf, Σf²
 
     def update(self, z_q: torch.Tensor, z_fp: torch.Tensor) -> None:
-        q = z_q.movedim(self.axis, -1).reshape(-1, z_q.shape[self.axis]).double()
-        f = z_fp.movedim(self.axis, -1).reshape(-1, z_fp.shape[self.axis]).double()
+        channels = z_q.shape[self.axis]
+        q = z_q.movedim(self.axis, -1).reshape(-1, channels).double()
+        f = z_fp.movedim(self.axis, -1).reshape(-1, channels).double()
         sums = torch.stack([torch.full_like(q[0], q.shape[0]), q.sum(0), f.sum(0), (q * q).sum(0),
                             (q * f).sum(0), (f * f).sum(0)])
         self.sums = sums if self.sums is None else self.sums + sums
@@ -105,47 +112,69 @@ def _target(block: nn.Module, name: str) -> str:
     return name
 
 
-def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str]], r2_threshold: float = 0.0,
-                          start_block: int = 0) -> Callable:
+def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str]], config: QwTConfig) -> Callable:
     """The channel-wise form as a per-block fit for :func:`qwt.compensation.fit_compensation` (its ``BlockFit``).
 
     ``residual_branches(model, block_path)`` names the target layers (the family's). A layer is corrected only
-    when its fit's R² > ``r2_threshold`` and the block index ≥ ``start_block``, and, when the guard holds batches
-    out (``QwTConfig.guard_fraction`` > 0), when the correction lowers the layer's error on them; the block's R²
-    is the smallest of its layers'.
+    when its fit's R² > ``config.r2_threshold`` and the block index ≥ ``config.start_block``, and, when the guard
+    holds batches out (``guard_fraction`` > 0), when the correction lowers the layer's error on them; the block's
+    R² is the smallest of its layers'. With ``propagation`` α > 0 a layer's target is α·(its FP output on the FP
+    stream) + (1 − α)·(its FP output on the quantised stream), as the dense form's.
     """
-    def fit_block(model: nn.Module, step, feats: FeatureStore, index: int, device: torch.device,
-                  heldout: frozenset[int]):
-        module = model.get_submodule(step.path)
+    def fit_block(model: nn.Module, step: Step, inputs: BlockInputs, index: int):
+        module, feats, device = model.get_submodule(step.path), inputs.feats, inputs.device
         names = [_target(module, name) for name in residual_branches(model, step.path)]
 
-        def record(names: list[str], k: int) -> dict[str, torch.Tensor]:
-            return _record(module, names, lambda: step.run(module, feats.get(k, device)))[1]
+        def record(names: list[str], x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return _record(module, names, lambda: step.run(module, x))
 
-        targets = {name: feats.sibling() for name in names}  # each layer's FP output, where the features wait
-        with quant_state(module, weight=False, act=False):
-            for k in range(len(feats)):
-                for name, z in record(names, k).items():
-                    targets[name].put(k, z)
-        r2s, guards = {}, {}
+        targets = _fp_targets(module, names, inputs, record, config.propagation)
+        sinks = [sink_mask(feats.get(k, device), config.sink_norm_multiple) for k in range(len(feats))] \
+            if inputs.sequence else None
+        r2s, guards, energies = {}, {}, {}
         for name in names:
             layer = module.get_submodule(name)
             axis = 1 if isinstance(layer, nn.Conv2d) else -1
-            fit, guard = _AffineFit(axis), HeldOutGuard(heldout, _AffineFit(axis))
+            fit, guard = _AffineFit(axis), HeldOutGuard(inputs.heldout, _AffineFit(axis))
+            energy = SinkEnergy(config.sink_norm_multiple) if sinks is not None else None
             for k in range(len(feats)):
-                guard.route(k, fit).update(record([name], k)[name], targets[name].get(k, device))
+                z_q, z_fp = record([name], feats.get(k, device))[1][name], targets[name].get(k, device)
+                if energy is not None:
+                    energy.add(z_fp - z_q, sinks[k])
+                guard.route(k, fit).update(*fit_rows(sinks[k] if config.exclude_sinks else None, z_q, z_fp))
             targets[name].clear()
             fit.reduce()
             gain, bias, r2s[name] = fit.solve()
-            if guard.judge(r2s[name] > r2_threshold and index >= start_block, guards, name, gain, bias):
+            if energy is not None:
+                energies[name] = energy.report()
+            if guard.judge(r2s[name] > config.r2_threshold and index >= config.start_block, guards, name, gain, bias):
                 swap_module(module, name, ChannelAffine(layer, gain, bias))
         for k in range(len(feats)):
             feats.put(k, step.run(module, feats.get(k, device)))
         applied = any(isinstance(module.get_submodule(n), ChannelAffine) for n in names)
         meta = {"form": "channelwise", "r2_per_layer": r2s}
-        return min(r2s.values()), applied, meta | ({"guard_per_layer": guards} if guards else {})
+        return min(r2s.values()), applied, meta | ({"guard_per_layer": guards} if guards else {}) | \
+            ({"sinks_per_layer": energies} if energies else {})
 
     return fit_block
+
+
+def _fp_targets(module: nn.Module, names: list[str], inputs: BlockInputs, record: Callable, alpha: float
+                ) -> dict[str, FeatureStore]:
+    """Each target layer's FP output per batch, where the features wait: on the quantised stream, blended with
+    the FP stream's (α > 0; the FP stream then moves on to the block's FP output)."""
+    feats, device = inputs.feats, inputs.device
+    targets = {name: feats.sibling() for name in names}
+    with quant_state(module, weight=False, act=False):
+        for k in range(len(feats)):
+            seen = record(names, feats.get(k, device))[1]
+            stream = None
+            if inputs.fp_feats is not None:
+                y_stream, stream = record(names, inputs.fp_stream(k))
+                inputs.fp_feats.put(k, y_stream)
+            for name, z in seen.items():
+                targets[name].put(k, propagated_target(z, None if stream is None else stream[name], alpha))
+    return targets
 
 
 @torch.no_grad()

@@ -60,10 +60,13 @@ def _require_finite_features(t: torch.Tensor, what: str) -> None:
 class _LeastSquares:
     """Per-group normal equations with R² statistics. Subclasses turn (x, t) into (A, T) of shape (G, rows, ·)."""
 
-    def __init__(self, groups: int, ridge: float, mode: SolverMode) -> None:
+    def __init__(self, groups: int, ridge: float, mode: SolverMode, relative_ridge: float = 0.0) -> None:
         if mode not in SOLVER_MODES:
             raise ValueError(f"unknown solver mode {mode!r}; choose one of {', '.join(SOLVER_MODES)}")
-        self.groups, self.ridge, self.mode = groups, ridge, mode
+        if relative_ridge and mode == "reference":
+            raise ValueError("relative_ridge needs a streaming solver (the reference solver has the authors' "
+                             "absolute ridge only)")
+        self.groups, self.ridge, self.mode, self.relative_ridge = groups, ridge, mode, relative_ridge
         self.gram: torch.Tensor | None = None  # (G, d, d)
         self.cross: torch.Tensor | None = None  # (G, d, o)
         self.t_sq = torch.zeros((), dtype=torch.float64)
@@ -216,7 +219,7 @@ class _LeastSquares:
     def _solve_streaming(self, name: str) -> tuple[torch.Tensor, float]:
         gram, cross = self.gram, self.cross
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        lhs = gram + self.ridge * eye
+        lhs = gram + self.ridge_used() * eye
         chol, info = torch.linalg.cholesky_ex(lhs)
         if int(info.max()) == 0:
             theta = torch.cholesky_solve(cross, chol)
@@ -227,6 +230,14 @@ class _LeastSquares:
             theta = torch.linalg.pinv(lhs, hermitian=True) @ cross
         _require_finite_features(theta, "solution")
         return theta.float(), self._residual(theta)
+
+    def ridge_used(self) -> float | torch.Tensor:
+        """λ added to each group's diagonal: the absolute ridge, plus ``relative_ridge`` × the mean of the
+        feature columns' Σx² (the Gram diagonal without the ones column), per group ((G, 1, 1))."""
+        if not self.relative_ridge:
+            return self.ridge
+        diagonal = self.gram.diagonal(dim1=-2, dim2=-1)[:, :-1]
+        return self.ridge + self.relative_ridge * diagonal.mean(-1).reshape(-1, 1, 1)
 
     def _residual(self, theta: torch.Tensor) -> float:
         """Σ‖T − AΘ‖² = ΣT² − 2·⟨Θ, AᵀT⟩ + ⟨Θ, AᵀA·Θ⟩ over the accumulated rows, all in FP64."""
@@ -274,8 +285,8 @@ def _reference_r2(t: torch.Tensor, prediction: torch.Tensor) -> float:
 class LinearLeastSquares(_LeastSquares):
     """Token-wise fit: x (..., C_in), t (..., C_out); pooled R² with the mean over all rows (docs/algorithm.md#r2)."""
 
-    def __init__(self, ridge: float = 0.0, mode: SolverMode = "streaming") -> None:
-        super().__init__(1, ridge, mode)
+    def __init__(self, ridge: float = 0.0, mode: SolverMode = "streaming", relative_ridge: float = 0.0) -> None:
+        super().__init__(1, ridge, mode, relative_ridge)
 
     def _design(self, x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.reshape(-1, x.shape[-1])
@@ -314,10 +325,10 @@ class GroupedConvLeastSquares(_LeastSquares):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
-                 ridge: float = 1e-3, mode: SolverMode = "streaming") -> None:
+                 ridge: float = 1e-3, mode: SolverMode = "streaming", relative_ridge: float = 0.0) -> None:
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide both channel counts ({in_channels}, {out_channels})")
-        super().__init__(groups, ridge, mode)
+        super().__init__(groups, ridge, mode, relative_ridge)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = kernel_size, stride
 

@@ -195,7 +195,7 @@ def decoder_lm_plan(model: nn.Module) -> BlockPlan:
     context = DecoderContext(model)
     path = layers_path(model)
     steps = [Step(f"{path}.{i}", call=context.call(i)) for i in range(len(context.layers))]
-    return BlockPlan(stem=context.stem, steps=steps, form="linear", check_inputs=check_token_ids)
+    return BlockPlan(stem=context.stem, steps=steps, form="linear", check_inputs=check_token_ids, sequence=True)
 
 
 # -- residual branches -------------------------------------------------------------------------------------------

@@ -76,8 +76,9 @@ class Session(ABC):
     progress: bool = False
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, desc: str) -> dict[str, float]:
-        """The task's metrics of ``model`` (the same keys as the task's ``columns``)."""
+    def evaluate(self, model: nn.Module, desc: str) -> dict[str, Any]:
+        """The task's metrics of ``model``: the keys of the task's ``columns``, and ``<key>_interval`` ([low, high],
+        95 %) for a column with ``interval``."""
 
     def quantize(self, model: nn.Module, config: PTQConfig, on_phase: PhaseTimer) -> None:
         quantize(model, self.calib, config, on_phase=on_phase)

@@ -25,6 +25,7 @@ from torch import nn
 from ...api import quantize
 from ...cli import finite_float, guard_fraction, positive_int
 from ...compensation import QwTConfig, heldout_inputs
+from ...compensation.sinks import DEFAULT_NORM_MULTIPLE
 from ...errors import InputError
 from ...models.decoder_lm import DECODER_LM, build_from_config, config_dict, tiny_config
 from ...models.lm_loading import SMOLLM2_GGUF, load_causal_lm, load_tokenizer, smollm2_dir
@@ -36,9 +37,12 @@ from ...serialization import saved_build_problems
 from ...utils import PhaseTimer
 from .. import protocol
 from ..cli import add_baseline_flags, chosen_method, method_suffix
-from .scoring import Scores, agreement, all_sum, greedy_continuation, perplexity, score_windows
+from .scoring import (Scores, agreement, all_sum, greedy_continuation, perplexity, perplexity_interval,
+                      score_windows)
 from .text import check_text, load_windows
 
+#: α of the error-propagating target for language models (docs/llm_compensation.md has the held-out study).
+DEFAULT_PROPAGATION = 0.5
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
 #: The weight files whose bytes name a checkpoint folder in the run's record.
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
@@ -71,7 +75,8 @@ def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dic
 
 class LanguageModel(protocol.Task):
     name, out = "llm", "results/llm"
-    columns: ClassVar[tuple[Column, ...]] = (Column("perplexity", "perplexity", 2, lower_is_better=True),
+    columns: ClassVar[tuple[Column, ...]] = (Column("perplexity", "perplexity [95 %]", 2, lower_is_better=True,
+                                                    interval=True),
                                              Column("agreement", "agreement %", 1))
     saves: ClassVar[bool] = True
 
@@ -110,6 +115,19 @@ class LanguageModel(protocol.Task):
                             "keeps its compensation only if it lowers the error there, and the compensated model "
                             "only if its perplexity there is below the baseline's (0: off)")
         g.add_argument("--ridge", type=finite_float, default=1.0, help="ridge λ added to XᵀX (FP64)")
+        g.add_argument("--relative-ridge", type=finite_float, default=0.0, metavar="FRACTION",
+                       help="added to the ridge: this fraction of the mean diagonal of XᵀX (scale-free)")
+        g.add_argument("--propagation", type=finite_float, default=DEFAULT_PROPAGATION, metavar="ALPHA",
+                       help="α of the error-propagating target α·FP-layer(x_fp) + (1−α)·FP-layer(x_q) − "
+                            "Q-layer(x_q), x_fp the FP model's own hidden states; 0 = the authors' target "
+                            f"(default {DEFAULT_PROPAGATION}, chosen on held-out calibration windows: "
+                            "docs/llm_compensation.md)")
+        g.add_argument("--exclude-sinks", action="store_true",
+                       help="leave attention-sink rows (position 0 of each window, and tokens whose input norm "
+                            "exceeds --sink-norm-multiple × the window's median) out of each layer's fit and guard")
+        g.add_argument("--sink-norm-multiple", type=finite_float, default=DEFAULT_NORM_MULTIPLE, metavar="M",
+                       help="a token whose input norm exceeds M × its window's median is a sink (diagnostics in "
+                            "the blocks record; --exclude-sinks)")
         g.add_argument("--solver", choices=["streaming", "streaming_fp32"], default="streaming")
         g.add_argument("--feature-device", default=None, metavar="DEVICE|disk",
                        help="where hidden states wait between layers (default: the model's device)")
@@ -131,9 +149,14 @@ class LanguageModel(protocol.Task):
         return configs
 
     def qwt_configs(self, args: argparse.Namespace) -> list[QwTConfig]:
-        return [QwTConfig(solver=args.solver, ridge=args.ridge, fp16_eval=False, compensation=form,
-                          guard_fraction=args.guard_fraction, feature_device=args.feature_device)
-                for form in args.forms]
+        try:
+            return [QwTConfig(solver=args.solver, ridge=args.ridge, fp16_eval=False, compensation=form,
+                              guard_fraction=args.guard_fraction, feature_device=args.feature_device,
+                              propagation=args.propagation, relative_ridge=args.relative_ridge,
+                              exclude_sinks=args.exclude_sinks, sink_norm_multiple=args.sink_norm_multiple)
+                    for form in args.forms]
+        except ValueError as err:
+            raise InputError(f"compensation flags: {err}") from None
 
     def check(self, args: argparse.Namespace) -> None:
         if args.window is None:
@@ -225,11 +248,12 @@ class LanguageModelSession(protocol.Session):
     def score(self, model: nn.Module, desc: str) -> Scores:
         return score_windows(model, self.evaluation, self.args.batch_size, self.args.device, self.progress, desc)
 
-    def evaluate(self, model: nn.Module, desc: str) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, desc: str) -> dict[str, Any]:
         if self.fp_scores is None:
             self.fp_scores = self.score(self.fp_model, "FP")
         scores = self.fp_scores if model is self.fp_model else self.score(model, desc)
-        return {"perplexity": perplexity(scores), "agreement": agreement(scores, self.fp_scores)}
+        return {"perplexity": perplexity(scores), "perplexity_interval": perplexity_interval(scores),
+                "agreement": agreement(scores, self.fp_scores)}
 
     def quantize(self, model: nn.Module, config: PTQConfig, on_phase: PhaseTimer) -> None:
         device = self.args.device
