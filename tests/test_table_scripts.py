@@ -43,7 +43,7 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 def test_llm_smoke_table(tmp_path):
-    """QwT-llm's table is two runs of its main.py (per-token inputs; static per-tensor inputs, an RTN option):
+    """QwT-llm's table is three runs of its main.py (per-token inputs; static per-tensor inputs, an RTN option; GPTQ):
     --smoke takes the description's smoke flags (a tiny random Llama) and the user's flags after them (here two
     short text files, one setting and one form, to stay fast). A second identical call finds both records
     complete and runs nothing; the models × bits assembler has nothing to assemble for a list of runs."""
@@ -61,17 +61,18 @@ def test_llm_smoke_table(tmp_path):
              str(tmp_path / "calib.txt"), "--eval-text", str(tmp_path / "eval.txt")]
     done = table(*flags)
     assert done.returncode == 0, done.stderr[-2000:]
-    stems = ["tiny-random-llama", "tiny-random-llama-rtn-activations=tensor"]
+    stems = ["tiny-random-llama", "tiny-random-llama-rtn-activations=tensor", "tiny-random-llama-gptq-activations=rtn"]
     for stem in stems:
         record = json.loads((out / f"{stem}.json").read_text())
         assert record["complete"] and record["rows"][0]["model"] == "tiny random Llama (smoke)"
         assert record["data"]["source"] == "files" and record["data"]["window"] == 64
         assert record["data"]["calibration_windows"] == 16 and (out / f"{stem}.md").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
-    static = {"activations": "tensor"}
+    static, gptq = {"activations": "tensor"}, {"activations": "rtn"}
     assert [(r["bits"], r["baseline"], r.get("baseline_options"), r["stage"], r["form"]) for r in summary["rows"]] == [
         ("FP", None, None, "fp", None), ("W4A8", "rtn", None, "ptq", None), ("W4A8", "rtn", None, "qwt", "dense"),
-        ("W4A8", "rtn", static, "ptq", None), ("W4A8", "rtn", static, "qwt", "dense")]
+        ("W4A8", "rtn", static, "ptq", None), ("W4A8", "rtn", static, "qwt", "dense"),
+        ("W4A8", "gptq", gptq, "ptq", None), ("W4A8", "gptq", gptq, "qwt", "dense")]
     assert summary["missing"] == [] and (out / "chart.png").stat().st_size > 0
     assert "| W4A8 | rtn (activations=tensor) | PTQ + QwT |" in (out / "table.md").read_text()
     before = _files(out)
