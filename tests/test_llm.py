@@ -675,20 +675,39 @@ def test_llama_layout_is_quantised_and_walked_as_before():
         assert torch.isfinite(model(_ids(2)).logits).all()
 
 
-def test_gemma3_channelwise_corrects_after_the_post_norms_and_is_not_folded():
-    """Gemma 3 normalises each branch's output before the residual add, so a per-channel correction of o_proj or
-    down_proj would not be one of what the branch adds: the correction sits on the post-norms' outputs, and
-    folding it into a weight (a norm has no bias to take the shift) is refused whole, nothing folded."""
-    model = plain_ptq(_lm("gemma3_text"))
+def test_gemma3_channelwise_corrects_after_the_post_norms_and_folds_its_gain_into_them():
+    """Gemma 3 normalises each branch's output before the residual add, so the per-channel correction sits on the
+    post-norms' outputs (what the branch adds). Its gain folds into the norm's weight, which Gemma applies as
+    ``1 + w``: w' = (1 + w)·g − 1; a norm has no bias, so the shift stays (a ChannelAffine of unit gain). Weights
+    only (A16): the folded model computes (1 + w')·n(x) for (1 + w)·g·n(x), equal up to the rounding of w' (a few
+    float32 ulps of each product), and no activation quantiser can turn that into a code step."""
+    model = qwt.quantize(_lm("gemma3_text"), _ids(4), qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=16))
     qwt.apply_qwt(model, _ids(16, seed=2), qwt.QwTConfig(fp16_eval=False, compensation="channelwise"), batch_size=4,
                   progress=False)
     affine = model.get_submodule("model.layers.0.post_attention_layernorm")
     assert isinstance(affine, qwt.compensation.ChannelAffine) and type(affine.layer).__name__ == "Gemma3RMSNorm"
     assert isinstance(model.get_submodule("model.layers.0.self_attn.o_proj"), QuantLinear)
-    count = sum(isinstance(m, qwt.compensation.ChannelAffine) for m in model.modules())
-    with pytest.raises(ValueError, match="post_attention_layernorm: the correction follows a Gemma3RMSNorm"):
+    gains = {n: m.gain.clone() for n, m in model.named_modules() if isinstance(m, qwt.compensation.ChannelAffine)}
+    weights = {n: model.get_submodule(n).layer.weight.clone() for n in gains}
+    assert len(gains) == 4 and not all(torch.equal(g, torch.ones_like(g)) for g in gains.values())
+    folded = copy.deepcopy(model)
+    assert qwt.compensation.fold_channelwise(folded) == 4
+    for name, gain in gains.items():
+        affine = folded.get_submodule(name)
+        assert torch.equal(affine.gain, torch.ones_like(gain))  # only the shift is left
+        assert torch.allclose(affine.layer.weight, (1 + weights[name]) * gain - 1, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        before, after = model(_ids(4, seed=3)).logits, folded(_ids(4, seed=3)).logits
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
+
+
+def test_folding_refuses_a_norm_with_a_bias_before_changing_anything():
+    """A LayerNorm has a bias the gain would have to scale too: refused whole, nothing folded."""
+    norm = torch.nn.LayerNorm(8)
+    model = torch.nn.Sequential(qwt.compensation.ChannelAffine(norm, torch.full((8,), 2.0), torch.zeros(8)))
+    with pytest.raises(ValueError, match="0: the correction follows a LayerNorm, which is neither a Linear"):
         qwt.compensation.fold_channelwise(model)
-    assert sum(isinstance(m, qwt.compensation.ChannelAffine) for m in model.modules()) == count == 4
+    assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(model[0].gain, torch.full((8,), 2.0))
 
 
 def test_loading_sets_no_environment_variable_and_uses_no_network(local_model):

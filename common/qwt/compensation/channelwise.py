@@ -181,14 +181,19 @@ def _fp_targets(module: nn.Module, names: list[str], inputs: BlockInputs, record
 def fold_channelwise(model: nn.Module) -> int:
     """Fold every :class:`ChannelAffine` into its layer (in place): weight and per-channel weight scale × g,
     bias → g·bias + b. The integer weight codes are unchanged, so the exported graph has no extra op.
-    Returns the number of layers folded."""
+    A correction after a norm (Gemma 3's post-branch norms) folds its gain into the norm's weight
+    (:func:`_fold_gain_into_norm`); a norm has no bias, so the shift stays, as a ChannelAffine of unit gain.
+    Returns the number of corrections folded."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, ChannelAffine)]
     for name, affine in found:
-        if not isinstance(affine.layer, (nn.Linear, nn.Conv2d)):  # e.g. a post-branch norm (Gemma 3)
-            raise ValueError(f"{name}: the correction follows a {type(affine.layer).__name__}, not a Linear or "
-                             "Conv2d; it has no weight scale and bias to fold into")
+        if not isinstance(affine.layer, (nn.Linear, nn.Conv2d)):
+            _norm_offset(affine.layer, name)  # refuse a layer the gain cannot go into before changing any
     for name, affine in found:
         layer, gain = affine.layer, affine.gain
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            _fold_gain_into_norm(layer, gain, _norm_offset(layer, name))
+            affine.gain.fill_(1.0)
+            continue
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         q = getattr(layer, "weight_quantizer", None)
         if q is not None and q.calibrated:
@@ -202,3 +207,34 @@ def fold_channelwise(model: nn.Module) -> int:
             layer.clear_weight_cache()  # the edits above already invalidate it; do not rely on that
         swap_module(model, name, layer)
     return len(found)
+
+
+def _norm_offset(norm: nn.Module, name: str) -> float:
+    """The ``a`` of a norm computing ``n(x)·(a + w)`` per channel (0: Llama's RMSNorm, LayerNorm without bias;
+    1: Gemma's ``1 + weight``), found by running it with its weight at 0 and at 1 (nothing depends on its class);
+    a layer of another form (no 1-D weight, a bias, output not linear in the weight) is refused."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or getattr(norm, "bias", None) is not None:
+        raise ValueError(f"{name}: the correction follows a {type(norm).__name__}, which is neither a Linear, a "
+                         "Conv2d nor a norm with one weight per channel and no bias; its gain cannot be folded")
+    x = torch.randn(4, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight)
+    saved = weight.detach().clone()
+    try:
+        weight.zero_()
+        at0 = norm(x)
+        weight.fill_(1.0)
+        at1 = norm(x)
+    finally:
+        weight.copy_(saved)
+    unit = at1 - at0  # n(x)
+    for offset in (0.0, 1.0):
+        if torch.allclose(at0, offset * unit, rtol=1e-5, atol=1e-6) and \
+                torch.allclose(norm(x), (offset + saved) * unit, rtol=1e-5, atol=1e-6):
+            return offset
+    raise ValueError(f"{name}: the correction follows a {type(norm).__name__} whose output is not n(x)·w nor "
+                     "n(x)·(1 + w); its gain cannot be folded")
+
+
+def _fold_gain_into_norm(norm: nn.Module, gain: torch.Tensor, offset: float) -> None:
+    """``n(x)·(a + w)·g = n(x)·(a + w')`` with ``w' = (a + w)·g − a``."""
+    norm.weight.copy_((offset + norm.weight) * gain.to(norm.weight) - offset)

