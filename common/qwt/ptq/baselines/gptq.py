@@ -7,11 +7,21 @@ layer, in the order the forward first reaches it, gets its Hessian from its cali
 it produce them, already GPTQ-rounded and with every activation quantiser on (so a layer sees the quantised inputs
 it multiplies), and is rounded at once.
 
-Each layer's inputs are produced again by a calibration forward that stops at the next layer, instead of being
-stored at block boundaries as the published code does: memory is one forward's activations plus one layer's
-Hessian, whatever the model, and any calibration forward works (a detector's too); the price is about half a
-forward per layer. A module called several times per forward contributes the calls made before the next layer
-is first reached.
+Where the model's family has a block plan whose blocks hold every weight-quantised layer (a decoder LM: every
+quantised Linear is inside a decoder layer), the inputs are walked block by block, as the published code does:
+the plan's stem maps each calibration batch (each batch of a :class:`~qwt.ptq.Batches`, or the data as one batch)
+to the first block's input, kept in a :class:`~qwt.compensation.features.FeatureStore`; each block's layers are
+then collected and rounded in the order the block first runs them, by running the block on every stored batch and
+stopping it at the next layer, and the rounded block's outputs become the next block's inputs. A layer sees
+exactly what the whole calibration forward would give it (the same arithmetic, one block instead of the model
+prefix per layer; the caller's calibration forward is not used). Otherwise (a ViT's patch embedding or head, a CNN's stem or classifier, a detector's neck lie
+outside every block) each layer's inputs are produced again by a calibration forward per batch that stops at the
+next layer: memory is one forward's activations plus one layer's Hessian, any calibration forward works (a
+detector's too), and the price is about half a forward per layer. Either way a module called several times per
+forward contributes the calls made before the next layer is first reached.
+
+Each layer's GPTQ loss and its output error against round-to-nearest's are left on the model
+(:func:`gptq_layers`), which tells layer by layer whether GPTQ did better than RTN on its calibration inputs.
 
 The result lives in the layer's weight quantiser, a :class:`~qwt.quant.quantizers.RoundingQuantizer`: it keeps
 the grid (per channel from its percentile search, or per static group of ``group_size`` columns from the same
