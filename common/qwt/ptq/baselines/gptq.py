@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ...compensation.blockwise import BlockPlan
+from ...compensation.blockwise import BlockPlan, Step
 from ...compensation.features import FeatureStore
 from ...errors import InputError
 from ...quant.gptq import NotPositiveDefinite, gptq_round, hessian_update, layer_columns
@@ -272,6 +272,10 @@ def _covering_plan(model: nn.Module) -> BlockPlan | None:
     return plan if all(layer in inside for layer in _weight_layer_names(model)) else None
 
 
+def _run_step(step: Step, block: nn.Module, feats: FeatureStore, k: int, device: torch.device) -> torch.Tensor:
+    return step.run(block, feats.get(k, device))
+
+
 def _block_walk(model: nn.Module, plan: BlockPlan, data: Any, options: GPTQ) -> dict[str, dict[str, float]]:
     """Every weight layer's inputs from its block run on stored block inputs (see the module docstring)."""
     names = _weight_layer_names(model)
@@ -285,9 +289,10 @@ def _block_walk(model: nn.Module, plan: BlockPlan, data: Any, options: GPTQ) -> 
     stats: dict[str, dict[str, float]] = {}
     for step in plan.steps:
         block = model.get_submodule(step.path)
-        runs = [partial(lambda k: step.run(block, feats.get(k, device)), k) for k in range(len(feats))]
         inside = {m: names[m] for m in block.modules() if m in names}
-        _round_in_order(_first_reached(inside, runs[0]), inside, runs, options, stats)
+        if inside:  # a transition without weight layers just runs
+            runs = [partial(_run_step, step, block, feats, k, device) for k in range(len(feats))]
+            _round_in_order(_first_reached(inside, runs[0]), inside, runs, options, stats)
         for k in range(len(feats)):  # the next step's inputs, through the rounded block
             feats.put(k, step.run(block, feats.get(k, device)))
     return stats
