@@ -294,12 +294,12 @@ def test_the_hessian_is_taken_from_the_quantised_inputs(monkeypatch):
     columns: list[torch.Tensor] = []
     seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def spy_collect(model, layer, stop_at, data, forward):
+    def spy_collect(layer, stop_at, runs):
         calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of the layer's input quantiser
         hook = layer.input_quantizer.register_forward_hook(lambda m, args, out: calls.append((args[0], out)))
         columns.clear()
         try:
-            hessian = collect(model, layer, stop_at, data, forward)
+            hessian = collect(layer, stop_at, runs)
         finally:
             hook.remove()
         raw, quantized = calls[0]  # one calibration batch; its first call is the collecting hook's
