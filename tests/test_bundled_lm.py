@@ -97,7 +97,8 @@ def test_the_gemma_table_is_the_smollm2_table_on_gemma():
     assert gemma.runs == [["--model", "gemma3-270m", *run] for run in table.runs]
     smoke = flag_lists(gemma, argparse.Namespace(smoke=True, checkpoints=None), [], Path("out"))
     assert [p.stem for p in plan(gemma, smoke)] == ["tiny-random-gemma3_text",
-                                                      "tiny-random-gemma3_text-rtn-activations=tensor"]
+                                                      "tiny-random-gemma3_text-rtn-activations=tensor",
+                                                      "tiny-random-gemma3_text-gptq-activations=rtn"]
     with pytest.raises(InputError, match=r"configs/nope.json not found: pass --table one of gemma, table"):
         Table.load(ROOT / "QwT-llm", "nope")
 
@@ -109,7 +110,7 @@ def test_gemma_smoke_script_runs_a_tiny_random_gemma3(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["missing"] == [] and len(summary["rows"]) == 10
+    assert summary["missing"] == [] and len(summary["rows"]) == 13
     assert {r["model"] for r in summary["rows"]} == {"tiny random Gemma 3 (smoke)"}
     assert {r.get("form") for r in summary["rows"] if r["stage"] == "qwt"} == {"dense", "channelwise"}
     assert all(math.isfinite(r["perplexity"]) for r in summary["rows"])

@@ -763,6 +763,28 @@ def _small_run(local_model, out, *extra):
             "--continuation-tokens", 2, "--no-progress", "--out", out, *extra]
 
 
+def test_gptq_takes_every_calibration_window_and_its_layer_errors_reach_the_details(local_model, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """GPTQ's Hessians come from all --calib-windows (in --batch-size batches), the static ranges from the
+    --ptq-windows; the run's data says how many windows GPTQ used, its details each layer's errors."""
+    from qwt.ptq.baselines import gptq as gptq_module
+
+    seen = []
+    walk = gptq_module._block_walk
+    monkeypatch.setattr(gptq_module, "_block_walk", lambda model, plan, data, options: (
+        seen.append([tuple(b.shape) for b in data]), walk(model, plan, data, options))[1])
+    out = tmp_path / "out"
+    code, err = _main(_small_run(local_model, out, "--forms", "dense", "--method", "gptq", "--ptq-windows", 2),
+                      capsys)
+    assert code == 0, err
+    assert seen == [[(2, 32)] * 4]  # 8 windows of 32 tokens, 2 per batch
+    record = _record(out, "model-gptq")
+    assert record["data"]["gptq_windows"] == 8 and record["data"]["ptq_windows"] == 2
+    layers = json.loads((out / "details" / "model-gptq.json").read_text())["gptq_layers"]["W4A8 gptq (activations=rtn)"]
+    assert len(layers) == 14 and all(set(v) == {"gptq_loss", "output_error", "output_error_rtn", "output_norm"}
+                                     for v in layers.values())
+
+
 def test_a_second_run_on_one_out_is_refused_and_leaves_the_first_results_as_they_were(local_model, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = _main(_small_run(local_model, out, "--forms", "dense"), capsys)

@@ -12,6 +12,7 @@ from .errors import InputError
 from .family import Family, family_of, get_family
 from .inputs import check_finite, check_float32_model
 from .ptq import CalibrationForward, PTQConfig, PhaseHook, apply_ptq
+from .ptq.calibration import each_batch
 from .quant.modules import quant_modules
 
 
@@ -28,12 +29,15 @@ def _resolve(model: nn.Module, family: Family | str | None) -> Family:
 
 
 def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, family: Family | str | None = None,
-             forward: CalibrationForward | None = None, on_phase: PhaseHook | None = None) -> nn.Module:
+             forward: CalibrationForward | None = None, on_phase: PhaseHook | None = None,
+             post_calibration_data: Any = None) -> nn.Module:
     """Quantise ``model`` in place with its family's layer rule and calibrate it on ``calib``.
 
     The family is recognised from the model unless given; ``config`` is resolved for it
     (:meth:`PTQConfig.for_family`: ``PTQConfig()`` runs the family's default baseline). ``forward(model, calib)``
-    runs the calibration pass (default ``model(calib)``). Returns the model, quantisation on.
+    runs the calibration pass (default ``model(calib)``), once per batch of a :class:`qwt.ptq.Batches`.
+    ``post_calibration_data`` (default ``calib``) is what the baseline's post-calibration step runs on (GPTQ's
+    Hessians: e.g. more windows than the static activation ranges need). Returns the model, quantisation on.
     """
     quantized = sum(1 for _ in quant_modules(model))
     if quantized:
@@ -41,11 +45,14 @@ def quantize(model: nn.Module, calib: Any, config: PTQConfig = PTQConfig(), *, f
                          "the float model (its bits cannot be changed in place)")
     check_float32_model(model)
     fam = _resolve(model, family)
-    if isinstance(calib, torch.Tensor):
-        check_finite(fam.check_inputs(calib, "calibration inputs"), "calibration inputs")
+    for data in (calib, post_calibration_data):
+        for batch in each_batch(data):
+            if isinstance(batch, torch.Tensor):
+                check_finite(fam.check_inputs(batch, "calibration inputs"), "calibration inputs")
     config = config.for_family(fam)
     extra = {"forward": forward} if forward is not None else {}
-    apply_ptq(model, calib, config, fam.layer_rule(model, config), fam.norm_linear_pairs, on_phase=on_phase, **extra)
+    apply_ptq(model, calib, config, fam.layer_rule(model, config), fam.norm_linear_pairs, on_phase=on_phase,
+              post_calibration_data=post_calibration_data, **extra)
     return model
 
 

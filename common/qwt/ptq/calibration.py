@@ -18,14 +18,30 @@ def default_forward(model: nn.Module, data: Any) -> Any:
     return model(data)
 
 
+class Batches(list):
+    """Calibration data given batch by batch: a pass over it runs the forward once per batch, so a large set
+    need not fit one forward (GPTQ's Hessians over many language-model windows). Any other object is one batch."""
+
+
+def each_batch(data: Any) -> list[Any]:
+    """The batches of calibration ``data``: those of a :class:`Batches`, else ``[data]``."""
+    if not isinstance(data, Batches):
+        return [data]
+    if not data:
+        raise ValueError("no calibration batches: pass at least one")
+    return list(data)
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, data: Any, forward: CalibrationForward = default_forward) -> None:
-    """One forward with every quantiser on: uncalibrated quantisers initialise on what they see.
+    """One forward (per batch of a :class:`Batches`) with every quantiser on: uncalibrated quantisers initialise
+    on what they see first.
 
     Each layer sees the already-quantised output of the layers before it, as in the reference pipeline.
     """
     set_quant_state(model, weight=True, act=True)
-    forward(model, data)
+    for batch in each_batch(data):
+        forward(model, batch)
 
 
 @torch.no_grad()

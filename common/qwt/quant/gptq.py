@@ -15,6 +15,8 @@ operations per column.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,13 +52,22 @@ def hessian_update(hessian: torch.Tensor | None, columns: torch.Tensor) -> torch
     return update if hessian is None else hessian.add_(update)
 
 
+class Rounding(NamedTuple):
+    """GPTQ's result for one weight: the rounded weight (FP64, the weight's layout) and the published
+    algorithm's loss, Σ (w − q)² / [H⁻¹]_ii² / 2 over every weight, w as updated when its column is rounded (the
+    increase of the damped objective that rounding column by column made)."""
+
+    weight: torch.Tensor
+    loss: float
+
+
 class NotPositiveDefinite(ValueError):
     """The damped Hessian has no Cholesky factor (too little damping for the calibration inputs)."""
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, levels: int,
-               *, damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> torch.Tensor:
-    """GPTQ's rounding of ``weight`` (G, rows, columns); returns the rounded weight, FP64, same layout.
+               *, damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> Rounding:
+    """GPTQ's rounding of ``weight`` (G, rows, columns): the rounded weight, FP64, same layout, and its loss.
 
     ``delta``/``zero`` (G, rows, columns) give each weight's grid (a column's own per-row grid: per-channel
     parameters repeated along the columns, or static groups' parameters); with ``act_order`` they move with
@@ -82,6 +93,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Tensor,
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
 
     q = torch.zeros_like(w)
+    loss = torch.zeros((), dtype=w.dtype, device=w.device)
     columns = w.shape[-1]
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
@@ -96,9 +108,10 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, delta: torch.Tensor,
             w1[..., i:] -= err.unsqueeze(2) * h1[..., i, i:].unsqueeze(1)  # an outer product: exact per element
             err1[..., i] = err
         w[..., i2:] -= torch.matmul(err1, h_inv[..., i1:i2, i2:])  # the lazy batch update
+        loss += err1.square().sum() / 2  # err = (w − q) / [H⁻¹]_ii, so each weight's loss is err² / 2
     if act_order:
         q = _columns(q, torch.argsort(perm, dim=-1))
-    return q
+    return Rounding(q, float(loss))
 
 
 def _columns(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,11 @@ class Session(ABC):
         """Markdown under the table (e.g. sample continuations)."""
         return ""
 
+    def details(self) -> dict[str, Any]:
+        """The task's own entries for ``OUT/details/<stem>.json`` beside the protocol's (e.g. GPTQ's per-layer
+        errors), JSON-able."""
+        return {}
+
 
 class Task(ABC):
     """A task's own part of a run (see the module docstring)."""
@@ -493,7 +498,7 @@ class Run:
                   "columns": [asdict(c) for c in self.task.columns], "rows": self.rows}
         details = {"blocks": self.blocks, "ptq": [c.to_dict() for c in self.plan.settings],
                    "qwt": [asdict(f) for f in self.plan.forms],
-                   "args": {k: _plain(v) for k, v in sorted(vars(args).items())}}
+                   "args": {k: _plain(v) for k, v in sorted(vars(args).items())}, **self.session.details()}
         atomic_write(out / "details" / f"{self.stem}.json", json.dumps(details, indent=1, default=str) + "\n")
         if complete:
             title = self.task.title(args)

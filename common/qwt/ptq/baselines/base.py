@@ -85,7 +85,8 @@ class Baseline:
     def after_calibration(self, model: nn.Module, data: Any, forward: CalibrationForward, pairs: NormLinearPairs,
                           on_phase: PhaseHook | None) -> list[str]:
         """Runs once every quantiser is calibrated (weights rounded to nearest so far); returns the names of the
-        norms it reparameterised. ``data``/``forward`` are the calibration set and its forward."""
+        norms it reparameterised. ``data``/``forward`` are the calibration set (or :func:`qwt.quantize`'s
+        ``post_calibration_data``; a :class:`qwt.ptq.Batches` runs the forward once per batch) and its forward."""
         return []
 
     def options(self) -> dict[str, Any]:

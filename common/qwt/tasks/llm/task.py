@@ -29,9 +29,10 @@ from ...compensation.sinks import DEFAULT_NORM_MULTIPLE
 from ...errors import InputError
 from ...models.decoder_lm import DECODER_LM, build_from_config, config_dict, tiny_config
 from ...models.lm_loading import BUNDLED, bundled, bundled_gguf, load_causal_lm, load_tokenizer
-from ...ptq import PTQConfig
+from ...ptq import Batches, PTQConfig
 from ...ptq.config import parse_bit_tag
-from ...ptq.baselines import make_baseline
+from ...ptq.baselines import GPTQ, make_baseline
+from ...ptq.baselines.gptq import gptq_layers
 from ...report import Column, Row, file_sha256
 from ...serialization import saved_build_problems
 from ...utils import PhaseTimer
@@ -106,7 +107,8 @@ class LanguageModel(protocol.Task):
                        help="tokens per window (default 512; 2048 with --wikitext2)")
         g.add_argument("--calib-windows", type=positive_int, default=32, help="QwT calibration windows")
         g.add_argument("--ptq-windows", type=positive_int, default=4,
-                       help="windows for the PTQ calibration pass (static activation ranges)")
+                       help="windows for the PTQ calibration pass (static activation ranges); GPTQ's Hessians take "
+                            "every --calib-windows window, --batch-size per batch")
         g.add_argument("--eval-windows", type=positive_int, default=None,
                        help="evaluate on this many windows spread evenly over the text (default: all)")
         g.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward")
@@ -242,6 +244,8 @@ class LanguageModelSession(protocol.Session):
     world: int
     fp_scores: Scores | None = None
     continuations: dict[str, Any] = field(default_factory=dict)
+    #: per bit setting, GPTQ's per-layer loss and output errors against RTN's (:func:`gptq_layers`)
+    gptq: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         args = self.args
@@ -252,6 +256,7 @@ class LanguageModelSession(protocol.Session):
             print(f"warning: --calib-windows {args.calib_windows}: the calibration text holds only {calib.shape[0]} "
                   "windows; all of them are used (recorded in the run's data)", flush=True)
         self.calib = calib[: args.ptq_windows]  # PTQ calibrates on the same windows on every rank
+        self.hessian_windows = calib  # GPTQ's Hessians: every calibration window, as QwT's fit (all ranks)
         self.comp = calib[self.rank::self.world]  # QwT's share on this rank
         self.held = heldout_inputs(self.comp, args.batch_size, args.guard_fraction)  # a bad fraction refused now
         self.heldout_score = self.heldout_perplexity if self.held.numel() else None
@@ -270,8 +275,19 @@ class LanguageModelSession(protocol.Session):
                 "agreement": agreement(scores, self.fp_scores)}
 
     def quantize(self, model: nn.Module, config: PTQConfig, on_phase: PhaseTimer) -> None:
-        device = self.args.device
-        quantize(model, self.calib, config, forward=lambda m, x: m(input_ids=x.to(device)), on_phase=on_phase)
+        """Static activation ranges (if any) on the ``--ptq-windows``; GPTQ's Hessians on every calibration
+        window, ``--batch-size`` windows per batch."""
+        device, hessian = self.args.device, None
+        if isinstance(config.resolved_baseline(), GPTQ):
+            hessian = Batches(self.hessian_windows.split(self.batch_size))
+            self.data["gptq_windows"] = self.hessian_windows.shape[0]
+        quantize(model, self.calib, config, forward=lambda m, x: m(input_ids=x.to(device)), on_phase=on_phase,
+                 post_calibration_data=hessian)
+        if hessian is not None:
+            self.gptq[protocol.setting_name(config)] = gptq_layers(model)
+
+    def details(self) -> dict[str, Any]:
+        return {"gptq_layers": self.gptq} if self.gptq else {}
 
     def heldout_perplexity(self, model: nn.Module) -> float:
         """Perplexity on this rank's held-out calibration windows (fitted on by no layer), summed over ranks."""
