@@ -98,7 +98,7 @@ def test_the_gemma_table_is_the_smollm2_table_on_gemma():
     smoke = flag_lists(gemma, argparse.Namespace(smoke=True, checkpoints=None), [], Path("out"))
     assert [p.stem for p in plan(gemma, smoke)] == ["tiny-random-gemma3_text",
                                                       "tiny-random-gemma3_text-rtn-activations=tensor",
-                                                      "tiny-random-gemma3_text-gptq-activations=rtn"]
+                                                      "tiny-random-gemma3_text-gptq"]
     with pytest.raises(InputError, match=r"configs/nope.json not found: pass --table one of gemma, table"):
         Table.load(ROOT / "QwT-llm", "nope")
 

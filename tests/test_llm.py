@@ -408,7 +408,7 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "HuggingFaceTB/SmolLM2-135M"], "not a local folder"),
+    (["--model", "HuggingFaceTB/SmolLM2-135M"], "nor a local folder"),
     (["--bits", "W4A99"], "--bits"),
     (["--calib-text", "/nonexistent.txt", "--eval-text", "/nonexistent.txt"], "no such text file"),
     (["--guard-fraction", "1.5"], "--guard-fraction: must be in [0, 1)"),
@@ -546,12 +546,13 @@ def test_smoke_script_runs_on_smollm2_tokenizer_and_the_austen_corpus(tmp_path):
     done = subprocess.run(["bash", str(root / "scripts" / "llm.sh"), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    for stem in ("tiny-random-llama", "tiny-random-llama-rtn-activations=tensor"):  # the table's two runs
+    for stem in ("tiny-random-llama", "tiny-random-llama-rtn-activations=tensor", "tiny-random-llama-gptq"):
         data = _record(tmp_path, stem)["data"]
         assert data["source"] == "janeaustenr" and data["evaluation_windows"] == 8
     summary = json.loads((tmp_path / "summary.json").read_text())
-    # FP, then per setting PTQ and two QwT forms: W4A8 and W3A16 (per-token inputs), W4A8 (static per-tensor)
-    assert summary["missing"] == [] and len(summary["rows"]) == 10
+    # FP, then per setting PTQ and two QwT forms: W4A8 and W3A16 (per-token inputs), W4A8 (static per-tensor),
+    # W4A8 with GPTQ weights
+    assert summary["missing"] == [] and len(summary["rows"]) == 13
     assert all(math.isfinite(r["perplexity"]) for r in summary["rows"])
 
 

@@ -61,7 +61,7 @@ def test_llm_smoke_table(tmp_path):
              str(tmp_path / "calib.txt"), "--eval-text", str(tmp_path / "eval.txt")]
     done = table(*flags)
     assert done.returncode == 0, done.stderr[-2000:]
-    stems = ["tiny-random-llama", "tiny-random-llama-rtn-activations=tensor", "tiny-random-llama-gptq-activations=rtn"]
+    stems = ["tiny-random-llama", "tiny-random-llama-rtn-activations=tensor", "tiny-random-llama-gptq"]
     for stem in stems:
         record = json.loads((out / f"{stem}.json").read_text())
         assert record["complete"] and record["rows"][0]["model"] == "tiny random Llama (smoke)"
