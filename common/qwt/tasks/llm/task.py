@@ -43,7 +43,7 @@ from .scoring import (Scores, agreement, all_sum, greedy_continuation, perplexit
 from .text import check_text, load_windows
 
 #: α of the error-propagating target for language models (docs/llm_compensation.md has the held-out study).
-DEFAULT_PROPAGATION = 0.5
+DEFAULT_PROPAGATION = 0.75
 PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
 #: The random models ``--tiny-random`` builds: model type → name in the results.
 TINY_FAMILIES = {"llama": "Llama", "gemma3_text": "Gemma 3"}
