@@ -8,7 +8,8 @@ here does not tune on the numbers the README table reports. Every layer is compe
 measured is the fit itself. Settings: W4A8 with per-token activations and with static per-tensor activations (the
 RTN baseline, PTQ calibrated on 4 windows as the LM task does). Variants: α of the error-propagating target, sink
 rows left out, a relative ridge, and the channel-wise form; each prints a line, and the table and per-layer sink
-shares go to ``OUT/study.json`` and ``OUT/study.md``.
+shares go to ``OUT/study.json`` and ``OUT/study.md``, with ``OUT/sinks.png`` (each layer's share of target energy
+on position 0 of the windows). ``--replot OUT`` redraws the table and chart from a saved ``study.json``.
 """
 from __future__ import annotations
 
@@ -53,7 +54,11 @@ def main() -> None:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--variants", nargs="+", type=int, help="indices into VARIANTS (default: all)")
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--replot", action="store_true", help="only redraw OUT/study.md and OUT/sinks.png from OUT/study.json")
     args = p.parse_args()
+    if args.replot:
+        _write(args.out, json.loads((args.out / "study.json").read_text()))
+        return
     torch.manual_seed(0)
     fp, tokenizer, label = load_causal_lm(None, "cpu")
     text = "\n\n".join(read_austen(CALIBRATION_NOVELS).values())
@@ -89,8 +94,32 @@ def main() -> None:
     result = {"model": label, "environment": environment(), "fit_windows": args.fit_windows,
               "heldout_windows": args.heldout_windows, "window": args.window, "rows": rows}
     (args.out / "study.json").write_text(json.dumps(result, indent=1))
-    (args.out / "study.md").write_text(_table(rows))
+    _write(args.out, result)
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    """study.md (the table) and sinks.png: per layer, the target energy's share on position 0, for the authors'
+    target and each α of the dense form, one panel per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    (out / "study.md").write_text(_table(rows))
     print(_table(rows))
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 3.6), squeeze=False, sharey=True)
+    for ax, setting in zip(axes[0], settings):
+        for r in rows:
+            if r["setting"] == setting and r.get("sinks") and r["config"].keys() == {"propagation"}:
+                ax.plot([s["position0_share"] for s in r["sinks"]], marker=".", label=r["variant"])
+        ax.set(title=f"{setting}: target energy on position 0", xlabel="decoder layer", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("share of Σ‖target‖²")
+    fig.tight_layout()
+    fig.savefig(out / "sinks.png", dpi=110)
+    plt.close(fig)
 
 
 def _sinks(reports: list) -> list[dict[str, Any]]:
