@@ -37,6 +37,10 @@ class Column:
     lower_is_better: bool = False
     interval: bool = False
 
+    @property
+    def header(self) -> str:
+        return self.label + (" [95 %]" if self.interval else "")
+
     def cell(self, row: Row) -> str:
         """The value, and its interval where the row has one: ``38.72 [37.95, 39.51]``."""
         text = _fmt(row.get(self.key), self.digits)
@@ -100,7 +104,7 @@ def results_table(rows: Sequence[Row], columns: Sequence[Column], title: str, re
     lines = [f"## {title}", "", f"Machine: {machine}." if machine else "", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += [f"**{model}**", "",
-                  "| bits | baseline | stage | " + " | ".join(c.label for c in columns)
+                  "| bits | baseline | stage | " + " | ".join(c.header for c in columns)
                   + f" | Δ {head.label} | gap closed | blocks kept | PTQ s | QwT s | {peak} | size MB |",
                   "|" + "---|" * (len(columns) + 10)]
         for r in (r for r in rows if r["model"] == model):

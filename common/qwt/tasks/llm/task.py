@@ -78,8 +78,7 @@ def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dic
 
 class LanguageModel(protocol.Task):
     name, out = "llm", "results/llm"
-    columns: ClassVar[tuple[Column, ...]] = (Column("perplexity", "perplexity [95 %]", 2, lower_is_better=True,
-                                                    interval=True),
+    columns: ClassVar[tuple[Column, ...]] = (Column("perplexity", "perplexity", 2, lower_is_better=True, interval=True),
                                              Column("agreement", "agreement %", 1))
     saves: ClassVar[bool] = True
 
