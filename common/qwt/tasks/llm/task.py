@@ -1,7 +1,8 @@
 """QwT for decoder-only language models (``QwT-llm/main.py``) as a task of the run protocol.
 
-One run: a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default, or Gemma-3-270M with ``--model
-gemma3-270m``: the dequantised 4-bit weights are the "FP" reference) → for each bit setting: PTQ with the family's default baseline, RTN (or ``--method``) → QwT per
+One run: a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default, or Gemma-3-270M / Qwen2.5-Coder-
+1.5B-Instruct with ``--model gemma3-270m`` / ``qwen2.5-coder-1.5b``: the dequantised 4-bit weights are the "FP"
+reference) → for each bit setting: PTQ with the family's default baseline, RTN (or ``--method``) → QwT per
 decoder layer, dense (token-wise ``W x + b`` on the hidden states) and channel-wise (each residual branch's end),
 each with the held-out guard → held-out perplexity and next-token top-1 agreement with the FP model, and a greedy
 continuation. Bit settings are ``W<w>A<a>`` (``A16``: weights only); the activation granularity and weight groups
