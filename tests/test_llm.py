@@ -425,6 +425,9 @@ def test_end_to_end_on_a_local_checkpoint_and_text_files(local_model, tmp_path, 
      "--method gptq --method-option activations=tensor: unknown PTQ method 'tensor'"),
     (["--bits", "W4g64A8", "--method-option", "group_size=32"], "--method-option group_size=128"),
     (["--method", "repq_vit"], "RepQ-ViT needs LayerNorm → Linear pairs"),
+    (["--propagation", "1.5"], "compensation flags: propagation (α of the error-propagating target) must be in"),
+    (["--relative-ridge", "0.1", "--solver", "reference"], "invalid choice: 'reference'"),
+    (["--sink-norm-multiple", "0.5"], "compensation flags: sink_norm_multiple must be > 1"),
 ])
 def test_refusals_before_any_compute(argv, message, tmp_path, capsys):
     argv = [tmp_path / "save" if a == "SAVE" else a for a in argv]
