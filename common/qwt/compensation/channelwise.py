@@ -128,9 +128,7 @@ def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str
         def record(names: list[str], x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return _record(module, names, lambda: step.run(module, x))
 
-        targets = _fp_targets(module, names, inputs, record, config.propagation)
-        sinks = [sink_mask(feats.get(k, device), config.sink_norm_multiple) for k in range(len(feats))] \
-            if inputs.sequence else None
+        targets, sinks = _fp_targets(module, names, inputs, record, config)
         r2s, guards, energies = {}, {}, {}
         for name in names:
             layer = module.get_submodule(name)
@@ -159,22 +157,28 @@ def channelwise_block_fit(residual_branches: Callable[[nn.Module, str], list[str
     return fit_block
 
 
-def _fp_targets(module: nn.Module, names: list[str], inputs: BlockInputs, record: Callable, alpha: float
-                ) -> dict[str, FeatureStore]:
+def _fp_targets(module: nn.Module, names: list[str], inputs: BlockInputs, record: Callable, config: QwTConfig
+                ) -> tuple[dict[str, FeatureStore], list[torch.Tensor] | None]:
     """Each target layer's FP output per batch, where the features wait: on the quantised stream, blended with
-    the FP stream's (α > 0; the FP stream then moves on to the block's FP output)."""
+    the FP stream's (α > 0; the FP stream then moves on to the block's FP output); and, on sequence features,
+    each batch's sink rows, from the same fetch of its input."""
     feats, device = inputs.feats, inputs.device
     targets = {name: feats.sibling() for name in names}
+    sinks: list[torch.Tensor] | None = [] if inputs.sequence else None
     with quant_state(module, weight=False, act=False):
         for k in range(len(feats)):
-            seen = record(names, feats.get(k, device))[1]
+            x = feats.get(k, device)
+            if sinks is not None:
+                sinks.append(sink_mask(x, config.sink_norm_multiple))
+            seen = record(names, x)[1]
             stream = None
             if inputs.fp_feats is not None:
                 y_stream, stream = record(names, inputs.fp_stream(k))
                 inputs.fp_feats.put(k, y_stream)
             for name, z in seen.items():
-                targets[name].put(k, propagated_target(z, None if stream is None else stream[name], alpha))
-    return targets
+                targets[name].put(k, propagated_target(z, None if stream is None else stream[name],
+                                                       config.propagation))
+    return targets, sinks
 
 
 @torch.no_grad()
