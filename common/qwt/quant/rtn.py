@@ -1,5 +1,6 @@
 """Round-to-nearest quantisers of language-model PTQ: min-max weights per output channel or per group, and
-activations quantised per token at run time.
+activations quantised per token at run time (min-max per token, or symmetric per block of columns as
+onnxruntime's 4-bit kernels quantise them).
 
 Both use the asymmetric uniform grid of :func:`uniform_fake_quant` with Δ = (max − min)/(L − 1) and
 z = round(−min/Δ), from the plain minimum and maximum (no clipping search), which is what "RTN" means in the
@@ -72,3 +73,35 @@ class TokenQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, enabled={self.enabled}"
+
+
+class BlockQuantizer(Quantizer):
+    """Dynamic symmetric activations per token and per block of ``block_size`` consecutive columns, as
+    onnxruntime's ``MatMulNBits`` quantises its input at ``accuracy_level`` 4 (MLAS's int8 path): each block's
+    codes are round-half-to-even(x·(M/amax)) with M = 2^(b−1) − 1 and scale amax/M (0 for a block of zeros).
+    Simulating it makes the PyTorch model the one the 4-bit ONNX export runs, up to the order of the sums."""
+
+    kind = "dynamic_block"
+    settings = ("block_size",)
+
+    def __init__(self, n_bits: int, block_size: int) -> None:
+        super().__init__(n_bits)
+        if block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1, got {block_size}")
+        self.block_size = block_size
+
+    @property
+    def calibrated(self) -> bool:
+        return True
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.block_size:
+            raise ValueError(f"block size {self.block_size} does not divide the {x.shape[-1]} input columns")
+        top = float(2 ** (self.n_bits - 1) - 1)
+        blocks = x.reshape(*x.shape[:-1], -1, self.block_size)
+        amax = blocks.abs().amax(-1, keepdim=True)
+        inverse = torch.where(amax > 0, top / amax, torch.zeros_like(amax))
+        return (blocks * inverse).round_().mul_(amax / top).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"n_bits={self.n_bits}, block_size={self.block_size}, enabled={self.enabled}"
