@@ -120,7 +120,7 @@ def test_a_forged_channelwise_entry_is_refused(saved_vit, resign, edit, narrow, 
 @pytest.mark.parametrize("edit,message", [
     (lambda meta: _entry(meta).update(channels=0), "channels an integer in 1..100000"),
     (lambda meta: _entry(meta).update(after="embedding"), "after is one of linear, conv, norm"),
-    (lambda meta: _entry(meta).update(form="diagonal"), "its form is linear, conv or channelwise"),
+    (lambda meta: _entry(meta).update(form="diagonal"), "its form is linear, lowrank, conv or channelwise"),
 ], ids=["no-channels", "unknown-layer-kind", "unknown-form"])
 def test_a_malformed_channelwise_entry_is_refused_before_it_is_built(saved_vit, resign, edit, message):
     resign(saved_vit, edit=edit)

@@ -25,6 +25,9 @@ from .compensation.modules import Compensated
 from .family import family_of
 from .utils import warmup_cosine
 
+#: the compensation's weight parameters: a dense map's, a reduced-rank map's factors
+_COMP_WEIGHTS = ("comp_weight", "comp_down", "comp_up")
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -61,12 +64,12 @@ def trainable_parameters(model: nn.Module, classifier: tuple[str, ...]) -> list[
     everything else is frozen."""
     chosen = []
     for name, param in model.named_parameters():
-        is_comp = name.rsplit(".", 1)[-1] in ("comp_weight", "comp_bias")
+        is_comp = name.rsplit(".", 1)[-1] in (*_COMP_WEIGHTS, "comp_bias")
         is_head = name.rpartition(".")[0] in classifier
         param.requires_grad_(is_comp or is_head)
         if is_comp or is_head:
             chosen.append((name, param))
-    if not any(n.endswith("comp_weight") for n, _ in chosen):
+    if not any(n.rsplit(".", 1)[-1] in _COMP_WEIGHTS for n, _ in chosen):
         raise ValueError("no compensation parameters found: run apply_qwt before fine-tuning")
     return chosen
 

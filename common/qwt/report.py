@@ -52,10 +52,14 @@ class Column:
 STAGES = {"fp": "FP", "ptq": "PTQ", "qwt": "PTQ + QwT", "qwt*": "PTQ + QwT*"}
 
 
+def form_label(form: str | None) -> str:
+    """How a QwT form reads after "QwT": nothing for the dense map (the paper's), " channel-wise", " rank64"."""
+    return "" if form in (None, "dense") else " channel-wise" if form == "channelwise" else f" {form}"
+
+
 def stage_label(row: Row) -> str:
-    """``PTQ + QwT``, ``PTQ + QwT channel-wise``, ..."""
-    form = row.get("form")
-    return STAGES[row["stage"]] + (" channel-wise" if form == "channelwise" else "")
+    """``PTQ + QwT``, ``PTQ + QwT channel-wise``, ``PTQ + QwT rank64``, ..."""
+    return STAGES[row["stage"]] + form_label(row.get("form"))
 
 
 def baseline_label(row: Row) -> str:

@@ -1,10 +1,10 @@
 """Model size as the authors count it (docs/algorithm.md#size), in decimal megabytes.
 
 Each module's own parameters (buffers, hence quantiser parameters, excluded): a ``weight`` of a module with a
-``weight_quantizer`` counts that quantiser's bits per element, a compensation weight 16 bits when it is applied
-in FP16 (``fp16_eval``, the authors' default) and 32 otherwise, everything else its dtype width. Zero
-compensations still count: they exist in the model. A parameter
-shared by two modules (tied embeddings) counts once.
+``weight_quantizer`` counts that quantiser's bits per element, a compensation's weight (a reduced-rank map's two
+factors) 16 bits when it is applied in FP16 (``fp16_eval``, the authors' default) and 32 otherwise, everything else
+its dtype width. Zero compensations still count: they exist in the model. A parameter shared by two modules (tied
+embeddings) counts once.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def model_size_bits(model: nn.Module) -> int:
             seen.add(id(param))
             if name == "weight" and quantizer is not None:
                 bits = quantizer.n_bits
-            elif name == "comp_weight" and isinstance(module, Compensated) and module.fp16_eval:
+            elif isinstance(module, Compensated) and module.fp16_eval and name in module.half_parameters:
                 bits = 16  # stored as it is applied: in FP16
             else:
                 bits = param.element_size() * 8

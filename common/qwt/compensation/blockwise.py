@@ -17,6 +17,7 @@ the authors' dense form here, the channel-wise form in :mod:`qwt.compensation.ch
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -33,7 +34,7 @@ from ..typed_fields import check_fields
 from .channelwise import ChannelAffine, channelwise_block_fit
 from .features import DISK, FeatureStore, FeatureStores
 from .guard import HeldOutGuard, compensation_batches, heldout_batches
-from .modules import Compensated, ConvCompensated, LinearCompensated
+from .modules import Compensated, ConvCompensated, LinearCompensated, LowRankCompensated
 from .sinks import DEFAULT_NORM_MULTIPLE, SinkEnergy, sink_mask
 from .targets import fit_rows, propagated_target
 from .solver import (SOLVER_MODES, FitResult, GroupedConvLeastSquares, LinearLeastSquares, SingularSystemError,
@@ -107,6 +108,9 @@ class QwTConfig:
     #: ``dense``: the authors' W x + b beside each block; ``channelwise``: a per-channel gain and bias on each
     #: residual branch's last layer, folded into its weights at export (qwt.compensation.channelwise).
     compensation: Literal["dense", "channelwise"] = "dense"
+    #: ``dense`` only, token (linear) blocks, streaming solvers: the best map of at most this rank from the dense
+    #: fit's statistics, stored as two thin factors (qwt.compensation.lowrank); None: the full dense map
+    rank: int | None = None
     #: held-out guard (not in the paper): this fraction of the compensation batches is held out of each block's
     #: fit, and the compensation is kept only if it lowers the block's error on them; 0 turns it off (default).
     guard_fraction: float = 0.0
@@ -145,6 +149,7 @@ class QwTConfig:
             raise ValueError(f"start_block must be ≥ 0, got {self.start_block}")
         if self.compensation not in ("dense", "channelwise"):
             raise ValueError(f"unknown compensation {self.compensation!r}; choose 'dense' or 'channelwise'")
+        self._check_rank()
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and ≥ 1, got {self.kernel_size}")
         if self.channels_per_group < 1:
@@ -156,10 +161,41 @@ class QwTConfig:
                 raise ValueError(f"feature_device must be a torch device (e.g. 'cpu', 'cuda:0'), {DISK!r} or None, "
                                  f"got {self.feature_device!r}") from err
 
+    def _check_rank(self) -> None:
+        if self.rank is None:
+            return
+        if self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1 (or None: the full dense map), got {self.rank}")
+        if self.compensation != "dense":
+            raise ValueError(f"rank {self.rank} reduces the dense map; compensation={self.compensation!r} has none "
+                             "(use compensation='dense' or rank=None)")
+        if self.solver == "reference":
+            raise ValueError(f"rank {self.rank} needs a streaming solver: the reference solver reproduces the "
+                             "authors' dense arithmetic only")
+
+    @property
+    def form_name(self) -> str:
+        """What a run's rows and records call this form: ``dense``, ``channelwise`` or ``rank<r>``."""
+        return self.compensation if self.rank is None else f"rank{self.rank}"
+
     def ridge_for(self, form: Form) -> float:
         if self.ridge is not None:
             return self.ridge
         return 0.0 if form == "linear" else 1e-3
+
+
+_RANK_FORM = re.compile(r"rank([0-9]+)")
+
+
+def parse_form(name: str) -> dict:
+    """The QwTConfig fields of a form named as :attr:`QwTConfig.form_name` names it: ``dense``, ``channelwise``,
+    ``rank<r>`` (r ≥ 1)."""
+    if name in ("dense", "channelwise"):
+        return {"compensation": name, "rank": None}
+    match = _RANK_FORM.fullmatch(name)
+    if match is None or int(match[1]) < 1:
+        raise ValueError(f"unknown QwT form {name!r}; choose dense, channelwise or rank<R> (R ≥ 1, e.g. rank64)")
+    return {"compensation": "dense", "rank": int(match[1])}
 
 
 def check_qwt_config(config: QwTConfig, blocks: int | None = None, batches: int | None = None) -> None:
@@ -223,7 +259,7 @@ def infer_stride(in_size: int, out_size: int) -> int:
 def _fitter(form: Form, x: torch.Tensor, y: torch.Tensor, config: QwTConfig):
     ridge = config.ridge_for(form)
     if form == "linear":
-        return LinearLeastSquares(ridge, config.solver, config.relative_ridge), {}
+        return LinearLeastSquares(ridge, config.solver, config.relative_ridge, config.rank), {}
     stride = infer_stride(x.shape[-1], y.shape[-1])
     groups = conv_groups(x.shape[1], y.shape[1], config.channels_per_group)
     fit = GroupedConvLeastSquares(x.shape[1], y.shape[1], config.kernel_size, stride, groups, ridge, config.solver,
@@ -231,11 +267,21 @@ def _fitter(form: Form, x: torch.Tensor, y: torch.Tensor, config: QwTConfig):
     return fit, {"stride": stride, "groups": groups, "kernel_size": config.kernel_size}
 
 
-def _wrap(form: Form, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, meta: dict,
-          fp16_eval: bool) -> Compensated:
+def _wrap(form: Form, block: nn.Module, result: FitResult, meta: dict, fp16_eval: bool) -> Compensated:
+    if result.down is not None:
+        return LowRankCompensated(block, result.down, result.up, result.bias, fp16_eval)
     if form == "linear":
-        return LinearCompensated(block, weight, bias, fp16_eval)
-    return ConvCompensated(block, weight, bias, meta["stride"], meta["groups"], fp16_eval)
+        return LinearCompensated(block, result.weight, result.bias, fp16_eval)
+    return ConvCompensated(block, result.weight, result.bias, meta["stride"], meta["groups"], fp16_eval)
+
+
+def _zeroed(result: FitResult) -> FitResult:
+    """``result``'s tensors as zeros of the same shapes and devices: a compensation left out."""
+    def zero(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.zeros_like(t)
+
+    return replace(result, weight=zero(result.weight), bias=zero(result.bias), down=zero(result.down),
+                   up=zero(result.up))
 
 
 def _solve(fit: LinearLeastSquares | GroupedConvLeastSquares, name: str,
@@ -317,11 +363,12 @@ def dense_block_fit(form: Form, config: QwTConfig) -> BlockFit:
         result, reason = _solve(fit, step.path, config.skip_degenerate)
         if reason is not None:
             meta = {**meta, "skipped": reason}
+        if result.down is not None:
+            meta.update(rank=result.down.shape[1], energy_kept=result.energy_kept)
         applied = reason is None and result.r2 > config.r2_threshold and index >= config.start_block
+        # judged on the map the wrapper applies: a reduced-rank fit's weight is its rank-r product
         applied = guard.judge(applied, meta, "guard", result.weight, result.bias)
-        weight, bias = (result.weight, result.bias) if applied else (
-            torch.zeros_like(result.weight), torch.zeros_like(result.bias))
-        wrapper = _wrap(form, module, weight, bias, meta, config.fp16_eval)
+        wrapper = _wrap(form, module, result if applied else _zeroed(result), meta, config.fp16_eval)
         swap_module(model, step.path, wrapper)
         for k in range(len(feats)):  # batch k's input and output are freed as we go
             y = wrapper.add_fp32(outputs.get(k, device), feats.get(k, device))
@@ -360,6 +407,9 @@ def fit_compensation(model: nn.Module, plan: BlockPlan, images: torch.Tensor | I
     :func:`qwt.apply_qwt`, which takes the plan and the residual branches from the model's family.
     """
     check_qwt_config(config, compensated_blocks(plan))
+    if config.rank is not None and plan.form != "linear":
+        raise ValueError(f"rank {config.rank}: a reduced-rank compensation is a token (linear) map; this model's "
+                         f"blocks take a {plan.form} compensation (use rank=None)")
     if config.exclude_sinks and not plan.sequence:
         raise ValueError("exclude_sinks needs token-sequence features (a language model's plan); this plan's "
                          "features have no attention-sink rows")

@@ -7,6 +7,8 @@ flips quantisation codes downstream. Both paths follow the authors' arithmetic e
   tokens ``(y + x·W) + b``; convs ``y + conv2d(x, W, b)`` (bias inside the conv).
 - FP16 product (evaluation with ``fp16_eval=True``): tokens ``(y + (x̃·W̃).float()) + b``; convs
   ``y + (conv2d(x̃, W̃).float() + b)``, where ˜ is a cast to FP16.
+
+The reduced-rank token map (not the authors') follows the token form with W = D·U evaluated as ``(x·D)·U``.
 """
 from __future__ import annotations
 
@@ -19,13 +21,18 @@ from torch import nn
 
 
 class Compensated(nn.Module):
-    """Wraps a block; ``comp_weight`` counts 16 bits in the size accounting when ``fp16_eval`` (32 otherwise),
-    ``comp_bias`` 32."""
+    """Wraps a block; its weight parameters (:attr:`half_parameters`: ``comp_weight``, or a reduced-rank map's
+    ``comp_down`` and ``comp_up``) count 16 bits in the size accounting when ``fp16_eval`` (32 otherwise),
+    ``comp_bias`` 32. ``weights`` name the parameters ``comp_<name>``, registered in their order before the bias."""
 
-    def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, fp16_eval: bool = True) -> None:
+    #: the parameters applied in FP16 when ``fp16_eval`` (hence stored in 16 bits)
+    half_parameters: tuple[str, ...] = ("comp_weight",)
+
+    def __init__(self, block: nn.Module, bias: torch.Tensor, fp16_eval: bool = True, **weights: torch.Tensor) -> None:
         super().__init__()
         self.block = block
-        self.comp_weight = nn.Parameter(weight.detach().clone().float())
+        for name, weight in weights.items():
+            setattr(self, f"comp_{name}", nn.Parameter(weight.detach().clone().float()))
         self.comp_bias = nn.Parameter(bias.detach().clone().float())
         self.fp16_eval = fp16_eval
         self.train(block.training)
@@ -49,6 +56,9 @@ class Compensated(nn.Module):
 class LinearCompensated(Compensated):
     """Token-wise: c(x) = x·W + b, W of shape (C_in, C_out), applied over the last axis of any layout."""
 
+    def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, fp16_eval: bool = True) -> None:
+        super().__init__(block, bias, fp16_eval, weight=weight)
+
     @classmethod
     def zeros(cls, block: nn.Module, in_features: int, out_features: int,
               fp16_eval: bool = True) -> "LinearCompensated":
@@ -61,12 +71,35 @@ class LinearCompensated(Compensated):
         return y + (x.half() @ self.comp_weight.half()).float() + self.comp_bias
 
 
+class LowRankCompensated(Compensated):
+    """Token-wise, reduced rank (``QwTConfig.rank``, :mod:`qwt.compensation.lowrank`): c(x) = (x·D)·U + b with
+    D = ``comp_down`` (C_in, r) and U = ``comp_up`` (r, C_out): r·(C_in + C_out) weights instead of C_in·C_out."""
+
+    half_parameters = ("comp_down", "comp_up")
+
+    def __init__(self, block: nn.Module, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor,
+                 fp16_eval: bool = True) -> None:
+        super().__init__(block, bias, fp16_eval, down=down, up=up)
+
+    @classmethod
+    def zeros(cls, block: nn.Module, in_features: int, rank: int, out_features: int,
+              fp16_eval: bool = True) -> "LowRankCompensated":
+        return cls(block, torch.zeros(in_features, rank), torch.zeros(rank, out_features), torch.zeros(out_features),
+                   fp16_eval)
+
+    def add_fp32(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y + (x @ self.comp_down) @ self.comp_up + self.comp_bias
+
+    def add_half(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y + ((x.half() @ self.comp_down.half()) @ self.comp_up.half()).float() + self.comp_bias
+
+
 class ConvCompensated(Compensated):
     """Grouped conv: c(x) = conv2d(x, W, b, stride, padding=k//2, groups), W of shape (C_out, C_in/G, k, k)."""
 
     def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int,
                  fp16_eval: bool = True) -> None:
-        super().__init__(block, weight, bias, fp16_eval)
+        super().__init__(block, bias, fp16_eval, weight=weight)
         self.stride, self.groups = stride, groups
 
     @classmethod

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from ..utils import all_finite
+from .lowrank import reduced_rank, stored_rank
 
 #: ``streaming``: FP64 products and sums, Cholesky; ``streaming_fp32``: the same with each batch's products in
 #: FP32 (faster; different results, see docs/algorithm.md); ``reference``: the authors' FP32 arithmetic, bit for bit.
@@ -31,11 +32,16 @@ SOLVER_MODES: tuple[str, ...] = get_args(SolverMode)
 
 @dataclass
 class FitResult:
-    """Θ split into the compensation's weight and bias, and the fit's pooled R²."""
+    """Θ split into the compensation's weight and bias, and the fit's pooled R². A reduced-rank fit
+    (:mod:`qwt.compensation.lowrank`) also gives its factors, ``weight`` = ``down`` @ ``up`` (rounded once from
+    FP64), and the share of the dense map's energy they keep."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     r2: float
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    energy_kept: float | None = None
 
 
 class SingularSystemError(RuntimeError):
@@ -210,13 +216,21 @@ class _LeastSquares:
             return self._solve_reference(x, t, name)
         if self.t_sum is None:
             raise ValueError("no data: call update() with at least one batch before solve()")
-        theta, ss_res = self._solve_streaming(name)
+        theta, lhs = self._solve_streaming(name)
+        theta, extra = self._reduce(theta, lhs)
+        ss_res = self._residual(theta)
         ss_tot = self._ss_tot()
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else -math.inf
-        weight, bias = self._split(theta)
-        return FitResult(weight=weight, bias=bias, r2=r2)
+        weight, bias = self._split(theta.float())
+        return FitResult(weight=weight, bias=bias, r2=r2, **extra)
 
-    def _solve_streaming(self, name: str) -> tuple[torch.Tensor, float]:
+    def _reduce(self, theta: torch.Tensor, lhs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The map actually fitted from the dense solution Θ* (FP64) and G + λI, and FitResult's extra fields:
+        Θ* itself here; the reduced-rank map in :class:`LinearLeastSquares` with a rank."""
+        return theta, {}
+
+    def _solve_streaming(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Θ* and G + λI, both FP64."""
         gram, cross = self.gram, self.cross
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         lhs = gram + self.ridge_used() * eye
@@ -229,7 +243,7 @@ class _LeastSquares:
                 "feature channels?); falling back to the minimum-norm pseudo-inverse solution", RuntimeWarning)
             theta = torch.linalg.pinv(lhs, hermitian=True) @ cross
         _require_finite_features(theta, "solution")
-        return theta.float(), self._residual(theta)
+        return theta, lhs
 
     def ridge_used(self) -> float | torch.Tensor:
         """λ added to each group's diagonal: the absolute ridge, plus ``relative_ridge`` × the mean of the
@@ -283,10 +297,36 @@ def _reference_r2(t: torch.Tensor, prediction: torch.Tensor) -> float:
 
 
 class LinearLeastSquares(_LeastSquares):
-    """Token-wise fit: x (..., C_in), t (..., C_out); pooled R² with the mean over all rows (docs/algorithm.md#r2)."""
+    """Token-wise fit: x (..., C_in), t (..., C_out); pooled R² with the mean over all rows (docs/algorithm.md#r2).
 
-    def __init__(self, ridge: float = 0.0, mode: SolverMode = "streaming", relative_ridge: float = 0.0) -> None:
+    ``rank``: fit the best map of at most that rank instead of the dense one (:mod:`qwt.compensation.lowrank`,
+    from the same statistics; streaming solvers only); R² is then the rank-r map's.
+    """
+
+    def __init__(self, ridge: float = 0.0, mode: SolverMode = "streaming", relative_ridge: float = 0.0,
+                 rank: int | None = None) -> None:
+        if rank is not None and mode == "reference":
+            raise ValueError("a reduced-rank compensation needs a streaming solver (the reference solver reproduces "
+                             "the authors' dense arithmetic only)")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be ≥ 1 (or None: the dense map), got {rank}")
         super().__init__(1, ridge, mode, relative_ridge)
+        self.rank = rank
+
+    def _reduce(self, theta: torch.Tensor, lhs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.rank is None:
+            return theta, {}
+        reduced = reduced_rank(theta[0], lhs[0], self.rank)
+        return reduced.theta[None], {"down": reduced.down[:-1].float(), "up": reduced.up.float(),
+                                     "energy_kept": reduced.energy_kept}
+
+    def zero_result(self) -> FitResult:
+        result = super().zero_result()
+        if self.rank is None:
+            return result
+        unknowns, outputs = self.shape
+        r = stored_rank(self.rank, unknowns, outputs)
+        return replace(result, down=torch.zeros(unknowns - 1, r), up=torch.zeros(r, outputs))
 
     def _design(self, x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.reshape(-1, x.shape[-1])

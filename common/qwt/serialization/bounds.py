@@ -66,20 +66,20 @@ def check_declared(description: dict[str, Any], where: str) -> None:
 
 
 def _compensation_entry_problem(spec: Any) -> str | None:
-    """Why a compensation entry is malformed, or None: a dense block (``linear``, ``conv``) declares its sizes
-    (one it omits is 1) and ``fp16_eval``, a channel-wise correction the kind of layer it follows and its
+    """Why a compensation entry is malformed, or None: a dense block (``linear``, ``lowrank``, ``conv``) declares
+    its sizes (one it omits is 1) and ``fp16_eval``, a channel-wise correction the kind of layer it follows and its
     channels."""
     def sized(value: Any) -> bool:
         return isinstance(value, int) and 1 <= value <= MAX_BUILD_NUMBER
 
-    if not isinstance(spec, dict) or spec.get("form") not in ("linear", "conv", "channelwise"):
-        return f"compensation entry {str(spec)[:80]} (its form is linear, conv or channelwise)"
+    if not isinstance(spec, dict) or spec.get("form") not in ("linear", "lowrank", "conv", "channelwise"):
+        return f"compensation entry {str(spec)[:80]} (its form is linear, lowrank, conv or channelwise)"
     if spec["form"] == "channelwise":
         fine = spec.get("after") in BRANCH_ENDS and sized(spec.get("channels"))
         need = f"after is one of {', '.join(BRANCH_ENDS)}, channels an integer in 1..{MAX_BUILD_NUMBER}"
     else:
         fine = isinstance(spec.get("fp16_eval"), bool) and all(
-            sized(spec.get(k, 1)) for k in ("in", "out", "kernel_size", "stride", "groups"))
+            sized(spec.get(k, 1)) for k in ("in", "out", "rank", "kernel_size", "stride", "groups"))
         need = f"sizes are integers in 1..{MAX_BUILD_NUMBER}, fp16_eval true or false"
     return None if fine else f"compensation entry {str(spec)[:80]} ({need})"
 

@@ -1,6 +1,6 @@
 """What a model is, as a JSON-able description: its quantisers as the model holds them, which blocks carry which
-compensation (a dense wrapper around a block, or a channel-wise correction after a residual branch's last layer),
-the config and builder arguments it was made with, and the SHA-256 of every tensor."""
+compensation (a dense or reduced-rank wrapper around a block, or a channel-wise correction after a residual
+branch's last layer), the config and builder arguments it was made with, and the SHA-256 of every tensor."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..compensation.channelwise import ChannelAffine
-from ..compensation.modules import ConvCompensated, LinearCompensated
+from ..compensation.modules import ConvCompensated, LinearCompensated, LowRankCompensated
 from ..errors import InputError
 from ..ptq import PTQConfig
 from ..quant.quantizers import Quantizer, RoundingQuantizer
@@ -72,6 +72,10 @@ def _describe_compensation(model: nn.Module) -> list[dict[str, Any]]:
             w = module.comp_weight
             out.append({"path": name, "form": "conv", "in": w.shape[1] * module.groups, "out": w.shape[0],
                         "kernel_size": w.shape[-1], "stride": module.stride, "groups": module.groups,
+                        "fp16_eval": module.fp16_eval})
+        elif isinstance(module, LowRankCompensated):
+            out.append({"path": name, "form": "lowrank", "in": module.comp_down.shape[0],
+                        "rank": module.comp_down.shape[1], "out": module.comp_up.shape[1],
                         "fp16_eval": module.fp16_eval})
         elif isinstance(module, LinearCompensated):
             w = module.comp_weight

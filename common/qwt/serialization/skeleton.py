@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..compensation.channelwise import ChannelAffine
-from ..compensation.modules import ConvCompensated, LinearCompensated
+from ..compensation.modules import ConvCompensated, LinearCompensated, LowRankCompensated
 from ..errors import InputError
 from ..models import get_model_entry
 from ..ptq import PTQConfig
@@ -52,6 +52,8 @@ def _wrapper(module: nn.Module, spec: dict[str, Any]) -> nn.Module:
         return ChannelAffine(module, torch.ones(channels), torch.zeros(channels))
     if spec["form"] == "linear":
         return LinearCompensated.zeros(module, spec["in"], spec["out"], spec["fp16_eval"])
+    if spec["form"] == "lowrank":
+        return LowRankCompensated.zeros(module, spec["in"], spec["rank"], spec["out"], spec["fp16_eval"])
     return ConvCompensated.zeros(module, spec["in"], spec["out"], spec["kernel_size"], spec["stride"],
                                  spec["groups"], spec["fp16_eval"])
 

@@ -170,9 +170,10 @@ def compensation_problems(description: dict[str, Any], state: dict[str, torch.Te
             if gain is not None and bool((gain < 0).any()):
                 problems.append(f"{spec['path']}.gain holds a negative gain, which the channel-wise fit never gives")
             continue
-        weight = state.get(f"{spec['path']}.comp_weight")
-        if spec["fp16_eval"] and weight is not None and weight.is_floating_point() and \
-                bool(torch.isinf(weight.half()).any()):
-            problems.append(f"{spec['path']}.comp_weight holds values beyond FP16's range, in which fp16_eval "
-                            "evaluates it")
+        for name in ("comp_down", "comp_up") if spec["form"] == "lowrank" else ("comp_weight",):
+            weight = state.get(f"{spec['path']}.{name}")
+            if spec["fp16_eval"] and weight is not None and weight.is_floating_point() and \
+                    bool(torch.isinf(weight.half()).any()):
+                problems.append(f"{spec['path']}.{name} holds values beyond FP16's range, in which fp16_eval "
+                                "evaluates it")
     return problems

@@ -17,7 +17,7 @@ metric columns its table shows. :func:`run` owns the rest, the same way for ever
   the machine it ran on (:func:`qwt.environment.environment`).
 
 Rows: ``model``, ``bits``, ``baseline`` (and ``baseline_options``), ``stage`` (``fp``, ``ptq``, ``qwt``,
-``qwt*``), ``form`` (the QwT form of a ``qwt`` row), the task's metrics, ``ptq_seconds``, ``qwt_seconds``,
+``qwt*``), ``form`` (the QwT form of a ``qwt`` row: ``QwTConfig.form_name``), the task's metrics, ``ptq_seconds``, ``qwt_seconds``,
 ``size_mb``, ``peak_memory_mb`` and, on QwT rows, ``blocks_kept``/``blocks``.
 """
 from __future__ import annotations
@@ -309,7 +309,7 @@ def check(task: Task, args: argparse.Namespace) -> Plan:
     of the same name would replace the first's record)."""
     settings, forms = task.settings(args), task.qwt_configs(args)
     _refuse_repeats("bit setting", [setting_name(c) for c in settings])
-    _refuse_repeats("QwT form", [f.compensation for f in forms])
+    _refuse_repeats("QwT form", [f.form_name for f in forms])
     check_device(args.device)
     for form in forms:
         if form.feature_device not in (None, DISK):
@@ -336,7 +336,7 @@ def _check_save(task: Task, args: argparse.Namespace, plan: Plan) -> None:
                          "replaces only a folder holding a previous save; pass a --save outside --out")
     for config in plan.settings:
         for form in plan.forms:
-            check_save_target(save / task.save_name(args, config, form.compensation, plan.only))
+            check_save_target(save / task.save_name(args, config, form.form_name, plan.only))
 
 
 def _resume_or_refuse(args: argparse.Namespace, stem: str, config: str, key: dict[str, Any]) -> bool:
@@ -446,15 +446,15 @@ class Run:
             model, decision = model_guard(base, model, reports, s.heldout_score, base_held)
             extra["output_guard"] = {**s.heldout_record(), **decision}
         qwt_seconds = guard_seconds + time.perf_counter() - start
-        metrics = s.evaluate(model, f"{tag} PTQ+QwT {form.compensation}")
-        row = self.row(tag, config, "qwt", form.compensation, metrics, model, ptq_seconds=ptq_seconds,
+        metrics = s.evaluate(model, f"{tag} PTQ+QwT {form.form_name}")
+        row = self.row(tag, config, "qwt", form.form_name, metrics, model, ptq_seconds=ptq_seconds,
                        qwt_seconds=qwt_seconds, blocks_kept=sum(r.applied for r in reports), blocks=len(reports),
                        **extra)
-        self.blocks[f"{setting_name(config)} {form.compensation}"] = [r.to_dict() for r in reports]
+        self.blocks[f"{setting_name(config)} {form.form_name}"] = [r.to_dict() for r in reports]
         self.add(row)
         s.after_row(row, model, first)
         if getattr(self.args, "save", None) is not None and self.writer:
-            name = self.task.save_name(self.args, config, form.compensation, self.plan.only)
+            name = self.task.save_name(self.args, config, form.form_name, self.plan.only)
             s.save(model, Path(self.args.save) / name, config, row)
         if first:
             self.refined(config, model, row)

@@ -3,9 +3,9 @@
 One run: a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default, or Gemma-3-270M / Qwen2.5-Coder-
 1.5B-Instruct with ``--model gemma3-270m`` / ``qwen2.5-coder-1.5b``: the dequantised 4-bit weights are the "FP"
 reference) → for each bit setting: PTQ with the family's default baseline, RTN (or ``--method``) → QwT per
-decoder layer, dense (token-wise ``W x + b`` on the hidden states) and channel-wise (each residual branch's end),
-each with the held-out guard → held-out perplexity and next-token top-1 agreement with the FP model, and a greedy
-continuation. Bit settings are ``W<w>A<a>`` (``A16``: weights only); the activation granularity and weight groups
+decoder layer, dense (token-wise ``W x + b`` on the hidden states), channel-wise (each residual branch's end) and,
+asked for with ``--forms rank<R>``, reduced-rank (the dense fit's best rank-R map), each with the held-out guard →
+held-out perplexity and next-token top-1 agreement with the FP model, and a greedy continuation. Bit settings are ``W<w>A<a>`` (``A16``: weights only); the activation granularity and weight groups
 are the baseline's options (``--method-option activations=tensor``, ``--method-option group_size=128``). Under
 ``torchrun`` the calibration windows are split across ranks (solver statistics all-reduced) and the evaluation
 windows too (sums all-reduced).
@@ -26,6 +26,7 @@ from torch import nn
 from ...api import quantize
 from ...cli import finite_float, guard_fraction, positive_int
 from ...compensation import QwTConfig, heldout_inputs
+from ...compensation.blockwise import parse_form
 from ...compensation.sinks import DEFAULT_NORM_MULTIPLE
 from ...errors import InputError
 from ...models.decoder_lm import DECODER_LM, build_from_config, config_dict, tiny_config
@@ -34,7 +35,7 @@ from ...ptq import Batches, PTQConfig
 from ...ptq.config import parse_bit_tag
 from ...ptq.baselines import GPTQ, make_baseline
 from ...ptq.baselines.gptq import gptq_layers
-from ...report import Column, Row, file_sha256
+from ...report import Column, Row, file_sha256, form_label
 from ...serialization import saved_build_problems
 from ...utils import PhaseTimer
 from .. import protocol
@@ -50,6 +51,15 @@ PROMPT = "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who"
 TINY_FAMILIES = {"llama": "Llama", "gemma3_text": "Gemma 3"}
 #: The weight files whose bytes name a checkpoint folder in the run's record.
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
+
+
+def qwt_form(text: str) -> str:
+    """argparse type of ``--forms``: dense, channelwise or rank<R> (:func:`qwt.compensation.blockwise.parse_form`),
+    named as the rows name it."""
+    try:
+        return QwTConfig(**parse_form(text)).form_name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_bits(tag: str, method: str = DECODER_LM.default_baseline, options: dict[str, Any] | None = None
@@ -113,9 +123,10 @@ class LanguageModel(protocol.Task):
                        help="evaluate on this many windows spread evenly over the text (default: all)")
         g.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward")
         g = p.add_argument_group("compensation (QwT)")
-        g.add_argument("--forms", nargs="+", choices=["dense", "channelwise"], default=["dense", "channelwise"],
-                       help="QwT rows: dense (W x + b per decoder layer) and/or channel-wise (the end of each "
-                            "residual branch: o_proj and down_proj for Llama)")
+        g.add_argument("--forms", nargs="+", type=qwt_form, default=["dense", "channelwise"], metavar="FORM",
+                       help="QwT rows: dense (W x + b per decoder layer), channelwise (the end of each residual "
+                            "branch: o_proj and down_proj for Llama) and/or rank<R> (the best rank-R map from the "
+                            "dense fit's statistics, stored as two thin factors, e.g. rank64)")
         g.add_argument("--guard-fraction", type=guard_fraction, default=0.25,
                        help="held-out guard: fraction of calibration batches held out of each layer's fit; a layer "
                             "keeps its compensation only if it lowers the error there, and the compensated model "
@@ -156,7 +167,7 @@ class LanguageModel(protocol.Task):
 
     def qwt_configs(self, args: argparse.Namespace) -> list[QwTConfig]:
         try:
-            return [QwTConfig(solver=args.solver, ridge=args.ridge, fp16_eval=False, compensation=form,
+            return [QwTConfig(solver=args.solver, ridge=args.ridge, fp16_eval=False, **parse_form(form),
                               guard_fraction=args.guard_fraction, feature_device=args.feature_device,
                               propagation=args.propagation, relative_ridge=args.relative_ridge,
                               exclude_sinks=args.exclude_sinks, sink_norm_multiple=args.sink_norm_multiple)
@@ -301,7 +312,7 @@ class LanguageModelSession(protocol.Session):
         if row["stage"] != "fp" and (row["bits"] != self.args.continuation_bits or not first_form):
             return
         name = "FP" if row["stage"] == "fp" else f"{row['bits']} {row['baseline']}" + \
-            (" + QwT" + (" channel-wise" if row["form"] == "channelwise" else "") if row["stage"] == "qwt" else "")
+            (" + QwT" + form_label(row["form"]) if row["stage"] == "qwt" else "")
         self.continuations[name] = greedy_continuation(model, self.tokenizer, PROMPT, self.args.continuation_tokens,
                                                        self.args.device)
         self.data["continuations"] = self.continuations
