@@ -315,21 +315,28 @@ def test_cli_refuses_to_write_over_the_saved_model(tiny_vit, images, tmp_path, t
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
 
 
-def test_cli_refuses_a_saved_language_model_before_loading_it(tmp_path, monkeypatch):
-    """Before, an LM save was loaded (all its weights) and then refused as "--input-shape does not fit" with a
-    message about float embedding indices: no input shape fits, the export does not handle language models."""
+def test_cli_exports_a_saved_language_model_with_its_cache(tmp_path, capsys):
+    """A saved decoder LM with rtn weight groups goes to the language-model writer (token ids and a KV cache, no
+    --input-shape); its file runs in onnxruntime and computes the saved model."""
     pytest.importorskip("transformers")
     from qwt.export import __main__ as cli
+    from qwt.export.lm_runtime import OnnxLM
     from qwt.models.decoder_lm import build_from_config, tiny_config
+    from qwt.ptq.baselines import make_baseline
 
     lm = build_from_config(config=tiny_config())
-    config = qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=8)
+    config = qwt.PTQConfig(baseline=make_baseline("rtn", {"group_size": 32}), w_bits=4, a_bits=16)
     qwt.quantize(lm, torch.randint(0, 128, (2, 8)), config)
     saved = qwt.save_quantized(lm, tmp_path / "lm", "hf_causal_lm", config, {"config": tiny_config()})
-    monkeypatch.setattr(cli, "load_quantized", lambda *a: pytest.fail("loaded before the refusal"))
-    with pytest.raises(InputError, match="language model.* not exported"):
+    with pytest.raises(InputError, match="--input-shape is for image models"):
         cli.main([str(saved), str(tmp_path / "lm.onnx"), "--input-shape", "1", "1", "16"])
     assert not (tmp_path / "lm.onnx").exists()
+    cli.main([str(saved), str(tmp_path / "lm.onnx")])
+    assert "MatMulNBits" in capsys.readouterr().out
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        expected = lm.eval()(input_ids=ids).logits
+    assert (OnnxLM(tmp_path / "lm.onnx", 1)(ids).logits - expected).abs().max() < 1e-4 * expected.abs().max()
 
 
 def test_cli_reports_a_missing_saved_model_in_one_line(tmp_path):
@@ -403,6 +410,6 @@ def test_a_language_model_export_is_refused_in_one_line(tmp_path):
     lm = build_from_config(config=tiny_config())
     ids = torch.randint(0, 128, (2, 8))
     qwt.quantize(lm, ids, qwt.PTQConfig(baseline="rtn", w_bits=4, a_bits=8))
-    with pytest.raises(InputError, match="language models .* are not exported"):
+    with pytest.raises(InputError, match="language model .* is exported by qwt.export.export_decoder_lm"):
         export_onnx(lm, ids, tmp_path / "lm.onnx")
     assert list(tmp_path.iterdir()) == []

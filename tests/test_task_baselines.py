@@ -94,8 +94,8 @@ def test_the_language_model_task_runs_a_baseline_defined_outside_the_library(tmp
     assert "| W4A8 | test_toy_minmax (coarse=true) | PTQ + QwT |" in \
         (out / "tiny-random-llama-test_toy_minmax-coarse=true.md").read_text()
     assert all(torch.isfinite(torch.tensor(r["perplexity"])) for r in rows)
-    # named for the baseline and its options: a save of another baseline's run never replaces this one (the
-    # --tiny-random smoke model itself is refused by --save, so the name is asked of the task)
+    # named for the baseline and its options: a save of another baseline's run never replaces this one (asked of
+    # the task, without saving)
     task = llm.LanguageModel()
     args = protocol.parse_args(task, "", [*flags, "--save", str(save)])
     (config,) = task.settings(args)

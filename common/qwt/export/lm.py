@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..compensation.channelwise import ChannelAffine
-from ..compensation.modules import Compensated, LinearCompensated
+from ..compensation.modules import Compensated, LinearCompensated, LowRankCompensated
 from ..errors import InputError
 from ..quant.modules import QuantModule
 from ..quant.quantizers import Quantizer
@@ -187,7 +187,7 @@ def _compensation(g: _Graph, y: str, x: str, wrapper: nn.Module) -> str:
     """(y + c(x)) + b as the module adds it: the dense map x·W, or the reduced-rank (x·D)·U."""
     if isinstance(wrapper, LinearCompensated):
         product = g.op("MatMul", [x, g.const(wrapper.comp_weight.detach().float(), "comp_weight")])
-    elif hasattr(wrapper, "comp_down"):
+    elif isinstance(wrapper, LowRankCompensated):
         down = g.op("MatMul", [x, g.const(wrapper.comp_down.detach().float(), "comp_down")])
         product = g.op("MatMul", [down, g.const(wrapper.comp_up.detach().float(), "comp_up")])
     else:

@@ -65,7 +65,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, mode:
         raise ValueError(f"unknown export mode {mode!r}; choose 'simulate' or 'w8a8'")
     if not example.is_floating_point():
         raise InputError(f"export_onnx traces image models (a float example batch); got {example.dtype} inputs "
-                         f"for {type(model).__name__}: language models (token ids, KV cache) are not exported")
+                         f"for {type(model).__name__}: a language model (token ids, KV cache) is exported by "
+                         "qwt.export.export_decoder_lm")
     weight_dtype = resolve_weight_dtype(weight_dtype)
     onnx = require("onnx")
     if compensation_half and mode == "simulate" and any(isinstance(m, Compensated) for m in model.modules()):

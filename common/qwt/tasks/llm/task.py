@@ -181,8 +181,6 @@ class LanguageModel(protocol.Task):
         if args.ptq_windows > args.calib_windows:
             raise InputError(f"--ptq-windows {args.ptq_windows}: PTQ calibrates on the first of the "
                              f"{args.calib_windows} calibration windows (--calib-windows); pass at most that many")
-        if args.tiny_random and args.save is not None:
-            raise InputError("--save: the --tiny-random smoke model is not worth keeping; run without --save")
         check_text(args)
 
     def stem(self, args: argparse.Namespace) -> str:
@@ -226,7 +224,7 @@ def _tiny_random_lm(tokenizer: Any, seed: int, family: str = "llama") -> nn.Modu
     return build_from_config(config=tiny_config(family, vocab_size=len(tokenizer)))
 
 
-def _load(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     """(FP model, tokenizer, label); a window longer than the model's positions, or a model the saved format
     would refuse at the end of the run (with ``--save``), is refused now."""
     if args.tiny_random:  # the smoke run: --model's tokenizer (SmolLM2's by default), a 2-layer random model
@@ -260,7 +258,7 @@ class LanguageModelSession(protocol.Session):
 
     def __post_init__(self) -> None:
         args = self.args
-        self.fp_model, self.tokenizer, self.label = _load(args)
+        self.fp_model, self.tokenizer, self.label = load_model(args)
         self.family = DECODER_LM
         calib, self.evaluation, self.data = load_windows(args, self.tokenizer)
         if calib.shape[0] < args.calib_windows and self.rank == 0:
