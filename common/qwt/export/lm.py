@@ -208,19 +208,26 @@ def _layer(g: _Graph, x: str, layer: nn.Module, config: Any, i: int, rope: tuple
     return (out if wrapper is None else _compensation(g, out, x, wrapper)), key, value
 
 
-def _positions(g: _Graph, rotary: nn.Module, max_positions: int) -> tuple[tuple[str, str], tuple[str, str]]:
-    """The rotary tables (cos, sin) of positions 0..max_positions−1, computed as the model computes them
-    (position·inverse frequency, in FP32), and GroupQueryAttention's lengths: each row's total length − 1
-    (past + new tokens) and the total length."""
-    positions = torch.arange(max_positions, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None, :]
-    scaling = float(getattr(rotary, "attention_scaling", 1.0))
-    rope = (g.const(positions.cos() * scaling, "cos_cache"), g.const(positions.sin() * scaling, "sin_cache"))
+def _positions(g: _Graph, rotary: nn.Module) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The rotary tables (cos, sin) of positions 0..T−1 (T = past + new tokens), computed in the graph as the
+    model computes them (position·inverse frequency in FP32, then cos and sin), and GroupQueryAttention's lengths:
+    each row's T − 1 and T."""
     past = g.op("Gather", [g.op("Shape", ["past.0.key"]), g.ints([2])], axis=0)
     new = g.op("Gather", [g.op("Shape", ["input_ids"]), g.ints([1])], axis=0)
-    total = g.op("Cast", [g.op("Add", [past, new])], to=6)  # int32
+    total = g.op("Add", [past, new])
+    positions = g.op("Range", [g.const(np.int64(0), "zero"), g.op("Squeeze", [total, g.ints([0])]),
+                               g.const(np.int64(1), "one")])
+    freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [positions], to=1), g.ints([1])]),
+                         g.const(rotary.inv_freq.float().reshape(1, -1), "inv_freq")])
+    cos, sin = g.op("Cos", [freqs]), g.op("Sin", [freqs])
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    if scaling != 1.0:
+        factor = g.const(np.float32(scaling), "rope_scaling")
+        cos, sin = g.op("Mul", [cos, factor]), g.op("Mul", [sin, factor])
+    total32 = g.op("Cast", [total], to=6)  # int32
     batch = g.op("Gather", [g.op("Shape", ["input_ids"]), g.ints([0])], axis=0)
-    last = g.op("Expand", [g.op("Sub", [total, g.const(np.int32([1]), "one")]), batch])
-    return rope, (last, g.op("Squeeze", [total, g.ints([0])]))
+    last = g.op("Expand", [g.op("Sub", [total32, g.const(np.int32([1]), "one")]), batch])
+    return (cos, sin), (last, g.op("Squeeze", [total32, g.ints([0])]))
 
 
 def _head(g: _Graph, x: str, model: nn.Module) -> str:
@@ -244,7 +251,7 @@ def build_graph(model: nn.Module) -> Any:
     g = _Graph()
     decoder = model.get_decoder()
     g.inits.append(onnx.numpy_helper.from_array(decoder.embed_tokens.weight.detach().float().numpy(), "embed_tokens"))
-    rope, lengths = _positions(g, decoder.rotary_emb, config.max_position_embeddings)
+    rope, lengths = _positions(g, decoder.rotary_emb)
     x = g.op("Gather", ["embed_tokens", "input_ids"], axis=0)
     kv_heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
