@@ -808,7 +808,7 @@ def test_a_second_run_on_one_out_is_refused_and_leaves_the_first_results_as_they
     ({"method": "awq"}, "argument --method: invalid choice: 'awq'"),  # used to run GPTQ and label it AWQ
     ({"window": 0}, "argument --window: must be at least 1"),
     ({"batch_size": 0}, "argument --batch-size: must be at least 1"),
-    ({"forms": ["dense", "sparse"]}, "argument --forms: invalid choice: 'sparse'"),
+    ({"forms": ["dense", "sparse"]}, "argument --forms: unknown QwT form 'sparse'"),
     ({"ridge": "nan"}, "argument --ridge: must be finite"),
     ({"no_progress": "yes"}, "no_progress is true or false"),
     ({"window": [32, 64]}, "window takes one value"),
