@@ -12,7 +12,8 @@ summation order (the FP16 product is for evaluation only). Each block runs twice
 the quantised output is kept and the compensation added once solved, instead of a third forward.
 
 One loop walks the plan for both compensation forms; a form is the per-block fit it plugs in (:data:`BlockFit`):
-the authors' dense form here, the channel-wise form in :mod:`qwt.compensation.channelwise`.
+the authors' dense form here (and its reduced-rank variant, ``QwTConfig.rank``: :mod:`qwt.compensation.lowrank`),
+the channel-wise form in :mod:`qwt.compensation.channelwise`.
 """
 from __future__ import annotations
 

@@ -5,10 +5,10 @@ One run: a causal LM in FP32 (SmolLM2-135M-Instruct from its GGUF by default, or
 reference) → for each bit setting: PTQ with the family's default baseline, RTN (or ``--method``) → QwT per
 decoder layer, dense (token-wise ``W x + b`` on the hidden states), channel-wise (each residual branch's end) and,
 asked for with ``--forms rank<R>``, reduced-rank (the dense fit's best rank-R map), each with the held-out guard →
-held-out perplexity and next-token top-1 agreement with the FP model, and a greedy continuation. Bit settings are ``W<w>A<a>`` (``A16``: weights only); the activation granularity and weight groups
-are the baseline's options (``--method-option activations=tensor``, ``--method-option group_size=128``). Under
-``torchrun`` the calibration windows are split across ranks (solver statistics all-reduced) and the evaluation
-windows too (sums all-reduced).
+held-out perplexity and next-token top-1 agreement with the FP model, and a greedy continuation. Bit settings are
+``W<w>A<a>`` (``A16``: weights only); the activation granularity and weight groups are the baseline's options
+(``--method-option activations=tensor``, ``--method-option group_size=128``). Under ``torchrun`` the calibration
+windows are split across ranks (solver statistics all-reduced) and the evaluation windows too (sums all-reduced).
 """
 from __future__ import annotations
 
