@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from qwt.export.lm import export_decoder_lm  # noqa: E402
 from qwt.export.lm_runtime import OnnxLM, torch_generate  # noqa: E402
 from qwt.report import atomic_write, save_figure  # noqa: E402
 from qwt.tasks.llm import task as llm_task  # noqa: E402
-from qwt.tasks.llm.scoring import perplexity, score_windows  # noqa: E402
+from qwt.tasks.llm.scoring import agreement, perplexity, score_windows  # noqa: E402
 from qwt.tasks.llm.text import load_windows, tokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +143,9 @@ def parity(lm: OnnxLM, model: torch.nn.Module, windows: torch.Tensor, prompt: li
            ) -> dict[str, Any]:
     """Perplexity of the ONNX file and of the PyTorch model on the same windows, and their greedy continuations
     (onnxruntime with its KV cache; PyTorch re-running the sequence) compared token by token."""
-    onnx_ppl = perplexity(score_windows(lm, windows, args.batch_size, "cpu"))
-    torch_ppl = perplexity(score_windows(model, windows, args.batch_size, "cpu"))
+    onnx_scores = score_windows(lm, windows, args.batch_size, "cpu")
+    torch_scores = score_windows(model, windows, args.batch_size, "cpu")
+    onnx_ppl, torch_ppl = perplexity(onnx_scores), perplexity(torch_scores)
     ours = lm.generate(prompt, args.continuation_tokens)
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -153,17 +153,23 @@ def parity(lm: OnnxLM, model: torch.nn.Module, windows: torch.Tensor, prompt: li
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     theirs = ids[0, len(prompt):].tolist()
     same = [a == b for a, b in zip(ours, theirs)]
+    first = same.index(False) if False in same else None
+    margin = None
+    if first is not None:  # how close PyTorch's own choice was there: its logit for ONNX's token, below its top
+        with torch.no_grad():
+            logits = model(input_ids=ids[:, :len(prompt) + first]).logits[0, -1]
+        margin = float(logits[theirs[first]] - logits[ours[first]])
     return {"perplexity_onnx": onnx_ppl, "perplexity_torch": torch_ppl,
-            "perplexity_ratio": onnx_ppl / torch_ppl, "greedy_tokens_equal": sum(same),
-            "greedy_first_difference": same.index(False) if False in same else None,
-            "greedy_onnx": ours, "greedy_torch": theirs}
+            "perplexity_ratio": onnx_ppl / torch_ppl, "top1_agreement": agreement(onnx_scores, torch_scores),
+            "greedy_tokens_equal": sum(same), "greedy_first_difference": first,
+            "greedy_first_difference_logit_margin": margin, "greedy_onnx": ours, "greedy_torch": theirs}
 
 
 def time_one(kind: str, path: str, args: argparse.Namespace) -> dict[str, float]:
-    """(worker process) ms per generated token, prefill ms, and peak resident memory (with the process's own before
-    the model was loaded: Python, torch and the library)."""
+    """(worker process) ms per generated token, prefill ms, and the peak resident memory of loading and running the
+    model, with the process's resident memory before it (Python, torch, onnxruntime and the library)."""
     torch.set_num_threads(args.threads)
-    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start_rss = reset_peak_rss()
     prompt = list(range(1000, 1000 + args.prompt_tokens))
     prefill = torch.arange(2000, 2000 + args.prefill_tokens)[None]
     if kind == "onnx":
@@ -187,13 +193,27 @@ def time_one(kind: str, path: str, args: argparse.Namespace) -> dict[str, float]
             forward(prefill)
         fill.append((time.perf_counter() - start) * 1000)
     return {"ms_per_token": statistics.median(decode), "prefill_ms": statistics.median(fill),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "start_rss_mb": start_rss}
+            "peak_rss_mb": _status_mb("VmHWM"), "start_rss_mb": start_rss}
 
 
-def load_fp(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
-    """The FP model and tokenizer the task ran (the smoke run's random model from the same seed)."""
-    model, tokenizer, _ = llm_task.load_model(task_record(args)[1])
-    return model.eval(), tokenizer
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> float:
+    """Reset the process's peak resident memory to its current one (Linux: 5 → /proc/self/clear_refs) and return
+    it, so the peak read after a run is that run's (imports and arguments before it are the baseline)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def load_fp(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
+    """The FP model, tokenizer and label of what the task ran (the smoke run's random model from the same seed)."""
+    model, tokenizer, label = llm_task.load_model(task_record(args)[1])
+    return model.eval(), tokenizer, label
 
 
 def timings(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -226,16 +246,18 @@ def slug(name: str) -> str:
 
 def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     fp = next(r for r in rows if r["model"] == "FP32")
-    head = ["model", "file MB", "file / FP32", "perplexity ONNX", "PyTorch", "ONNX / PyTorch", "greedy tokens equal",
-            "ms / token", "speed-up vs FP32 ONNX", "prefill ms", "peak MB (model + run)"]
+    head = ["model", "file MB", "file / FP32", "perplexity ONNX", "PyTorch", "ONNX / PyTorch", "gap closed",
+            "top-1 = PyTorch %", "greedy tokens equal", "ms / token", "speed-up vs FP32 ONNX", "prefill ms",
+            "peak MB (model + run)"]
+    w4 = next(r for r in rows if r["model"] == "W4")
     lines = [f"# 4-bit {summary['model']} on CPU: onnxruntime MatMulNBits with the QwT map", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"]]
         cells += ["", ""] if "file_mb" not in r else [f"{r['file_mb']:.1f}", f"{r['file_mb'] / fp['file_mb']:.1%}"]
-        cells += ["", "", "", ""] if "perplexity_onnx" not in r else [
+        cells += [""] * 6 if "perplexity_onnx" not in r else [
             f"{r['perplexity_onnx']:.2f}", f"{r['perplexity_torch']:.2f}", f"{r['perplexity_ratio'] - 1:+.3%}",
-            f"{r['greedy_tokens_equal']}/{summary['continuation_tokens']}"]
+            _gap(r, w4, fp), f"{r['top1_agreement']:.1f}", _greedy(r, summary['continuation_tokens'])]
         cells += [f"{r['ms_per_token']:.1f}", f"{fp['ms_per_token'] / r['ms_per_token']:.2f}×", f"{r['prefill_ms']:.0f}",
                   f"{r['peak_rss_mb'] - r['start_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -251,6 +273,21 @@ def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
               f"CPU {summary['environment'].get('cpu', '?')} "
               f"({', '.join(summary['environment'].get('cpu_extensions', []))})."]
     return "\n".join(lines) + "\n"
+
+
+def _gap(row: dict[str, Any], w4: dict[str, Any], fp: dict[str, Any]) -> str:
+    """Share of the W4 model's perplexity gap to FP that the row closes (PyTorch perplexities)."""
+    if not row["model"].startswith("W4 +"):
+        return ""
+    return f"{(w4['perplexity_torch'] - row['perplexity_torch']) / (w4['perplexity_torch'] - fp['perplexity_torch']):.0%}"
+
+
+def _greedy(row: dict[str, Any], tokens: int) -> str:
+    first = row["greedy_first_difference"]
+    if first is None:
+        return f"{tokens}/{tokens}"
+    return (f"{row['greedy_tokens_equal']}/{tokens} (first differs at {first}, PyTorch's logit margin there "
+            f"{row['greedy_first_difference_logit_margin']:.3f})")
 
 
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
@@ -282,7 +319,7 @@ def deploy(args: argparse.Namespace) -> int:
         return rc
     record, ns = task_record(args)
     rank, choice = choose_rank(record["rows"], args.rank_share)
-    fp, tokenizer = load_fp(args)
+    fp, tokenizer, label = load_fp(args)
     _, evaluation, data = load_windows(ns, tokenizer)
     prompt = tokens(tokenizer, llm_task.PROMPT).tolist()
     models = {"FP32": fp, **saved_models(args, ns, rank)}
@@ -302,7 +339,7 @@ def deploy(args: argparse.Namespace) -> int:
     rows.append({"model": "PyTorch FP32"})
     for row in rows:
         row.update(times[row["model"]])
-    summary = {"model": record["run"]["model"], "group_size": args.group_size, "threads": args.threads,
+    summary = {"model": label.split(" (")[0], "model_source": record["run"]["model"], "group_size": args.group_size, "threads": args.threads,
                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                "prefill_tokens": args.prefill_tokens, "continuation_tokens": args.continuation_tokens,
                "rank_choice": choice, "data": data, "environment": {**environment("cpu"), **runtime()},
