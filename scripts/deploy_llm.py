@@ -46,7 +46,6 @@ from qwt.tasks.llm import task as llm_task  # noqa: E402
 from qwt.tasks.llm.scoring import agreement, perplexity, score_windows  # noqa: E402
 from qwt.tasks.llm.text import load_windows, tokens  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

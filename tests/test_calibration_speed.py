@@ -167,7 +167,7 @@ def test_streaming_statistics_are_unchanged(form):
 
 def _plain_apply_qwt(model, plan, images, config):
     """apply_qwt's procedure restated with plain lists (all batches' inputs, outputs and next inputs alive)."""
-    from qwt.compensation.blockwise import _fitter, _wrap
+    from qwt.compensation.blockwise import _fitter, _wrap, _zeroed
     from qwt.quant.modules import quant_state, set_quant_state, swap_module
 
     set_quant_state(model, weight=True, act=True)
@@ -184,9 +184,7 @@ def _plain_apply_qwt(model, plan, images, config):
             fit.update(x, y_fp - y_q)
             outputs.append(y_q)
         result = fit.solve()
-        weight, bias = (result.weight, result.bias) if result.r2 > 0 else (
-            torch.zeros_like(result.weight), torch.zeros_like(result.bias))
-        wrapper = _wrap(plan.form, module, weight, bias, meta, config.fp16_eval)
+        wrapper = _wrap(plan.form, module, result if result.r2 > 0 else _zeroed(result), meta, config.fp16_eval)
         swap_module(model, step.path, wrapper)
         feats = [wrapper.add_fp32(y, x) for x, y in zip(feats, outputs)]
         r2.append(result.r2)

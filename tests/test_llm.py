@@ -543,22 +543,6 @@ def test_two_gloo_ranks_run_the_task_as_one_process(local_model, tmp_path):
             assert ga["heldout_score"] == pytest.approx(gb["heldout_score"], rel=1e-4)
 
 
-def test_smoke_script_runs_on_smollm2_tokenizer_and_the_austen_corpus(tmp_path):
-    """scripts/llm.sh --smoke as CI runs it: installed SmolLM2 tokenizer, the fetched corpus, a random model."""
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["bash", str(root / "scripts" / "llm.sh"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    for stem in ("tiny-random-llama", "tiny-random-llama-rtn-activations=tensor", "tiny-random-llama-gptq"):
-        data = _record(tmp_path, stem)["data"]
-        assert data["source"] == "janeaustenr" and data["evaluation_windows"] == 8
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    # FP, then per setting PTQ and two QwT forms: W4A8 and W3A16 (per-token inputs), W4A8 (static per-tensor),
-    # W4A8 with GPTQ weights
-    assert summary["missing"] == [] and len(summary["rows"]) == 13
-    assert all(math.isfinite(r["perplexity"]) for r in summary["rows"])
-
-
 def test_hidden_states_on_disk_give_the_same_bits(tmp_path, monkeypatch):
     import tempfile
 

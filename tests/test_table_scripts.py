@@ -44,12 +44,10 @@ def _files(out: Path) -> dict[str, bytes]:
 
 def test_llm_smoke_table(tmp_path):
     """QwT-llm's table is three runs of its main.py (per-token inputs; static per-tensor inputs, an RTN option; GPTQ):
-    --smoke takes the description's smoke flags (a tiny random Llama) and the user's flags after them (here two
-    short text files, one setting and one form, to stay fast). A second identical call finds both records
-    complete and runs nothing; the models × bits assembler has nothing to assemble for a list of runs."""
-    text = "It was a truth universally acknowledged, that a single man in possession of a good fortune. " * 200
-    (tmp_path / "calib.txt").write_text(text)
-    (tmp_path / "eval.txt").write_text(text[::-1])
+    --smoke takes the description's smoke flags (a tiny random Llama with the installed SmolLM2 tokenizer, on the
+    fetched Austen corpus, as CI runs scripts/llm.sh --smoke) and the user's flags after them (here one setting and
+    one form, to stay fast). A second identical call finds every record complete and runs nothing; the models ×
+    bits assembler has nothing to assemble for a list of runs."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "common")}
     out = tmp_path / "results"
 
@@ -57,15 +55,15 @@ def test_llm_smoke_table(tmp_path):
         return subprocess.run(["python3", str(ROOT / "scripts" / "reproduce_table.py"), str(ROOT / "QwT-llm"), *args],
                               env=env, capture_output=True, text=True)
 
-    flags = ["--smoke", "--out", str(out), "--bits", "W4A8", "--forms", "dense", "--calib-text",
-             str(tmp_path / "calib.txt"), "--eval-text", str(tmp_path / "eval.txt")]
+    flags = ["--smoke", "--out", str(out), "--bits", "W4A8", "--forms", "dense"]
     done = table(*flags)
     assert done.returncode == 0, done.stderr[-2000:]
     stems = ["tiny-random-llama", "tiny-random-llama-rtn-activations=tensor", "tiny-random-llama-gptq"]
     for stem in stems:
         record = json.loads((out / f"{stem}.json").read_text())
         assert record["complete"] and record["rows"][0]["model"] == "tiny random Llama (smoke)"
-        assert record["data"]["source"] == "files" and record["data"]["window"] == 64
+        assert record["data"]["source"] == "janeaustenr" and record["data"]["window"] == 64
+        assert record["data"]["evaluation_windows"] == 8
         assert record["data"]["calibration_windows"] == 16 and (out / f"{stem}.md").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     static, gptq = {"activations": "tensor"}, {"activations": "rtn"}
