@@ -47,7 +47,6 @@ from qwt.tasks.llm.scoring import agreement, perplexity, score_windows  # noqa: 
 from qwt.tasks.llm.text import load_windows, tokens  # noqa: E402
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/deploy_llm"))
