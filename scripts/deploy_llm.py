@@ -39,7 +39,7 @@ from qwt.compensation.blockwise import remove_compensation  # noqa: E402
 from qwt.compensation.modules import Compensated  # noqa: E402
 from qwt.environment import cpu_flags, environment  # noqa: E402
 from qwt.errors import InputError  # noqa: E402
-from qwt.export.lm import export_decoder_lm  # noqa: E402
+from qwt.export.lm import export_decoder_lm, exported_bytes  # noqa: E402
 from qwt.export.lm_runtime import OnnxLM, torch_generate  # noqa: E402
 from qwt.report import atomic_write, save_figure  # noqa: E402
 from qwt.tasks.llm import task as llm_task  # noqa: E402
@@ -330,7 +330,7 @@ def deploy(args: argparse.Namespace) -> int:
         paths[name] = path
         checks = parity(OnnxLM(path, args.threads), model, evaluation, prompt, args)
         checks["torch_equals_task_row"] = checks["perplexity_torch"] == task_ppl.get(name)
-        rows.append({"model": name, "file_mb": path.stat().st_size / 1e6, **checks})
+        rows.append({"model": name, "file_mb": exported_bytes(path) / 1e6, **checks})
         print(f"{name}: ONNX {checks['perplexity_onnx']:.3f} vs PyTorch {checks['perplexity_torch']:.3f}", flush=True)
     del models, fp
     times = timings({**paths, "PyTorch FP32": None}, args)

@@ -159,6 +159,23 @@ def test_refusals_name_the_fix_and_write_nothing(tmp_path, case, words):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_graph_over_the_protobuf_limit_keeps_its_tensors_beside_it(tmp_path, monkeypatch):
+    """Over 2 GiB (here: a limit lowered to 1 kB) the tensors go to lm.onnx.data beside the file, which
+    onnxruntime reads from there: the same logits as the single-file export, and no staging folder left."""
+    import qwt.export.lm as lm_module
+
+    model = _compensated("dense")
+    single = OnnxLM(export_decoder_lm(model, tmp_path / "one" / "lm.onnx"), threads=1)
+    monkeypatch.setattr(lm_module, "MAX_FILE_BYTES", 1024)
+    path = export_decoder_lm(model, tmp_path / "two" / "lm.onnx")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["lm.onnx", "lm.onnx.data"]
+    data = (tmp_path / "two" / "lm.onnx.data").stat().st_size
+    assert path.stat().st_size < data / 4 and data > (tmp_path / "one" / "lm.onnx").stat().st_size / 2
+    assert lm_module.exported_bytes(path) == path.stat().st_size + data
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(OnnxLM(path, threads=1)(ids).logits, single(ids).logits)
+
+
 def test_block_activations_need_groups_and_eight_bits():
     with pytest.raises(ValueError, match="set group_size"):
         make_baseline("rtn", {"activations": "block"})

@@ -26,7 +26,7 @@ from ..models import get_model_entry, list_models
 from ..models.decoder_lm import DECODER_LM
 from ..serialization import DESCRIPTION, TENSORS, load_quantized
 from ..serialization.store import read_description, require_save_files
-from .lm import export_decoder_lm
+from .lm import export_decoder_lm, exported_bytes
 from .w8a8 import WEIGHT_DTYPES, resolve_weight_dtype
 from .writer import export_onnx
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"--input-shape is for image models; {args.saved} holds a language model (token ids): "
                              "drop the flag")
         path = export_decoder_lm(load_quantized(args.saved), args.out)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.3f} MB, language model, MatMulNBits 4-bit weights)")
+        print(f"wrote {path} ({exported_bytes(path) / 1e6:.3f} MB, language model, MatMulNBits 4-bit weights)")
         return
     if args.input_shape is None:
         raise InputError("--input-shape C H W is needed to export an image model (e.g. --input-shape 3 224 224)")

@@ -19,6 +19,7 @@ quantiser is refused.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ from .nbits import NBitsWeight, nbits_weight
 #: The model types whose decoder layers this writer knows (pre-norm, rotary, SwiGLU MLP, grouped-query attention).
 ARCHITECTURES = ("llama", "qwen2")
 OPSET, MS_DOMAIN = 17, "com.microsoft"
-#: The largest ONNX file protobuf can serialise; a larger export is refused.
+#: The largest ONNX file protobuf can serialise; a larger graph keeps its tensors in a file beside it.
 MAX_FILE_BYTES = 2**31 - 1
+#: The name of that file: the ONNX file's own name + this.
+EXTERNAL_SUFFIX = ".data"
 #: Metadata keys of an exported language model.
 META_LAYERS, META_KV_HEADS, META_HEAD_DIM, META_WEIGHTS = "qwt.layers", "qwt.kv_heads", "qwt.head_dim", "qwt.weights"
 
@@ -282,16 +285,26 @@ def build_graph(model: nn.Module) -> Any:
 
 def export_decoder_lm(model: nn.Module, path: str | Path) -> Path:
     """Write ``model`` (FP; or rtn-quantised with weight groups, weights only or with ``activations=block``;
-    maybe QwT-compensated) to ``path`` as an ONNX file; written to a private folder and renamed into place, so a
-    failure leaves ``path`` as it was."""
+    maybe QwT-compensated) to ``path`` as an ONNX file, written in a private folder and renamed into place, so a
+    failure leaves ``path`` as it was. A graph over protobuf's 2 GiB limit for one file (a 1.5B model, even in 4
+    bits with its FP32 embeddings) keeps its tensors in ``path`` + ``.data`` beside it (ONNX external data, which
+    onnxruntime reads from beside the file); that file is moved into place just before the graph."""
     onnx = require("onnx")
     path = Path(path)
     with torch.no_grad():
         proto = build_graph(model)
-    size = proto.ByteSize()
-    if size > MAX_FILE_BYTES:
-        raise InputError(f"{path}: the export would be {size / 2**30:.2f} GiB, over protobuf's 2 GiB limit for one "
-                         "file; export a smaller model or the quantised one")
+    external = proto.ByteSize() > MAX_FILE_BYTES
+    data = path.with_name(path.name + EXTERNAL_SUFFIX)
     with staged_file(path) as staged:
-        onnx.save(proto, str(staged))
+        onnx.save(proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
+                  location=data.name)
+        if external:
+            os.replace(staged.with_name(data.name), data)
     return path
+
+
+def exported_bytes(path: str | Path) -> int:
+    """The size of an exported language model: its file and, for a graph over 2 GiB, its tensor file beside it."""
+    path = Path(path)
+    data = path.with_name(path.name + EXTERNAL_SUFFIX)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
