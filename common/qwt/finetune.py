@@ -25,9 +25,6 @@ from .compensation.modules import Compensated
 from .family import family_of
 from .utils import warmup_cosine
 
-#: the compensation's weight parameters: a dense map's, a reduced-rank map's factors
-_COMP_WEIGHTS = ("comp_weight", "comp_down", "comp_up")
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -62,14 +59,15 @@ class FinetuneConfig:
 def trainable_parameters(model: nn.Module, classifier: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:
     """Compensation weights/biases and the classifier head(s) (module paths, from the model's family);
     everything else is frozen."""
+    comp = {id(p) for m in model.modules() if isinstance(m, Compensated) for p in m.parameters(recurse=False)}
     chosen = []
     for name, param in model.named_parameters():
-        is_comp = name.rsplit(".", 1)[-1] in (*_COMP_WEIGHTS, "comp_bias")
+        is_comp = id(param) in comp  # a wrapper's own parameters: its map (dense or two factors) and bias
         is_head = name.rpartition(".")[0] in classifier
         param.requires_grad_(is_comp or is_head)
         if is_comp or is_head:
             chosen.append((name, param))
-    if not any(n.rsplit(".", 1)[-1] in _COMP_WEIGHTS for n, _ in chosen):
+    if not comp:
         raise ValueError("no compensation parameters found: run apply_qwt before fine-tuning")
     return chosen
 

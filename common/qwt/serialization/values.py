@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compensation.modules import Compensated, LowRankCompensated
 from ..quant.quantizers import (SYMMETRIC_GRIDS, Quantizer, RoundingQuantizer, UniformQuantizer, _param_shape,
                                _to_rows, nearest_codes)
 from ..quant.rtn import MinMaxWeightQuantizer
@@ -170,7 +171,7 @@ def compensation_problems(description: dict[str, Any], state: dict[str, torch.Te
             if gain is not None and bool((gain < 0).any()):
                 problems.append(f"{spec['path']}.gain holds a negative gain, which the channel-wise fit never gives")
             continue
-        for name in ("comp_down", "comp_up") if spec["form"] == "lowrank" else ("comp_weight",):
+        for name in (LowRankCompensated if spec["form"] == "lowrank" else Compensated).half_parameters:
             weight = state.get(f"{spec['path']}.{name}")
             if spec["fp16_eval"] and weight is not None and weight.is_floating_point() and \
                     bool(torch.isinf(weight.half()).any()):

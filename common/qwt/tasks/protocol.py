@@ -17,8 +17,8 @@ metric columns its table shows. :func:`run` owns the rest, the same way for ever
   the machine it ran on (:func:`qwt.environment.environment`).
 
 Rows: ``model``, ``bits``, ``baseline`` (and ``baseline_options``), ``stage`` (``fp``, ``ptq``, ``qwt``,
-``qwt*``), ``form`` (the QwT form of a ``qwt`` row: ``QwTConfig.form_name``), the task's metrics, ``ptq_seconds``, ``qwt_seconds``,
-``size_mb``, ``peak_memory_mb`` and, on QwT rows, ``blocks_kept``/``blocks``.
+``qwt*``), ``form`` (the QwT form of a ``qwt`` row: ``QwTConfig.form_name``), the task's metrics,
+``ptq_seconds``, ``qwt_seconds``, ``size_mb``, ``peak_memory_mb`` and, on QwT rows, ``blocks_kept``/``blocks``.
 """
 from __future__ import annotations
 
