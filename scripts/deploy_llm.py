@@ -95,7 +95,8 @@ def task_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def task_record(args: argparse.Namespace) -> dict[str, Any]:
+def task_record(args: argparse.Namespace) -> tuple[dict[str, Any], argparse.Namespace]:
+    """The LM task's record of this deployment's run, and the task's parsed arguments."""
     parsed = llm_task.LanguageModel()
     ns = llm_task.protocol.parse_args(parsed, "", task_argv(args))
     stem = parsed.stem(ns)
@@ -121,20 +122,24 @@ def choose_rank(rows: list[dict[str, Any]], share: float) -> tuple[int, dict[str
                     "share_of_dense_gain": {str(r): shares[r] for r in ranks}, "rule_share": share, "chosen": chosen}
 
 
+def variants(rank: int) -> list[tuple[str, str, str | None]]:
+    """(name, the task row's stage, its form) of each exported model besides FP32."""
+    return [("W4", "ptq", None), ("W4 + QwT dense", "qwt", "dense"),
+            ("W4 + QwT channel-wise", "qwt", "channelwise"), (f"W4 + QwT rank {rank}", "qwt", f"rank{rank}")]
+
+
 def saved_models(args: argparse.Namespace, ns: argparse.Namespace, rank: int) -> dict[str, torch.nn.Module]:
-    """The task's saved models by row name; the W4 baseline is the dense model with its compensation taken off
-    (the same quantised layers, nothing re-quantised)."""
-    config = llm_task.parse_bits("W4A8", "rtn", {"group_size": args.group_size, "activations": "block"})
+    """The task's saved models by name; the W4 baseline is the dense model with its compensation taken off (the
+    same quantised layers, nothing re-quantised)."""
     task = llm_task.LanguageModel()
-    models = {}
-    for form in ("dense", "channelwise", f"rank{rank}"):
-        models[form] = qwt.load_quantized(args.out / "models" / task.save_name(ns, config, form, False))
-    base = copy.deepcopy(models["dense"])
+    (config,) = task.settings(ns)
+    models = {name: qwt.load_quantized(args.out / "models" / task.save_name(ns, config, form, False))
+              for name, _, form in variants(rank) if form is not None}
+    base = copy.deepcopy(models["W4 + QwT dense"])
     for name, module in list(base.named_modules()):
         if isinstance(module, Compensated):
             remove_compensation(base, name)
-    return {"W4": base, "W4 + QwT dense": models["dense"], "W4 + QwT channel-wise": models["channelwise"],
-            f"W4 + QwT rank {rank}": models[f"rank{rank}"]}
+    return {"W4": base, **models}
 
 
 def parity(lm: OnnxLM, model: torch.nn.Module, windows: torch.Tensor, prompt: list[int], args: argparse.Namespace
@@ -174,7 +179,7 @@ def time_one(kind: str, path: str, args: argparse.Namespace) -> dict[str, float]
         lm = OnnxLM(path, args.threads)
         generate, forward = lm.generate, lambda ids: lm(ids)
     else:
-        model = load_fp(args)[0]
+        model = llm_task.load_model(task_record(args)[1])[0].eval()
         generate = lambda p, n: torch_generate(model, p, n)  # noqa: E731
         forward = lambda ids: model(input_ids=ids, use_cache=False)  # noqa: E731
     generate(prompt, 4)  # warm-up: allocations, kernel selection
@@ -206,12 +211,6 @@ def reset_peak_rss() -> float:
     it, so the peak read after a run is that run's (imports and arguments before it are the baseline)."""
     Path("/proc/self/clear_refs").write_text("5")
     return _status_mb("VmRSS")
-
-
-def load_fp(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
-    """The FP model, tokenizer and label of what the task ran (the smoke run's random model from the same seed)."""
-    model, tokenizer, label = llm_task.load_model(task_record(args)[1])
-    return model.eval(), tokenizer, label
 
 
 def timings(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -256,8 +255,8 @@ def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         cells += [""] * 6 if "perplexity_onnx" not in r else [
             f"{r['perplexity_onnx']:.2f}", f"{r['perplexity_torch']:.2f}", f"{r['perplexity_ratio'] - 1:+.3%}",
             _gap(r, w4, fp), f"{r['top1_agreement']:.1f}", _greedy(r, summary['continuation_tokens'])]
-        cells += [f"{r['ms_per_token']:.1f}", f"{fp['ms_per_token'] / r['ms_per_token']:.2f}×", f"{r['prefill_ms']:.0f}",
-                  f"{r['peak_rss_mb'] - r['start_rss_mb']:.0f}"]
+        cells += [f"{r['ms_per_token']:.1f}", f"{fp['ms_per_token'] / r['ms_per_token']:.2f}×",
+                  f"{r['prefill_ms']:.0f}", f"{r['peak_rss_mb'] - r['start_rss_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     choice = summary["rank_choice"]
     lines += ["", f"Perplexity on {summary['data']['evaluation_windows']} windows of {summary['data']['window']} "
@@ -277,7 +276,8 @@ def _gap(row: dict[str, Any], w4: dict[str, Any], fp: dict[str, Any]) -> str:
     """Share of the W4 model's perplexity gap to FP that the row closes (PyTorch perplexities)."""
     if not row["model"].startswith("W4 +"):
         return ""
-    return f"{(w4['perplexity_torch'] - row['perplexity_torch']) / (w4['perplexity_torch'] - fp['perplexity_torch']):.0%}"
+    base = w4["perplexity_torch"]
+    return f"{(base - row['perplexity_torch']) / (base - fp['perplexity_torch']):.0%}"
 
 
 def _greedy(row: dict[str, Any], tokens: int) -> str:
@@ -317,19 +317,18 @@ def deploy(args: argparse.Namespace) -> int:
         return rc
     record, ns = task_record(args)
     rank, choice = choose_rank(record["rows"], args.rank_share)
-    fp, tokenizer, label = load_fp(args)
+    fp, tokenizer, label = llm_task.load_model(ns)  # the task's FP model (the smoke one from the same seed)
     _, evaluation, data = load_windows(ns, tokenizer)
     prompt = tokens(tokenizer, llm_task.PROMPT).tolist()
-    models = {"FP32": fp, **saved_models(args, ns, rank)}
-    task_ppl = {("FP32" if r["stage"] == "fp" else "W4" if r["stage"] == "ptq" else
-                 f"W4 + QwT {'channel-wise' if r['form'] == 'channelwise' else r['form'].replace('rank', 'rank ')}"):
-                r["perplexity"] for r in record["rows"]}
+    models = {"FP32": fp.eval(), **saved_models(args, ns, rank)}
+    rows_by = {(r["stage"], r["form"]): r["perplexity"] for r in record["rows"]}
+    task_ppl = {name: rows_by[(stage, form)] for name, stage, form in [("FP32", "fp", None), *variants(rank)]}
     rows, paths = [], {}
     for name, model in models.items():
         path = export_decoder_lm(model, args.out / "onnx" / f"{slug(name)}.onnx")
         paths[name] = path
         checks = parity(OnnxLM(path, args.threads), model, evaluation, prompt, args)
-        checks["torch_equals_task_row"] = checks["perplexity_torch"] == task_ppl.get(name)
+        checks["torch_equals_task_row"] = checks["perplexity_torch"] == task_ppl[name]
         rows.append({"model": name, "file_mb": exported_bytes(path) / 1e6, **checks})
         print(f"{name}: ONNX {checks['perplexity_onnx']:.3f} vs PyTorch {checks['perplexity_torch']:.3f}", flush=True)
     del models, fp
@@ -337,8 +336,8 @@ def deploy(args: argparse.Namespace) -> int:
     rows.append({"model": "PyTorch FP32"})
     for row in rows:
         row.update(times[row["model"]])
-    summary = {"model": label.split(" (")[0], "model_source": record["run"]["model"], "group_size": args.group_size, "threads": args.threads,
-               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+    summary = {"model": label.split(" (")[0], "model_source": record["run"]["model"], "group_size": args.group_size,
+               "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                "prefill_tokens": args.prefill_tokens, "continuation_tokens": args.continuation_tokens,
                "rank_choice": choice, "data": data, "environment": {**environment("cpu"), **runtime()},
                "task_record": str(args.out / "task"), "rows": rows}
