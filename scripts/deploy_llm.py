@@ -43,7 +43,7 @@ from qwt.export.lm import export_decoder_lm, exported_bytes  # noqa: E402
 from qwt.export.lm_runtime import OnnxLM, torch_generate  # noqa: E402
 from qwt.report import atomic_write, save_figure  # noqa: E402
 from qwt.tasks.llm import task as llm_task  # noqa: E402
-from qwt.tasks.llm.scoring import agreement, perplexity, score_windows  # noqa: E402
+from qwt.tasks.llm.scoring import agreement, greedy_tokens, perplexity, score_windows  # noqa: E402
 from qwt.tasks.llm.text import load_windows, tokens  # noqa: E402
 
 
@@ -150,17 +150,13 @@ def parity(lm: OnnxLM, model: torch.nn.Module, windows: torch.Tensor, prompt: li
     torch_scores = score_windows(model, windows, args.batch_size, "cpu")
     onnx_ppl, torch_ppl = perplexity(onnx_scores), perplexity(torch_scores)
     ours = lm.generate(prompt, args.continuation_tokens)
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(args.continuation_tokens):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    theirs = ids[0, len(prompt):].tolist()
+    theirs = greedy_tokens(model, torch.tensor([prompt]), args.continuation_tokens)
     same = [a == b for a, b in zip(ours, theirs)]
     first = same.index(False) if False in same else None
     margin = None
     if first is not None:  # how close PyTorch's own choice was there: its logit for ONNX's token, below its top
         with torch.no_grad():
-            logits = model(input_ids=ids[:, :len(prompt) + first]).logits[0, -1]
+            logits = model(input_ids=torch.tensor([prompt + theirs[:first]])).logits[0, -1]
         margin = float(logits[theirs[first]] - logits[ours[first]])
     return {"perplexity_onnx": onnx_ppl, "perplexity_torch": torch_ppl,
             "perplexity_ratio": onnx_ppl / torch_ppl, "top1_agreement": agreement(onnx_scores, torch_scores),

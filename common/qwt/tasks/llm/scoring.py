@@ -90,11 +90,17 @@ def agreement(scores: Scores, reference: Scores) -> float:
 
 
 @torch.no_grad()
-def greedy_continuation(model: nn.Module, tokenizer: Any, prompt: str, tokens: int, device: str) -> str:
-    """``tokens`` greedy tokens after ``prompt`` (the whole sequence re-run each step: no cache to keep right)."""
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
-    start = ids.shape[1]
+def greedy_tokens(model: nn.Module, prompt: torch.Tensor, tokens: int) -> list[int]:
+    """``tokens`` greedy token ids after the ids ``prompt`` (1, n): the whole sequence re-run each step, so there
+    is no cache to keep right."""
+    ids = prompt
     for _ in range(tokens):
         nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
-    return tokenizer.decode(ids[0, start:].tolist())
+    return ids[0, prompt.shape[1]:].tolist()
+
+
+def greedy_continuation(model: nn.Module, tokenizer: Any, prompt: str, tokens: int, device: str) -> str:
+    """``tokens`` greedy tokens after the text ``prompt``, as text (:func:`greedy_tokens`)."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
+    return tokenizer.decode(greedy_tokens(model, ids, tokens))
